@@ -1,0 +1,24 @@
+"""The Llama-architecture model as pure functions over a params pytree, with pre-RoPE KV caching."""
+
+from jax_cachedattn.model.config import ModelConfig, configs_dir
+from jax_cachedattn.model.forward import (
+    TokenError,
+    decode_step,
+    embed,
+    forward,
+    init_params,
+    layer_slice,
+    prefill,
+    unembed,
+    unstack_layers,
+    validate_tokens,
+)
+from jax_cachedattn.model.layers import TRACE_COUNTS, attention, attention_reference, layer_step, mlp, rms_norm
+from jax_cachedattn.model.rope import apply_rope, rope_tables
+from jax_cachedattn.model.sampling import sample
+
+__all__ = [
+    "ModelConfig", "configs_dir", "TokenError", "decode_step", "embed", "forward", "init_params", "layer_slice",
+    "prefill", "unembed", "unstack_layers", "validate_tokens", "TRACE_COUNTS", "attention", "attention_reference",
+    "layer_step", "mlp", "rms_norm", "apply_rope", "rope_tables", "sample",
+]

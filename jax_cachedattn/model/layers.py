@@ -1,0 +1,143 @@
+"""One decoder block as pure functions over one layer's params.
+
+Legend: T new tokens (padded to a bucket), S history capacity (rows >= history_len are padding),
+D d_model, H query heads, K kv heads, G = H/K, Dh head dim, F ffn width, B query block.
+"""
+
+from __future__ import annotations
+
+import collections
+
+import jax
+import jax.numpy as jnp
+
+from jax_cachedattn.model.config import ModelConfig
+from jax_cachedattn.model.rope import apply_rope, rope_tables
+
+#: How many times each jitted entry point was traced (a trace precedes every compilation).
+TRACE_COUNTS: collections.Counter[str] = collections.Counter()
+
+_NEG = -1e30  # finite "minus infinity": fully masked rows stay NaN-free
+
+
+def rms_norm(x: jnp.ndarray, w: jnp.ndarray, eps: float) -> jnp.ndarray:
+    xf = x.astype(jnp.float32)
+    y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    return (y * w.astype(jnp.float32)).astype(x.dtype)
+
+
+def mlp(lp: dict, x: jnp.ndarray) -> jnp.ndarray:
+    """SwiGLU: ``down(silu(x @ gate) * (x @ up))``; x ``[T, D]``."""
+    return (jax.nn.silu(x @ lp["w_gate"]) * (x @ lp["w_up"])) @ lp["w_down"]
+
+
+def _attend_block(q, kh, vh, kn, vn, hist_valid, causal):
+    """Softmax over [history ⊕ new keys] without concatenating them.
+
+    q  [K, G, B, Dh] (already scaled), kh/vh [K, S, Dh], kn/vn [K, N, Dh],
+    hist_valid [S] bool, causal [B, N] bool. Returns [K, G, B, Dh] float32.
+    """
+    f32 = jnp.float32
+    s_h = jnp.einsum("kgbd,ksd->kgbs", q, kh, preferred_element_type=f32)
+    s_h = jnp.where(hist_valid[None, None, None, :], s_h, _NEG)
+    s_n = jnp.einsum("kgbd,knd->kgbn", q, kn, preferred_element_type=f32)
+    s_n = jnp.where(causal[None, None, :, :], s_n, _NEG)
+    m = jnp.maximum(s_h.max(axis=-1, initial=_NEG), s_n.max(axis=-1, initial=_NEG))[..., None]
+    p_h = jnp.exp(s_h - m)
+    p_n = jnp.exp(s_n - m)
+    denom = p_h.sum(axis=-1) + p_n.sum(axis=-1)
+    out = jnp.einsum("kgbs,ksd->kgbd", p_h.astype(vh.dtype), vh, preferred_element_type=f32)
+    out = out + jnp.einsum("kgbn,knd->kgbd", p_n.astype(vn.dtype), vn, preferred_element_type=f32)
+    return out / denom[..., None]
+
+
+def attention(
+    q: jnp.ndarray,
+    k_hist: jnp.ndarray,
+    v_hist: jnp.ndarray,
+    k_new: jnp.ndarray,
+    v_new: jnp.ndarray,
+    history_len: jnp.ndarray,
+    block_q: int = 512,
+) -> jnp.ndarray:
+    """Blocked causal grouped-query attention, heads-major.
+
+    q ``[T, H, Dh]`` and k_hist/k_new already rotated. Query block ``i`` attends to every valid
+    history key and to the new keys up to the end of its block: no ``T x T`` score matrix is
+    materialised beyond the causal staircase. Returns ``[T, H, Dh]`` in q's dtype.
+    """
+    T, H, Dh = q.shape
+    K = k_new.shape[1]
+    G = H // K
+    S = k_hist.shape[0]
+    scale = Dh ** -0.5
+    qh = (q.astype(jnp.float32) * scale).astype(q.dtype).reshape(T, K, G, Dh).transpose(1, 2, 0, 3)  # [K,G,T,Dh]
+    kh, vh = k_hist.transpose(1, 0, 2), v_hist.transpose(1, 0, 2)  # [K,S,Dh]
+    kn, vn = k_new.transpose(1, 0, 2), v_new.transpose(1, 0, 2)  # [K,T,Dh]
+    hist_valid = jnp.arange(S) < history_len
+    outs = []
+    for start in range(0, T, block_q):  # static loop; the last block may be shorter
+        end = min(start + block_q, T)
+        causal = jnp.arange(start, end)[:, None] >= jnp.arange(end)[None, :]  # [B, end]
+        outs.append(_attend_block(qh[:, :, start:end], kh, vh, kn[:, :end], vn[:, :end], hist_valid, causal))
+    out = jnp.concatenate(outs, axis=2)  # [K,G,T,Dh]
+    return out.transpose(2, 0, 1, 3).reshape(T, H, Dh).astype(q.dtype)
+
+
+def attention_reference(q, k_hist, v_hist, k_new, v_new, history_len):
+    """Naive masked attention over the concatenated keys; the oracle for :func:`attention`."""
+    T, H, Dh = q.shape
+    K = k_new.shape[1]
+    S = k_hist.shape[0]
+    k = jnp.concatenate([k_hist, k_new]).astype(jnp.float32)
+    v = jnp.concatenate([v_hist, v_new]).astype(jnp.float32)
+    k = jnp.repeat(k, H // K, axis=1)
+    v = jnp.repeat(v, H // K, axis=1)
+    s = jnp.einsum("thd,shd->hts", q.astype(jnp.float32), k) * Dh ** -0.5
+    key_idx = jnp.arange(S + T)
+    valid = jnp.where(key_idx < S, key_idx < history_len, (key_idx - S)[None, :] <= jnp.arange(T)[:, None])
+    s = jnp.where(valid[None], s, -jnp.inf)
+    p = jax.nn.softmax(s, axis=-1)
+    return jnp.einsum("hts,shd->thd", p, v).astype(q.dtype)
+
+
+def layer_step(
+    lp: dict,
+    x: jnp.ndarray,
+    cached_k: jnp.ndarray,
+    cached_v: jnp.ndarray,
+    history_len: jnp.ndarray,
+    positions: jnp.ndarray,
+    config: ModelConfig,
+    block_q: int = 512,
+) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]:
+    """One decoder block over new tokens against a cached history.
+
+    lp: one layer's params (the ``params["layers"]`` leaves without the L axis).
+    x ``[T, D]``: residual stream of the new tokens. cached_k/cached_v ``[S, K, Dh]``: the
+    history's *pre-RoPE* keys and values; rows ``>= history_len`` are ignored. History token ``i``
+    sits at position ``i`` of the current context. positions ``[T]``: positions of the new tokens
+    (normally ``history_len + arange(T)``).
+    Returns ``(x [T, D], new_k [T, K, Dh], new_v [T, K, Dh])`` with ``new_k`` pre-RoPE.
+    """
+    T = x.shape[0]
+    H, K, Dh = config.num_heads, config.num_kv_heads, config.head_dim
+    S = cached_k.shape[0]
+    h = rms_norm(x, lp["attn_norm"], config.rms_eps)
+    q = (h @ lp["wq"]).reshape(T, H, Dh)
+    k = (h @ lp["wk"]).reshape(T, K, Dh)
+    v = (h @ lp["wv"]).reshape(T, K, Dh)
+    cos_n, sin_n = rope_tables(positions, Dh, config.rope_theta)
+    cos_h, sin_h = rope_tables(jnp.arange(S), Dh, config.rope_theta)
+    a = attention(
+        apply_rope(q, cos_n, sin_n),
+        apply_rope(cached_k, cos_h, sin_h),
+        cached_v,
+        apply_rope(k, cos_n, sin_n),
+        v,
+        history_len,
+        block_q=block_q,
+    )
+    x = x + a.reshape(T, H * Dh) @ lp["wo"]
+    x = x + mlp(lp, rms_norm(x, lp["mlp_norm"], config.rms_eps))
+    return x, k, v
