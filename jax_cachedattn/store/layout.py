@@ -1,0 +1,178 @@
+"""What a session holds, how the store is configured, and what `lookup` returns."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any
+
+import numpy as np
+
+from .errors import InvalidSessionId, StoreError
+
+_SID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def validate_session_id(sid: Any) -> str:
+    """Return ``sid`` if it is a safe session id, else raise `InvalidSessionId`.
+
+    Safe ids are 1-128 characters of ``[A-Za-z0-9._-]`` starting with a letter or digit, so they
+    never contain a path separator and are never ``.`` or ``..``: the id is used as the key directly.
+    """
+    if not isinstance(sid, str) or not _SID_RE.match(sid):
+        raise InvalidSessionId(f"invalid session id {sid!r}: expected ^[A-Za-z0-9][A-Za-z0-9._-]{{0,127}}$")
+    return sid
+
+
+def np_dtype(name: str) -> np.dtype:
+    if name == "bfloat16":
+        import ml_dtypes
+
+        return np.dtype(ml_dtypes.bfloat16)
+    return np.dtype(name)
+
+
+@dataclasses.dataclass(frozen=True)
+class KVLayout:
+    """Shape of one session's KV: ``[num_layers, 2 (k, v), tokens, kv_heads, head_dim]`` in ``dtype``.
+
+    Keys are stored before RoPE. ``fingerprint`` names the model that made the KV; a store never
+    serves KV to a layout with another fingerprint.
+    """
+
+    num_layers: int
+    kv_heads: int
+    head_dim: int
+    dtype: str = "float32"
+    fingerprint: str = ""
+
+    def __post_init__(self) -> None:
+        for name in ("num_layers", "kv_heads", "head_dim"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"KVLayout.{name} must be a positive int, got {getattr(self, name)!r}")
+        dt = str(np.dtype(self.dtype)) if self.dtype not in _DTYPES else self.dtype
+        if dt not in _DTYPES:
+            raise ValueError(f"KVLayout.dtype must be one of {_DTYPES}, got {self.dtype!r}")
+        object.__setattr__(self, "dtype", dt)
+        if not isinstance(self.fingerprint, str):
+            raise ValueError("KVLayout.fingerprint must be a string")
+
+    @property
+    def np_dtype(self) -> np.dtype:
+        return np_dtype(self.dtype)
+
+    @property
+    def itemsize(self) -> int:
+        return self.np_dtype.itemsize
+
+    @property
+    def bytes_per_token_layer(self) -> int:
+        """Bytes of one token's K and V in one layer."""
+        return 2 * self.kv_heads * self.head_dim * self.itemsize
+
+    @property
+    def bytes_per_token(self) -> int:
+        """Bytes of one token's K and V over all layers."""
+        return self.num_layers * self.bytes_per_token_layer
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class StoreConfig:
+    """Configuration of a `TieredStore`. Budgets count the bytes actually held, padding included.
+
+    Fields:
+      root: folder of the disk tier (a ``file`` kvstore). Ignored when ``kvstore`` is given.
+      kvstore: a TensorStore kvstore spec dict (e.g. ``{"driver": "memory"}``, a ``gcs`` spec); it
+        overrides ``root``. One of ``root``/``kvstore`` is required.
+      device_bytes: budget of the device tier; 0 disables it (loads then go host -> device each time).
+      host_bytes: budget of the host (``pinned_host``) tier. Every save passes through it, so it must
+        hold at least one whole session; `BudgetError` otherwise.
+      disk_bytes: budget of the disk tier (uncompressed bytes of the allocated token blocks);
+        ``None`` means unlimited (the filesystem's ENOSPC still raises `DiskFull`).
+      compression: ``None`` or ``"zstd"`` (zarr3 codec) for the disk tier.
+      compression_level: zstd level.
+      token_block: tokens per block: the unit of host/device allocation and the disk chunk length.
+      io_concurrency: TensorStore ``file_io_concurrency`` limit.
+      copy_concurrency: TensorStore ``data_copy_concurrency`` limit.
+      cache_bytes: TensorStore ``cache_pool`` limit (0: no chunk cache; the host tier is the cache).
+      memory_kind: memory kind of the host tier (``"pinned_host"``; ``"unpinned_host"`` also works).
+      verify_on_open: verify every chunk checksum when the store opens (slow for big stores; disk
+        reads are always verified when they happen).
+      wipe_on_mismatch: when the folder holds another model's KV, delete it instead of raising
+        `FingerprintMismatch`.
+    """
+
+    root: str | None = None
+    kvstore: dict | None = None
+    device_bytes: int = 0
+    host_bytes: int = 1 << 30
+    disk_bytes: int | None = None
+    compression: str | None = None
+    compression_level: int = 1
+    token_block: int = 256
+    io_concurrency: int = 16
+    copy_concurrency: int = 8
+    cache_bytes: int = 0
+    memory_kind: str = "pinned_host"
+    verify_on_open: bool = False
+    wipe_on_mismatch: bool = False
+
+    def __post_init__(self) -> None:
+        if self.root is None and self.kvstore is None:
+            raise ValueError("StoreConfig needs root (a folder) or kvstore (a TensorStore kvstore spec)")
+        if self.kvstore is not None and (not isinstance(self.kvstore, dict) or "driver" not in self.kvstore):
+            raise ValueError("StoreConfig.kvstore must be a TensorStore kvstore spec dict with a 'driver'")
+        for name in ("device_bytes", "host_bytes"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
+                raise ValueError(f"StoreConfig.{name} must be an int >= 0")
+        if self.host_bytes == 0:
+            raise ValueError("StoreConfig.host_bytes must be > 0: every save passes through the host tier")
+        if self.disk_bytes is not None and (not isinstance(self.disk_bytes, int) or self.disk_bytes <= 0):
+            raise ValueError("StoreConfig.disk_bytes must be None or an int > 0")
+        if self.compression not in (None, "zstd"):
+            raise ValueError(f"StoreConfig.compression must be None or 'zstd', got {self.compression!r}")
+        if not isinstance(self.token_block, int) or self.token_block < 1:
+            raise ValueError("StoreConfig.token_block must be an int >= 1")
+        for name in ("io_concurrency", "copy_concurrency"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"StoreConfig.{name} must be >= 1")
+        if self.cache_bytes < 0:
+            raise ValueError("StoreConfig.cache_bytes must be >= 0")
+        if self.memory_kind not in ("pinned_host", "unpinned_host"):
+            raise ValueError("StoreConfig.memory_kind must be 'pinned_host' or 'unpinned_host'")
+
+    def kvstore_spec(self) -> dict:
+        if self.kvstore is not None:
+            spec = dict(self.kvstore)
+            if spec.get("path") and not spec["path"].endswith("/"):
+                spec["path"] = spec["path"] + "/"
+            return spec
+        return {"driver": "file", "path": str(self.root).rstrip("/") + "/"}
+
+
+@dataclasses.dataclass(frozen=True)
+class SessionInfo:
+    """What `TieredStore.lookup` returns.
+
+    tier: fastest tier holding the full KV ("device", "host", "disk"), or None when ``kv_valid`` is
+      False. num_tokens: tokens of the history (after front truncation). turn: committed turns (the
+      in-memory turn: a turn is counted as soon as `commit_turn` is called). token_ids: the history's
+      token ids, int32. kv_valid: False when the KV was dropped (checksum failure) and must be
+      recomputed from ``token_ids``. durable: the latest turn's manifest is on disk.
+    """
+
+    session_id: str
+    tier: str | None
+    num_tokens: int
+    turn: int
+    token_ids: np.ndarray
+    kv_valid: bool = True
+    durable: bool = True
+
+
+class StoreClosed(StoreError):
+    """The store was closed."""

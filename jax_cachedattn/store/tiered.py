@@ -1,0 +1,792 @@
+"""`TieredStore`: device -> host (pinned_host) -> disk (TensorStore) session KV store.
+
+Representation (the same in the two memory tiers): per session, per layer, a list of token blocks,
+each a ``[2, B, K, D]`` array (B = ``token_block``; the last block zero-padded), in the device's
+default memory (device tier) or in ``pinned_host`` memory (host tier). Block i of a layer holds the
+absolute tokens ``[i*B, (i+1)*B)``; blocks wholly before the front-truncation offset are dropped.
+A save rewrites only the blocks it touches; a load moves the layer's blocks to the device
+(async ``device_put``) and one jitted ``_assemble`` concatenates, shifts by the offset and zero-pads
+to ``pad_to`` (one compilation per (number of blocks, pad_to)). On disk a block is one zarr3 chunk,
+so writes are whole chunks (no read-modify-write) and the array grows by resize.
+
+Tiers are inclusive: a save goes to the host tier and is written through to disk; the device tier
+is a cache filled by `load_layer`. Eviction from device or host only drops a copy (after the data's
+disk writes have committed); eviction from disk deletes the session. The host tier must be able to
+hold the biggest session (every save passes through it); a session larger than the device budget is
+simply not cached on the device.
+
+Threads: one worker runs saves in order (waits for device->host copies, fills host blocks, issues
+TensorStore writes); one committer waits for a turn's writes to commit and then writes its manifest;
+an I/O pool runs prefetches. Metadata is guarded by one lock; no lock is held while waiting on I/O
+except short TensorStore metadata calls.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import dataclasses
+import functools
+import threading
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .disk import DiskTier, ManifestCorrupt, block_crc, wrap_disk_error
+from .errors import BudgetError, DiskFull, FingerprintMismatch, KVLost, LayoutMismatch, StoreError, UnknownSession
+from .layout import KVLayout, SessionInfo, StoreConfig, validate_session_id
+from .policy import EvictionPolicy, LRUPolicy
+from .stats import StoreStats
+
+TIERS = ("device", "host", "disk")
+
+
+@functools.partial(jax.jit, static_argnames=("pad_to",))
+def _assemble(blocks: tuple[jax.Array, ...], off: jax.Array, n: jax.Array, pad_to: int) -> jax.Array:
+    """blocks: nb x [2, B, K, D] -> [2, pad_to, K, D]: rows off..off+n of the concatenation, zeros after."""
+    zeros = jnp.zeros((2, pad_to) + blocks[0].shape[2:], blocks[0].dtype)
+    x = jnp.concatenate(list(blocks) + [zeros], axis=1)
+    y = jax.lax.dynamic_slice_in_dim(x, off, pad_to, axis=1)
+    keep = jnp.arange(pad_to) < n
+    return jnp.where(keep[None, :, None, None], y, jnp.zeros_like(y))
+
+
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+@dataclasses.dataclass
+class _Session:
+    sid: str
+    offset: int = 0  # absolute index of the first kept token
+    end: int = 0  # absolute end of the committed (in-memory) history
+    turn: int = 0
+    token_ids: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.int32))
+    kv_valid: bool = True
+    crc: list[list[int]] = dataclasses.field(default_factory=list)  # [layer][block], committed rows
+    # durable state (last manifest on disk): used to roll back after a failed commit
+    durable: dict | None = None
+    pend: list[int] | None = None  # per-layer absolute end of saved (maybe uncommitted) data
+    pcrc: list[dict[int, int]] | None = None  # per-layer crc of blocks rewritten this turn
+    host: list[list[Any]] | None = None  # [layer][block] pinned_host arrays (None: dropped front)
+    host_bytes: int = 0
+    device: list[list[Any] | None] | None = None  # [layer] -> blocks on device or None
+    device_bytes: int = 0
+    disk_blocks: int = 0  # allocated array length in blocks
+    writes: list[Any] = dataclasses.field(default_factory=list)  # TensorStore commit futures
+    queued: int = 0  # worker tasks not yet run
+    last_task: cf.Future | None = None
+    last_commit: cf.Future | None = None
+    promoting: cf.Future | None = None
+    prefetch: cf.Future | None = None
+
+
+class _Done(cf.Future):
+    def __init__(self, value=None):
+        super().__init__()
+        self.set_result(value)
+
+
+class TieredStore:
+    """Session KV store over device, host and disk tiers. See the module docstring."""
+
+    def __init__(self, cfg: StoreConfig, layout: KVLayout, policy: EvictionPolicy | None = None, *, device=None):
+        self.cfg, self.layout = cfg, layout
+        self.policy: EvictionPolicy = policy or LRUPolicy()
+        self.stats = StoreStats()
+        self.device = device or jax.devices()[0]
+        self._dev = jax.sharding.SingleDeviceSharding(self.device)
+        self._host = jax.sharding.SingleDeviceSharding(self.device, memory_kind=cfg.memory_kind)
+        B = cfg.token_block
+        self.block_bytes = B * layout.bytes_per_token_layer
+        self.used = {t: 0 for t in TIERS}
+        self.budget = {"device": cfg.device_bytes, "host": cfg.host_bytes, "disk": cfg.disk_bytes}
+        if cfg.host_bytes < layout.num_layers * self.block_bytes:
+            raise BudgetError(
+                f"host_bytes={cfg.host_bytes} is smaller than one session of one block "
+                f"({layout.num_layers * self.block_bytes} bytes = {layout.num_layers} layers x {B} tokens)"
+            )
+        if cfg.disk_bytes is not None and cfg.disk_bytes < layout.num_layers * self.block_bytes:
+            raise BudgetError(f"disk_bytes={cfg.disk_bytes} is smaller than one session of one block")
+        self._lock = threading.RLock()
+        self._sessions: dict[str, _Session] = {}
+        self._closed = False
+        self._errors: list[BaseException] = []
+        self.disk = DiskTier(cfg, layout)
+        self._check_store_meta()
+        self._recover()
+        self._worker = cf.ThreadPoolExecutor(1, thread_name_prefix="kvstore-save")
+        self._committer = cf.ThreadPoolExecutor(1, thread_name_prefix="kvstore-commit")
+        self._io = cf.ThreadPoolExecutor(2, thread_name_prefix="kvstore-io")
+
+    # ================================================================ open / recovery
+    def _check_store_meta(self) -> None:
+        import json
+
+        want = {"layout": self.layout.to_json(), "token_block": self.cfg.token_block}
+        raw = self.disk.read_key("store.json")
+        if raw is not None:
+            try:
+                have = json.loads(raw)
+            except ValueError:
+                have = None
+            if have != want:
+                if not self.cfg.wipe_on_mismatch:
+                    raise FingerprintMismatch(
+                        f"the store holds KV of another model or layout: {have!r} != {want!r} "
+                        "(set StoreConfig.wipe_on_mismatch=True to delete it)"
+                    )
+                self.disk.delete_prefix("s/")
+        self.disk.write_key("store.json", json.dumps(want, sort_keys=True).encode()).result()
+
+    def _recover(self) -> None:
+        with_manifest, with_data = self.disk.session_ids()
+        for sid in sorted(with_data - with_manifest):  # a first turn that never committed
+            self.disk.delete_prefix(f"s/{sid}/")
+            self.stats.add("recoveries")
+        L, B = self.layout.num_layers, self.cfg.token_block
+        for sid in sorted(with_manifest):
+            try:
+                m = self.disk.read_manifest(sid)
+            except ManifestCorrupt:
+                self.stats.add("checksum_failures")
+                self.disk.delete_session(sid)
+                continue
+            if m.get("fingerprint") != self.layout.fingerprint:
+                raise FingerprintMismatch(f"session {sid!r} was made by model {m.get('fingerprint')!r}")
+            s = _Session(
+                sid, offset=m["offset"], end=m["end"], turn=m["turn"],
+                token_ids=np.asarray(m["token_ids"], np.int32), kv_valid=m["kv_valid"], crc=m["crc"],
+            )
+            s.durable = m
+            if s.kv_valid:
+                cap = self.disk.capacity_blocks(sid)
+                need = _ceil_div(s.end, B)
+                if cap is None or cap < need or len(s.crc) != L:
+                    self._mark_lost(s, write=True)
+                else:
+                    s.disk_blocks = cap
+                    if cap > need:  # an uncommitted tail of a turn that did not commit
+                        self.stats.add("recoveries")
+            self._sessions[sid] = s
+            self.used["disk"] += L * s.disk_blocks * self.block_bytes
+            self.policy.touch(sid, "disk")
+            if self.cfg.verify_on_open and s.kv_valid:
+                try:
+                    self._read_verified(s)
+                except KVLost:
+                    pass
+
+    # ================================================================ helpers
+    def _get(self, sid: str) -> _Session:
+        validate_session_id(sid)
+        if self._closed:
+            raise StoreError("the store is closed")
+        s = self._sessions.get(sid)
+        if s is None:
+            raise UnknownSession(f"unknown session {sid!r}")
+        return s
+
+    def _manifest_body(self, s: _Session) -> dict:
+        return {
+            "fingerprint": self.layout.fingerprint, "offset": s.offset, "end": s.end, "turn": s.turn,
+            "token_ids": [int(t) for t in s.token_ids], "kv_valid": s.kv_valid, "crc": s.crc,
+            "token_block": self.cfg.token_block, "dtype": self.layout.dtype,
+        }
+
+    def _mark_lost(self, s: _Session, write: bool) -> None:
+        """Drop the KV of ``s`` everywhere, keep its token ids; count a checksum failure."""
+        self.stats.add("checksum_failures")
+        with self._lock:
+            s.kv_valid = False
+            s.crc = []
+            self._drop_copy(s, "device")
+            self._drop_copy(s, "host")
+            self.used["disk"] -= self.layout.num_layers * s.disk_blocks * self.block_bytes
+            s.disk_blocks = 0
+        if write:
+            self.disk.write_manifest(s.sid, self._manifest_body(s)).result()
+        self.disk.delete_data(s.sid)
+
+    def _tier_of(self, s: _Session) -> str | None:
+        if not s.kv_valid:
+            return None
+        if s.device is not None and all(d is not None for d in s.device):
+            return "device"
+        if s.host is not None:
+            return "host"
+        return "disk"
+
+    def _drop_copy(self, s: _Session, tier: str) -> None:
+        if tier == "device" and s.device is not None:
+            self.used["device"] -= s.device_bytes
+            s.device, s.device_bytes = None, 0
+            self.policy.forget(s.sid, "device")
+        elif tier == "host" and s.host is not None:
+            self.used["host"] -= s.host_bytes
+            s.host, s.host_bytes = None, 0
+            self.policy.forget(s.sid, "host")
+
+    def _busy(self, s: _Session) -> bool:
+        return (
+            s.queued > 0 or s.pend is not None or any(not w.done() for w in s.writes)
+            or any(f is not None and not f.done() for f in (s.promoting, s.last_commit))
+        )
+
+    def _reserve(self, tier: str, nbytes: int, owner: _Session, *, required: bool) -> bool:
+        """Make room for ``nbytes`` in ``tier`` by evicting other sessions; True if reserved.
+
+        With ``required`` a failure raises (BudgetError / DiskFull) after waiting for in-flight work.
+        """
+        budget = self.budget[tier]
+        if budget is None:
+            with self._lock:
+                self.used[tier] += nbytes
+            return True
+        err = DiskFull if tier == "disk" else BudgetError
+        for attempt in range(3):
+            with self._lock:
+                if self.used[tier] + nbytes <= budget:
+                    self.used[tier] += nbytes
+                    return True
+                held = {"device": "device_bytes", "host": "host_bytes"}.get(tier)
+                mine = getattr(owner, held) if held else self.layout.num_layers * owner.disk_blocks * self.block_bytes
+                if mine + nbytes > budget:
+                    if required:
+                        raise err(f"session {owner.sid!r} needs {mine + nbytes} bytes, more than the {tier} budget ({budget})")
+                    return False
+                cands = [
+                    sid for sid, o in self._sessions.items()
+                    if o is not owner and not self._busy(o) and self._holds(o, tier)
+                ]
+                for sid in self.policy.choose_victims(cands, tier):
+                    if self.used[tier] + nbytes <= budget:
+                        break
+                    self._evict_locked(self._sessions[sid], tier)
+                if self.used[tier] + nbytes <= budget:
+                    self.used[tier] += nbytes
+                    return True
+                if not required:
+                    return False
+            self._wait_all_io(exclude=owner)  # other sessions' writes may free victims
+        raise err(f"no room in the {tier} tier for {nbytes} more bytes of session {owner.sid!r} "
+                  f"(budget {budget}, used {self.used[tier]}, nothing evictable)")
+
+    def _holds(self, s: _Session, tier: str) -> bool:
+        if tier == "device":
+            return s.device is not None
+        if tier == "host":
+            return s.host is not None
+        return s.disk_blocks > 0 or not s.kv_valid
+
+    def _evict_locked(self, s: _Session, tier: str) -> None:
+        self.stats.add("evictions", tier=tier)
+        if tier == "disk":
+            self._delete_locked(s)
+        else:
+            self._drop_copy(s, tier)
+
+    def _delete_locked(self, s: _Session) -> None:
+        self._drop_copy(s, "device")
+        self._drop_copy(s, "host")
+        self.used["disk"] -= self.layout.num_layers * s.disk_blocks * self.block_bytes
+        s.disk_blocks = 0
+        self._sessions.pop(s.sid, None)
+        self.policy.forget(s.sid)
+        self.disk.delete_session(s.sid)
+
+    def _wait_all_io(self, exclude: _Session | None = None) -> None:
+        with self._lock:
+            futs = [f for o in self._sessions.values() if o is not exclude for f in (o.last_task, o.last_commit) if f]
+            writes = [w for o in self._sessions.values() if o is not exclude for w in o.writes]
+        for f in futs:
+            try:
+                f.result()
+            except Exception:  # noqa: BLE001 - reported by commit futures / flush
+                pass
+        for w in writes:
+            try:
+                w.result()
+            except Exception:  # noqa: BLE001
+                pass
+
+    # ================================================================ disk -> host
+    def _read_verified(self, s: _Session) -> list[list[Any]]:
+        """Read all committed blocks of ``s`` from disk, check crcs, return host blocks [layer][block]."""
+        B, L = self.cfg.token_block, self.layout.num_layers
+        f, nb = s.offset // B, _ceil_div(s.end, B)
+        try:
+            data = self.disk.read_blocks(s.sid, f, nb) if nb > f else None
+        except Exception as e:  # noqa: BLE001 - undecodable chunk = damaged
+            self._mark_lost(s, write=True)
+            raise KVLost(f"session {s.sid!r}: KV unreadable ({e}); recompute from its token ids") from e
+        self.stats.add("bytes_read", 0 if data is None else data.nbytes, tier="disk")
+        blocks: list[list[Any]] = [[None] * nb for _ in range(L)]
+        for layer in range(L):
+            for b in range(f, nb):
+                blk = data[layer, :, (b - f) * B : (b - f + 1) * B]
+                rows = min(B, s.end - b * B)
+                if block_crc(blk, rows) != s.crc[layer][b]:
+                    self._mark_lost(s, write=True)
+                    raise KVLost(f"session {s.sid!r}: checksum mismatch at layer {layer} block {b}; recompute")
+                blocks[layer][b] = jax.device_put(np.ascontiguousarray(blk), self._host)
+        return blocks
+
+    def _ensure_host(self, s: _Session) -> str:
+        """Bring ``s`` into the host tier (blocking); returns the tier it came from."""
+        with self._lock:
+            if s.host is not None:
+                return "host"
+            if not s.kv_valid:
+                raise KVLost(f"session {s.sid!r} has no valid KV; recompute from its token ids")
+            fut = s.promoting
+            mine = fut is None or fut.done()
+            if mine:
+                fut = s.promoting = cf.Future()
+        if not mine:
+            fut.result()
+            return "disk"
+        try:
+            B = self.cfg.token_block
+            nbytes = self.layout.num_layers * (_ceil_div(s.end, B) - s.offset // B) * self.block_bytes
+            self._reserve("host", nbytes, s, required=True)
+            try:
+                blocks = self._read_verified(s)
+            except BaseException:
+                with self._lock:
+                    self.used["host"] -= nbytes
+                raise
+            with self._lock:
+                s.host, s.host_bytes = blocks, nbytes
+                self.stats.add("bytes_written", nbytes, tier="host")
+            self.policy.touch(s.sid, "host")
+            fut.set_result(None)
+        except BaseException as e:
+            fut.set_exception(e)
+            raise
+        return "disk"
+
+    # ================================================================ public API
+    def sessions(self) -> list[str]:
+        with self._lock:
+            return sorted(self._sessions)
+
+    def lookup(self, sid: str) -> SessionInfo | None:
+        """The session's state, or None when it is not in the store."""
+        validate_session_id(sid)
+        with self._lock:
+            s = self._sessions.get(sid)
+            if s is None:
+                return None
+            durable = s.durable is not None and s.durable.get("turn") == s.turn and s.durable.get("offset") == s.offset
+            return SessionInfo(sid, self._tier_of(s), s.end - s.offset, s.turn, s.token_ids.copy(), s.kv_valid, durable)
+
+    def save_layer(self, sid: str, layer: int, kv_new, start: int) -> None:
+        """Save tokens ``[start, start+n)`` of ``layer`` (``kv_new``: [2, n, K, D]); returns at once.
+
+        ``start`` is relative to the kept history and must continue what this layer already holds
+        (``start == num_tokens`` at the first save of a turn, ``0`` for a new or KV-lost session).
+        Errors of the asynchronous part surface in `commit_turn`'s future and in `flush`.
+        """
+        validate_session_id(sid)
+        lay = self.layout
+        if not 0 <= layer < lay.num_layers:
+            raise LayoutMismatch(f"layer {layer} out of range [0, {lay.num_layers})")
+        shape = tuple(kv_new.shape)
+        if len(shape) != 4 or shape[0] != 2 or shape[2:] != (lay.kv_heads, lay.head_dim):
+            raise LayoutMismatch(f"kv_new has shape {shape}, expected [2, n, {lay.kv_heads}, {lay.head_dim}]")
+        if np.dtype(kv_new.dtype) != lay.np_dtype:
+            raise LayoutMismatch(f"kv_new has dtype {kv_new.dtype}, expected {lay.dtype}")
+        n = shape[1]
+        if isinstance(kv_new, jax.Array):
+            try:
+                kv_new.copy_to_host_async()
+            except Exception:  # noqa: BLE001 - already on host / not supported: np.asarray copes
+                pass
+        B, L = self.cfg.token_block, lay.num_layers
+        with self._lock:
+            if self._closed:
+                raise StoreError("the store is closed")
+            s = self._sessions.get(sid)
+            if s is None:
+                if start != 0:
+                    raise UnknownSession(f"unknown session {sid!r} (a new session starts at 0, got {start})")
+                s = self._sessions[sid] = _Session(sid, crc=[[] for _ in range(L)])
+                s.host, s.host_bytes = [[] for _ in range(L)], 0
+            elif not s.kv_valid and s.pend is None:
+                if start != 0:
+                    raise LayoutMismatch(f"session {sid!r} lost its KV: save it again from start=0")
+                s.offset, s.end, s.kv_valid, s.crc = 0, 0, True, [[] for _ in range(L)]
+                s.host, s.host_bytes = [[] for _ in range(L)], 0
+            need_host = s.host is None
+        if need_host:
+            self._ensure_host(s)  # saving on a session that left host: read it back first (blocking)
+        with self._lock:
+            if s.pend is None:
+                s.pend, s.pcrc = [s.end] * L, [dict() for _ in range(L)]
+            a0 = s.offset + start
+            if a0 != s.pend[layer]:
+                raise LayoutMismatch(
+                    f"session {sid!r} layer {layer}: save starts at token {start}, expected {s.pend[layer] - s.offset}"
+                )
+            if n == 0:
+                return
+            a1 = a0 + n
+            nb_new = _ceil_div(a1, B)
+            grow = max(0, nb_new - len(s.host[layer]))
+            s.pend[layer] = a1
+            s.queued += 1
+        try:
+            if grow:
+                self._reserve("host", grow * self.block_bytes, s, required=True)
+                with self._lock:
+                    s.host_bytes += grow * self.block_bytes
+            if nb_new > s.disk_blocks:
+                extra = nb_new - s.disk_blocks
+                self._reserve("disk", L * extra * self.block_bytes, s, required=True)
+                with self._lock:
+                    s.disk_blocks = nb_new
+                self.disk.resize(sid, nb_new)
+            dgrow = 0
+            with self._lock:
+                if s.device is not None and s.device[layer] is not None:
+                    dgrow = max(0, nb_new - len(s.device[layer]))
+            if dgrow and not self._reserve("device", dgrow * self.block_bytes, s, required=False):
+                with self._lock:
+                    self._drop_copy(s, "device")
+            elif dgrow:
+                with self._lock:
+                    if s.device is not None:
+                        s.device_bytes += dgrow * self.block_bytes
+                    else:
+                        self.used["device"] -= dgrow * self.block_bytes
+        except BaseException:
+            with self._lock:
+                s.pend[layer] = a0
+                s.queued -= 1
+            raise
+        with self._lock:
+            s.last_task = self._worker.submit(self._do_save, s, layer, kv_new, a0, a1, s.pcrc[layer])
+        self.policy.touch(sid, "host")
+
+    def _do_save(self, s: _Session, layer: int, kv_new, a0: int, a1: int, pcrc: dict) -> None:
+        B = self.cfg.token_block
+        try:
+            x = np.asarray(kv_new)  # waits for the device -> host copy
+            b0, b1 = a0 // B, _ceil_div(a1, B)
+            new_blocks = []
+            for b in range(b0, b1):
+                lo, hi = max(a0, b * B), min(a1, (b + 1) * B)
+                if lo == b * B and hi == (b + 1) * B:
+                    blk = np.ascontiguousarray(x[:, lo - a0 : hi - a0])
+                else:
+                    with self._lock:
+                        old = s.host[layer][b] if b < len(s.host[layer]) else None
+                    blk = np.array(old) if old is not None else np.zeros((2, B) + x.shape[2:], x.dtype)
+                    blk[:, lo - b * B : hi - b * B] = x[:, lo - a0 : hi - a0]
+                new_blocks.append(blk)
+                pcrc[b] = block_crc(blk, hi - b * B)
+            data = new_blocks[0] if len(new_blocks) == 1 else np.concatenate(new_blocks, axis=1)
+            w = self.disk.write_blocks(s.sid, layer, b0, data)  # data is freed once w.copy resolves
+            self.stats.add("bytes_written", x.nbytes, tier="host")
+            self.stats.add("bytes_written", data.nbytes, tier="disk")
+            hblocks = [jax.device_put(blk, self._host) for blk in new_blocks]
+            with self._lock:
+                if s.host is not None:
+                    hl = s.host[layer]
+                    for i, b in enumerate(range(b0, b1)):
+                        if b < len(hl):
+                            hl[b] = hblocks[i]
+                        else:
+                            hl.append(hblocks[i])
+                if s.device is not None and s.device[layer] is not None:
+                    dl = s.device[layer]
+                    for i, b in enumerate(range(b0, b1)):
+                        d = jax.device_put(new_blocks[i], self._dev)
+                        if b < len(dl):
+                            dl[b] = d
+                        else:
+                            dl.append(d)
+                s.writes.append(w.commit)
+        except BaseException as e:
+            with self._lock:
+                self._errors.append(e)
+            raise
+        finally:
+            with self._lock:
+                s.queued -= 1
+
+    def commit_turn(self, sid: str, token_ids) -> cf.Future:
+        """Publish the turn: every layer saved up to ``len(token_ids)``; manifest written last.
+
+        Returns a future that resolves (to the turn number) once the manifest is durable; it raises
+        `DiskFull` (or the write's error) if the data could not be written, and the session then rolls
+        back to its last durable turn. The session is readable at once (read-your-writes).
+        """
+        s = self._get(sid)
+        tok = np.asarray(token_ids, dtype=np.int32).reshape(-1)
+        with self._lock:
+            if s.pend is None:
+                raise LayoutMismatch(f"session {sid!r}: nothing saved since the last commit")
+            want = s.offset + len(tok)
+            bad = [i for i, p in enumerate(s.pend) if p != want]
+            if bad:
+                raise LayoutMismatch(
+                    f"session {sid!r}: {len(tok)} token ids but layers {bad[:5]} hold "
+                    f"{[s.pend[i] - s.offset for i in bad[:5]]} tokens"
+                )
+            task = s.last_task
+            s.end, s.turn, s.token_ids = want, s.turn + 1, tok
+            pend, pcrc = s.pend, s.pcrc
+            s.pend = s.pcrc = None
+            s.last_commit = fut = self._committer.submit(self._do_commit, s, task, pcrc, s.turn)
+        return fut
+
+    def _do_commit(self, s: _Session, task, pcrc, turn: int) -> int:
+        try:
+            if task is not None:
+                task.result()
+            with self._lock:
+                writes, s.writes = s.writes, []
+            for w in writes:
+                w.result()
+            with self._lock:
+                for layer, d in enumerate(pcrc):
+                    row = s.crc[layer]
+                    for b, c in sorted(d.items()):
+                        row.extend([0] * (b + 1 - len(row)))
+                        row[b] = c
+                body = self._manifest_body(s)
+                body["turn"] = turn
+            self.disk.write_manifest(s.sid, body).result()
+            with self._lock:
+                s.durable = body
+            return turn
+        except BaseException as e:
+            err = wrap_disk_error(e)
+            self._rollback(s)
+            if err is not e:
+                raise err from e
+            raise
+
+    def _rollback(self, s: _Session) -> None:
+        with self._lock:
+            self._drop_copy(s, "device")
+            self._drop_copy(s, "host")
+            s.writes, s.pend, s.pcrc = [], None, None
+            m = s.durable
+            if m is None:
+                self.used["disk"] -= self.layout.num_layers * s.disk_blocks * self.block_bytes
+                s.disk_blocks = 0
+                self._sessions.pop(s.sid, None)
+                self.policy.forget(s.sid)
+                try:
+                    self.disk.delete_session(s.sid)
+                except Exception:  # noqa: BLE001
+                    pass
+                return
+            s.offset, s.end, s.turn = m["offset"], m["end"], m["turn"]
+            s.token_ids, s.kv_valid, s.crc = np.asarray(m["token_ids"], np.int32), m["kv_valid"], m["crc"]
+
+    def truncate_front(self, sid: str, n_drop: int) -> cf.Future:
+        """Drop the oldest ``n_drop`` tokens; the rest stays bit-identical. Returns a future (manifest)."""
+        s = self._get(sid)
+        with self._lock:
+            if s.pend is not None:
+                raise LayoutMismatch(f"session {sid!r}: commit the turn before truncating")
+            if not 0 <= n_drop <= s.end - s.offset:
+                raise LayoutMismatch(f"cannot drop {n_drop} of {s.end - s.offset} tokens")
+            s.offset += n_drop
+            s.token_ids = s.token_ids[n_drop:].copy()
+            f = s.offset // self.cfg.token_block
+            for tier in ("host", "device"):
+                layers = s.host if tier == "host" else s.device
+                if layers is None:
+                    continue
+                freed = 0
+                for bl in layers:
+                    if bl is None:
+                        continue
+                    for b in range(min(f, len(bl))):
+                        if bl[b] is not None:
+                            bl[b] = None
+                            freed += self.block_bytes
+                self.used[tier] -= freed
+                if tier == "host":
+                    s.host_bytes -= freed
+                else:
+                    s.device_bytes -= freed
+            prev = s.last_commit
+            s.last_commit = fut = self._committer.submit(self._do_meta, s, prev)
+        return fut
+
+    def _do_meta(self, s: _Session, prev) -> int:
+        if prev is not None:
+            try:
+                prev.result()
+            except Exception:  # noqa: BLE001 - reported by its own future
+                pass
+        with self._lock:
+            body = self._manifest_body(s)
+        self.disk.write_manifest(s.sid, body).result()
+        with self._lock:
+            s.durable = body
+        return s.turn
+
+    def load_layer(self, sid: str, layer: int, pad_to: int | None = None) -> jax.Array:
+        """``[2, pad_to or num_tokens, K, D]`` on the device; rows >= num_tokens are zeros.
+
+        From the device or host tier the transfer is dispatched asynchronously; from disk this blocks
+        on the read of the whole session into the host tier (raising `KVLost` if it is damaged).
+        """
+        s = self._get(sid)
+        if not 0 <= layer < self.layout.num_layers:
+            raise LayoutMismatch(f"layer {layer} out of range [0, {self.layout.num_layers})")
+        with self._lock:
+            task = s.last_task if s.queued else None
+        if task is not None:
+            task.result()  # read-your-writes for saves still queued
+        with self._lock:
+            if not s.kv_valid:
+                raise KVLost(f"session {sid!r} has no valid KV; recompute from its token ids")
+            n = s.end - s.offset
+            pad = n if pad_to is None else pad_to
+            if pad < n:
+                raise LayoutMismatch(f"pad_to={pad_to} < num_tokens={n}")
+            pf = s.prefetch
+        if pf is not None:
+            with self._lock:
+                s.prefetch = None
+            if pf.done():
+                self.stats.add("prefetches_in_time")
+        B = self.cfg.token_block
+        f, nb = s.offset // B, _ceil_div(s.end, B)
+        if nb <= f:
+            return jnp.zeros((2, pad, self.layout.kv_heads, self.layout.head_dim), self.layout.np_dtype, device=self.device)
+        with self._lock:
+            dl = s.device[layer] if s.device is not None else None
+            if dl is not None and len(dl) >= nb:
+                src, blocks = "device", dl[f:nb]
+            else:
+                src, blocks = None, None
+        if src is None:
+            for attempt in range(3):
+                came = self._ensure_host(s) if s.host is None else "host"
+                with self._lock:
+                    if s.host is not None:
+                        hblocks = s.host[layer][f:nb]
+                        break
+            else:
+                raise StoreError(f"session {sid!r} kept leaving the host tier while loading")
+            if came == "disk":
+                self.stats.add("misses", tier="host")
+                self.stats.add("hits", tier="disk")
+            else:
+                self.stats.add("hits", tier="host")
+            self.stats.add("bytes_read", len(hblocks) * self.block_bytes, tier="host")
+            blocks = [jax.device_put(b, self._dev) for b in hblocks]
+            self.policy.touch(sid, "host")
+            if self.budget["device"] > 0 and self._reserve("device", len(blocks) * self.block_bytes, s, required=False):
+                with self._lock:
+                    if s.device is None:
+                        s.device = [None] * self.layout.num_layers
+                    if s.device[layer] is not None:  # replace a stale partial copy
+                        old = sum(1 for b in s.device[layer] if b is not None) * self.block_bytes
+                        self.used["device"] -= old
+                        s.device_bytes -= old
+                    s.device[layer] = [None] * f + list(blocks)
+                    s.device_bytes += len(blocks) * self.block_bytes
+                    self.stats.add("bytes_written", len(blocks) * self.block_bytes, tier="device")
+                self.policy.touch(sid, "device")
+        else:
+            self.stats.add("hits", tier="device")
+            self.stats.add("bytes_read", len(blocks) * self.block_bytes, tier="device")
+            self.policy.touch(sid, "device")
+        return _assemble(tuple(blocks), jnp.int32(s.offset - f * B), jnp.int32(n), pad)
+
+    def prefetch(self, sid: str) -> cf.Future:
+        """Start reading the session disk -> host; returns a future at once."""
+        s = self._get(sid)
+        with self._lock:
+            if s.host is not None or not s.kv_valid:
+                return _Done(None)
+            if s.prefetch is not None and not s.prefetch.done():
+                return s.prefetch
+            self.stats.add("prefetches_issued")
+            s.prefetch = fut = self._io.submit(self._ensure_host, s)
+        return fut
+
+    def evict(self, sid: str, tier: str) -> None:
+        """"device": drop the device copy (to host); "host": drop the host copy (disk keeps it);
+        "disk": delete the session everywhere. Waits for the session's in-flight writes first."""
+        if tier not in TIERS:
+            raise ValueError(f"tier must be one of {TIERS}, got {tier!r}")
+        s = self._get(sid)
+        self._wait_session(s)
+        with self._lock:
+            if tier == "device" and s.device is not None and s.host is None and s.kv_valid:
+                # demote: copy the device blocks to the host tier when it has room
+                nbytes = s.device_bytes
+                held = all(d is not None for d in s.device)
+                if held and self._reserve("host", nbytes, s, required=False):
+                    s.host = [[None if b is None else jax.device_put(b, self._host) for b in d] for d in s.device]
+                    s.host_bytes = nbytes
+            if self._holds(s, tier):
+                self._evict_locked(s, tier)
+
+    def _wait_session(self, s: _Session) -> None:
+        with self._lock:
+            futs = [f for f in (s.last_task, s.last_commit, s.promoting) if f is not None]
+            writes = list(s.writes)
+        for f in futs + writes:
+            try:
+                f.result()
+            except Exception:  # noqa: BLE001 - reported by the commit future / flush
+                pass
+
+    def delete(self, sid: str) -> None:
+        s = self._get(sid)
+        self._wait_session(s)
+        with self._lock:
+            self._delete_locked(s)
+
+    def flush(self) -> None:
+        """Wait for every save, commit and prefetch in flight; re-raise the first save error."""
+        with self._lock:
+            sessions = list(self._sessions.values())
+        errors = []
+        for s in sessions:
+            with self._lock:
+                futs = [f for f in (s.last_task, s.last_commit, s.prefetch) if f is not None]
+            for f in futs:
+                try:
+                    f.result()
+                except Exception as e:  # noqa: BLE001
+                    errors.append(e)
+        with self._lock:
+            errors = self._errors + errors
+            self._errors = []
+        if errors:
+            raise errors[0]
+
+    def usage(self) -> dict[str, int]:
+        """Bytes held per tier (what the budgets count)."""
+        with self._lock:
+            return dict(self.used)
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        try:
+            self.flush()
+        finally:
+            self._closed = True
+            for ex in (self._worker, self._committer, self._io):
+                ex.shutdown(wait=True)
+
+    def __enter__(self) -> "TieredStore":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
