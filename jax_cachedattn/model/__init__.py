@@ -3,6 +3,10 @@
 from jax_cachedattn.model.config import ModelConfig, configs_dir
 from jax_cachedattn.model.forward import (
     TokenError,
+    bucket_length,
+    embed_jit,
+    layer_step_jit,
+    unembed_jit,
     decode_step,
     embed,
     forward,
@@ -18,7 +22,7 @@ from jax_cachedattn.model.rope import apply_rope, rope_tables
 from jax_cachedattn.model.sampling import sample
 
 __all__ = [
-    "ModelConfig", "configs_dir", "TokenError", "decode_step", "embed", "forward", "init_params", "layer_slice",
+    "ModelConfig", "configs_dir", "bucket_length", "embed_jit", "layer_step_jit", "unembed_jit", "TokenError", "decode_step", "embed", "forward", "init_params", "layer_slice",
     "prefill", "unembed", "unstack_layers", "validate_tokens", "TRACE_COUNTS", "attention", "attention_reference",
     "layer_step", "mlp", "rms_norm", "apply_rope", "rope_tables", "sample",
 ]

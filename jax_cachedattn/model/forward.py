@@ -160,3 +160,39 @@ def decode_step(params, config: ModelConfig, token, cache, length):
 
     x, cache = jax.lax.scan(body, embed(params, jnp.reshape(token, (1,))), (params["layers"], cache))
     return unembed(params, config, x)[0], cache
+
+
+# ---- the per-layer unit the engine pipelines -------------------------------------------------
+
+def bucket_length(n: int, minimum: int = 16, step: int = 512) -> int:
+    """Static-shape bucket for ``n`` tokens: powers of two up to ``step``, then multiples of it."""
+    if n < 0:
+        raise ValueError(f"length must be >= 0, got {n}")
+    if n == 0:
+        return 0
+    if n <= step:
+        return max(minimum, 1 << (n - 1).bit_length())
+    return -(-n // step) * step
+
+
+@functools.partial(jax.jit, static_argnames=("config",))
+def layer_step_jit(lp, x, hist_kv, history_len, positions, config: ModelConfig):
+    """Jitted :func:`layer_step` over the store's layout: ``hist_kv [2, S, K, Dh]``.
+
+    Returns ``(x [T, D], new_kv [2, T, K, Dh])``. Compiled once per (T, S) bucket pair.
+    """
+    TRACE_COUNTS["layer_step"] += 1
+    x, k, v = layer_step(lp, x, hist_kv[0], hist_kv[1], history_len, positions, config, block_q=_block(x.shape[0]))
+    return x, jnp.stack([k, v])
+
+
+@functools.partial(jax.jit, static_argnames=("config",))
+def embed_jit(params, config: ModelConfig, tokens):
+    TRACE_COUNTS["embed"] += 1
+    return embed(params, tokens)
+
+
+@functools.partial(jax.jit, static_argnames=("config",))
+def unembed_jit(params, config: ModelConfig, x):
+    TRACE_COUNTS["unembed"] += 1
+    return unembed(params, config, x)
