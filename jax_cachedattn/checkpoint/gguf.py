@@ -47,7 +47,7 @@ def _open(path: Any) -> Any:
 def _field_value(field: Any) -> Any:
     v = field.contents()
     if isinstance(v, float):  # float32 metadata: keep its shortest decimal (9.99999974e-06 -> 1e-05)
-        v = float(repr(np.float32(v)))
+        v = float(str(np.float32(v)))
     return v
 
 
