@@ -75,6 +75,11 @@ class Tokenizer:
             tok.add_tokens(user)
         self._tok = tok
         self._tokens = list(tokens)
+        self._fields = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.tokens": self._tokens,
+                        "tokenizer.ggml.merges": list(merges), "tokenizer.ggml.token_type": types,
+                        "tokenizer.ggml.bos_token_id": bos_id, "tokenizer.ggml.eos_token_id": eos_id,
+                        "tokenizer.ggml.padding_token_id": pad_id, "tokenizer.ggml.pre": pre,
+                        "tokenizer.chat_template": chat_template}
         self.bos_id, self.eos_id, self.pad_id = bos_id, eos_id, pad_id
         self.chat_template = chat_template
         self.im_start_id = self.token_to_id("<|im_start|>")
@@ -94,6 +99,10 @@ class Tokenizer:
                    bos_id=meta.get("tokenizer.ggml.bos_token_id"), eos_id=meta.get("tokenizer.ggml.eos_token_id"),
                    pad_id=meta.get("tokenizer.ggml.padding_token_id"), pre=meta.get("tokenizer.ggml.pre"),
                    chat_template=meta.get("tokenizer.chat_template"))
+
+    def to_fields(self) -> dict[str, Any]:
+        """The GGUF metadata this tokenizer was built from (JSON-able); ``from_gguf_fields`` inverts it."""
+        return {k: v for k, v in self._fields.items() if v is not None}
 
     @classmethod
     def from_gguf(cls, path: Any) -> "Tokenizer":

@@ -2,5 +2,16 @@
 
 from jax_cachedattn.checkpoint.gguf import GGUFError, load_gguf
 from jax_cachedattn.checkpoint.hf import HFCheckpointError, load_hf
+from jax_cachedattn.checkpoint.orbax_io import (
+    load_config,
+    load_smollm2,
+    params_fingerprint,
+    restore_params,
+    save_params,
+    smollm2_fingerprint,
+)
 
-__all__ = ["GGUFError", "HFCheckpointError", "load_gguf", "load_hf"]
+__all__ = [
+    "GGUFError", "HFCheckpointError", "load_config", "load_gguf", "load_hf", "load_smollm2", "params_fingerprint",
+    "restore_params", "save_params", "smollm2_fingerprint",
+]
