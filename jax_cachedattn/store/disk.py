@@ -13,6 +13,7 @@ Session ids are validated before they reach here, so ``s/<sid>/`` never escapes 
 from __future__ import annotations
 
 import errno
+import threading
 import json
 import zlib
 from typing import Any
@@ -112,7 +113,30 @@ class DiskTier:
         return None if raw is None else decode_manifest(raw)
 
     def write_manifest(self, sid: str, body: dict):
-        return self.write_key(f"s/{sid}/manifest.json", encode_manifest({"version": MANIFEST_VERSION, **body}))
+        """Write the manifest atomically: temp file + fsync + rename on a ``file`` kvstore (the TensorStore
+        file driver rewrites files in place), one kvstore key write elsewhere. Returns a future."""
+        raw = encode_manifest({"version": MANIFEST_VERSION, **body})
+        if self.base.get("driver") != "file":
+            return self.write_key(f"s/{sid}/manifest.json", raw)
+        import concurrent.futures as cf
+        import os
+
+        folder = os.path.join(self.base["path"], "s", sid)
+        os.makedirs(folder, exist_ok=True)
+        tmp = os.path.join(folder, f".manifest.{os.getpid()}.{threading.get_ident()}.tmp")
+        fut: cf.Future = cf.Future()
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            try:
+                os.write(fd, raw)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, os.path.join(folder, "manifest.json"))
+            fut.set_result(None)
+        except OSError as e:
+            fut.set_exception(e)
+        return fut
 
     # ---- arrays -----------------------------------------------------------------------------
     def _spec(self, sid: str) -> dict:

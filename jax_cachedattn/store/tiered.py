@@ -75,6 +75,7 @@ class _Session:
     device_bytes: int = 0
     disk_blocks: int = 0  # allocated array length in blocks
     writes: list[Any] = dataclasses.field(default_factory=list)  # TensorStore commit futures
+    tailw: dict = dataclasses.field(default_factory=dict)  # layer -> (last block, commit future) of its last write
     queued: int = 0  # worker tasks not yet run
     last_task: cf.Future | None = None
     last_commit: cf.Future | None = None
@@ -188,12 +189,17 @@ class TieredStore:
             raise UnknownSession(f"unknown session {sid!r}")
         return s
 
-    def _manifest_body(self, s: _Session) -> dict:
+    def _manifest_body(self, s: _Session, snap: dict | None = None) -> dict:
+        """Manifest of ``s``; ``snap`` (offset, end, turn, token_ids) pins the turn being published."""
+        snap = snap or self._snap(s)
         return {
-            "fingerprint": self.layout.fingerprint, "offset": s.offset, "end": s.end, "turn": s.turn,
-            "token_ids": [int(t) for t in s.token_ids], "kv_valid": s.kv_valid, "crc": s.crc,
-            "token_block": self.cfg.token_block, "dtype": self.layout.dtype,
+            "fingerprint": self.layout.fingerprint, **snap, "kv_valid": s.kv_valid,
+            "crc": [list(r) for r in s.crc], "token_block": self.cfg.token_block, "dtype": self.layout.dtype,
         }
+
+    @staticmethod
+    def _snap(s: _Session) -> dict:
+        return {"offset": s.offset, "end": s.end, "turn": s.turn, "token_ids": [int(t) for t in s.token_ids]}
 
     def _mark_lost(self, s: _Session, write: bool) -> None:
         """Drop the KV of ``s`` everywhere, keep its token ids; count a checksum failure."""
@@ -488,6 +494,9 @@ class TieredStore:
                 new_blocks.append(blk)
                 pcrc[b] = block_crc(blk, hi - b * B)
             data = new_blocks[0] if len(new_blocks) == 1 else np.concatenate(new_blocks, axis=1)
+            prev = s.tailw.get(layer)
+            if prev is not None and prev[0] >= b0:
+                prev[1].result()  # two writes of one chunk in flight may land out of order: serialize
             w = self.disk.write_blocks(s.sid, layer, b0, data)  # data is freed once w.copy resolves
             self.stats.add("bytes_written", x.nbytes, tier="host")
             self.stats.add("bytes_written", data.nbytes, tier="disk")
@@ -509,6 +518,7 @@ class TieredStore:
                         else:
                             dl.append(d)
                 s.writes.append(w.commit)
+                s.tailw[layer] = (b1 - 1, w.commit)
         except BaseException as e:
             with self._lock:
                 self._errors.append(e)
@@ -540,10 +550,10 @@ class TieredStore:
             s.end, s.turn, s.token_ids = want, s.turn + 1, tok
             pend, pcrc = s.pend, s.pcrc
             s.pend = s.pcrc = None
-            s.last_commit = fut = self._committer.submit(self._do_commit, s, task, pcrc, s.turn)
+            s.last_commit = fut = self._committer.submit(self._do_commit, s, task, pcrc, self._snap(s))
         return fut
 
-    def _do_commit(self, s: _Session, task, pcrc, turn: int) -> int:
+    def _do_commit(self, s: _Session, task, pcrc, snap: dict) -> int:
         try:
             if task is not None:
                 task.result()
@@ -557,12 +567,11 @@ class TieredStore:
                     for b, c in sorted(d.items()):
                         row.extend([0] * (b + 1 - len(row)))
                         row[b] = c
-                body = self._manifest_body(s)
-                body["turn"] = turn
+                body = self._manifest_body(s, snap)
             self.disk.write_manifest(s.sid, body).result()
             with self._lock:
                 s.durable = body
-            return turn
+            return snap["turn"]
         except BaseException as e:
             err = wrap_disk_error(e)
             self._rollback(s)
@@ -618,21 +627,21 @@ class TieredStore:
                 else:
                     s.device_bytes -= freed
             prev = s.last_commit
-            s.last_commit = fut = self._committer.submit(self._do_meta, s, prev)
+            s.last_commit = fut = self._committer.submit(self._do_meta, s, prev, self._snap(s))
         return fut
 
-    def _do_meta(self, s: _Session, prev) -> int:
+    def _do_meta(self, s: _Session, prev, snap: dict) -> int:
         if prev is not None:
             try:
                 prev.result()
             except Exception:  # noqa: BLE001 - reported by its own future
                 pass
         with self._lock:
-            body = self._manifest_body(s)
+            body = self._manifest_body(s, snap)
         self.disk.write_manifest(s.sid, body).result()
         with self._lock:
             s.durable = body
-        return s.turn
+        return snap["turn"]
 
     def load_layer(self, sid: str, layer: int, pad_to: int | None = None) -> jax.Array:
         """``[2, pad_to or num_tokens, K, D]`` on the device; rows >= num_tokens are zeros.

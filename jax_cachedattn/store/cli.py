@@ -1,0 +1,148 @@
+"""`cachedattn store ls|verify|gc --store DIR`: inspect and repair a store folder without the model.
+
+The layout (and fingerprint) is read from the store's own ``store.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from .disk import DiskTier, ManifestCorrupt, block_crc
+from .layout import KVLayout, StoreConfig
+
+
+def _open(path: str) -> tuple[DiskTier, KVLayout | None, int]:
+    cfg0 = StoreConfig(root=path)
+    probe = DiskTier(cfg0, KVLayout(1, 1, 1))
+    raw = probe.read_key("store.json")
+    if raw is None:
+        return probe, None, cfg0.token_block
+    meta = json.loads(raw)
+    layout = KVLayout(**meta["layout"])
+    cfg = StoreConfig(root=path, token_block=meta["token_block"])
+    return DiskTier(cfg, layout), layout, meta["token_block"]
+
+
+def _scan(disk: DiskTier, layout: KVLayout | None, B: int, verify: bool) -> list[dict]:
+    with_manifest, with_data = disk.session_ids()
+    rows = []
+    for sid in sorted(with_manifest | with_data):
+        row: dict = {"session": sid}
+        cap = disk.capacity_blocks(sid) if sid in with_data else None
+        row["array_tokens"] = None if cap is None else cap * B
+        row["bytes"] = 0 if (cap is None or layout is None) else cap * B * layout.bytes_per_token
+        if sid not in with_manifest:
+            row.update(state="orphan", tokens=None, turn=None)
+            rows.append(row)
+            continue
+        try:
+            m = disk.read_manifest(sid)
+        except ManifestCorrupt as e:
+            row.update(state="bad_manifest", tokens=None, turn=None, error=str(e))
+            rows.append(row)
+            continue
+        row.update(tokens=m["end"] - m["offset"], turn=m["turn"], offset=m["offset"], fingerprint=m["fingerprint"])
+        if not m["kv_valid"]:
+            row["state"] = "kv_lost"
+        elif cap is None or cap * B < m["end"]:
+            row["state"] = "missing_data"
+        else:
+            row["state"] = "committed" if cap == -(-m["end"] // B) else "uncommitted_tail"
+        if verify and row["state"] in ("committed", "uncommitted_tail"):
+            f, nb = m["offset"] // B, -(-m["end"] // B)
+            bad = 0
+            try:
+                data = disk.read_blocks(sid, f, nb) if nb > f else None
+                for layer in range(layout.num_layers):
+                    for b in range(f, nb):
+                        blk = data[layer, :, (b - f) * B : (b - f + 1) * B]
+                        bad += block_crc(blk, min(B, m["end"] - b * B)) != m["crc"][layer][b]
+            except Exception as e:  # noqa: BLE001 - unreadable chunk
+                row["error"] = str(e)
+                bad += 1
+            row["bad_chunks"] = int(bad)
+            if bad:
+                row["state"] = "bad_checksum"
+        rows.append(row)
+    return rows
+
+
+def _print(rows: list[dict], as_json: bool, extra: dict | None = None) -> None:
+    if as_json:
+        print(json.dumps({"sessions": rows, **(extra or {})}, indent=1))
+        return
+    print(f"{'session':<32} {'tokens':>8} {'turn':>5} {'bytes':>12}  state")
+    for r in rows:
+        print(f"{r['session']:<32} {str(r.get('tokens')):>8} {str(r.get('turn')):>5} {r['bytes']:>12}  {r['state']}")
+    for k, v in (extra or {}).items():
+        print(f"{k}: {v}")
+
+
+def cmd_ls(args) -> int:
+    disk, layout, B = _open(args.store)
+    _print(_scan(disk, layout, B, verify=False), args.json, {"layout": layout and layout.to_json()})
+    return 0
+
+
+def cmd_verify(args) -> int:
+    disk, layout, B = _open(args.store)
+    rows = _scan(disk, layout, B, verify=True)
+    bad = [r["session"] for r in rows if r["state"] in ("bad_checksum", "bad_manifest", "missing_data")]
+    _print(rows, args.json, {"bad": bad})
+    return 1 if bad else 0
+
+
+def cmd_gc(args) -> int:
+    disk, layout, B = _open(args.store)
+    rows = _scan(disk, layout, B, verify=not args.no_verify)
+    removed, shrunk = [], []
+    for r in rows:
+        sid, state = r["session"], r["state"]
+        if state in ("orphan", "bad_manifest"):
+            disk.delete_session(sid)
+            removed.append(sid)
+        elif state in ("bad_checksum", "missing_data"):
+            # keep the token ids: rewrite the manifest as kv_lost, then drop the data
+            m = disk.read_manifest(sid)
+            m.update(kv_valid=False, crc=[])
+            m.pop("version", None)
+            disk.write_manifest(sid, m).result()
+            disk.delete_data(sid)
+            removed.append(sid + " (kv)")
+        elif state == "uncommitted_tail":
+            m = disk.read_manifest(sid)
+            disk.resize(sid, -(-m["end"] // B))
+            shrunk.append(sid)
+    _print(rows, args.json, {"removed": removed, "shrunk": shrunk})
+    return 0
+
+
+def add_store_commands(subparsers) -> argparse.ArgumentParser:
+    """Add ``store {ls,verify,gc}`` to an argparse subparsers object; each sets ``func(args) -> int``."""
+    p = subparsers.add_parser("store", help="inspect and repair a session KV store folder")
+    sub = p.add_subparsers(dest="store_command", required=True)
+    for name, fn, text in (
+        ("ls", cmd_ls, "list sessions: tokens, turn, bytes, committed state"),
+        ("verify", cmd_verify, "check every chunk checksum; exit 1 if any session is damaged"),
+        ("gc", cmd_gc, "remove orphans and damaged KV (token ids are kept), shrink uncommitted tails"),
+    ):
+        sp = sub.add_parser(name, help=text, description=text)
+        sp.add_argument("--store", required=True, help="the store folder (a file kvstore root)")
+        sp.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+        if name == "gc":
+            sp.add_argument("--no-verify", action="store_true", help="skip checksum verification (faster)")
+        sp.set_defaults(func=fn)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="cachedattn")
+    add_store_commands(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
