@@ -122,8 +122,8 @@ def _block(T: int) -> int:
     return T if T <= 512 else 512
 
 
-@functools.partial(jax.jit, static_argnames=("config",))
-def prefill(params, config: ModelConfig, tokens, cache, history_len):
+@functools.partial(jax.jit, static_argnames=("config", "naive_rope"))
+def prefill(params, config: ModelConfig, tokens, cache, history_len, naive_rope: bool = False):
     """All layers at once over new ``tokens [T]`` against ``cache [L, 2, S, K, Dh]``.
 
     Returns ``(logits [T, V], new_kv [L, 2, T, K, Dh])`` with pre-RoPE keys. Positions of the new
@@ -135,15 +135,15 @@ def prefill(params, config: ModelConfig, tokens, cache, history_len):
 
     def body(x, inputs):
         lp, kv = inputs
-        x, k, v = layer_step(lp, x, kv[0], kv[1], history_len, positions, config, block_q=_block(T))
+        x, k, v = layer_step(lp, x, kv[0], kv[1], history_len, positions, config, _block(T), naive_rope)
         return x, jnp.stack([k, v])
 
     x, new_kv = jax.lax.scan(body, embed(params, tokens), (params["layers"], cache))
     return unembed(params, config, x), new_kv
 
 
-@functools.partial(jax.jit, static_argnames=("config",), donate_argnames=("cache",))
-def decode_step(params, config: ModelConfig, token, cache, length):
+@functools.partial(jax.jit, static_argnames=("config", "naive_rope"), donate_argnames=("cache",))
+def decode_step(params, config: ModelConfig, token, cache, length, naive_rope: bool = False):
     """One new token against ``cache [L, 2, S, K, Dh]`` holding ``length`` valid rows.
 
     DONATES ``cache``: the new token's pre-RoPE K/V is written at row ``length`` in place.
@@ -154,7 +154,7 @@ def decode_step(params, config: ModelConfig, token, cache, length):
 
     def body(x, inputs):
         lp, kv = inputs
-        x, k, v = layer_step(lp, x, kv[0], kv[1], length, positions, config)
+        x, k, v = layer_step(lp, x, kv[0], kv[1], length, positions, config, naive_rope=naive_rope)
         kv = jax.lax.dynamic_update_slice(kv, jnp.stack([k, v]), (0, length, 0, 0))
         return x, kv
 
@@ -175,14 +175,14 @@ def bucket_length(n: int, minimum: int = 16, step: int = 512) -> int:
     return -(-n // step) * step
 
 
-@functools.partial(jax.jit, static_argnames=("config",))
-def layer_step_jit(lp, x, hist_kv, history_len, positions, config: ModelConfig):
+@functools.partial(jax.jit, static_argnames=("config", "naive_rope"))
+def layer_step_jit(lp, x, hist_kv, history_len, positions, config: ModelConfig, naive_rope: bool = False):
     """Jitted :func:`layer_step` over the store's layout: ``hist_kv [2, S, K, Dh]``.
 
     Returns ``(x [T, D], new_kv [2, T, K, Dh])``. Compiled once per (T, S) bucket pair.
     """
     TRACE_COUNTS["layer_step"] += 1
-    x, k, v = layer_step(lp, x, hist_kv[0], hist_kv[1], history_len, positions, config, block_q=_block(x.shape[0]))
+    x, k, v = layer_step(lp, x, hist_kv[0], hist_kv[1], history_len, positions, config, _block(x.shape[0]), naive_rope)
     return x, jnp.stack([k, v])
 
 

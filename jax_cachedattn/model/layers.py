@@ -110,6 +110,7 @@ def layer_step(
     positions: jnp.ndarray,
     config: ModelConfig,
     block_q: int = 512,
+    naive_rope: bool = False,
 ) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]:
     """One decoder block over new tokens against a cached history.
 
@@ -119,6 +120,10 @@ def layer_step(
     sits at position ``i`` of the current context. positions ``[T]``: positions of the new tokens
     (normally ``history_len + arange(T)``).
     Returns ``(x [T, D], new_k [T, K, Dh], new_v [T, K, Dh])`` with ``new_k`` pre-RoPE.
+
+    ``naive_rope=True`` is the usual engine, kept only for comparison: the cache holds keys
+    *after* RoPE (rotated by the positions they had when computed), history keys are used as they
+    are and ``new_k`` is returned rotated. A truncated naive cache is then wrong.
     """
     T = x.shape[0]
     H, K, Dh = config.num_heads, config.num_kv_heads, config.head_dim
@@ -128,16 +133,13 @@ def layer_step(
     k = (h @ lp["wk"]).reshape(T, K, Dh)
     v = (h @ lp["wv"]).reshape(T, K, Dh)
     cos_n, sin_n = rope_tables(positions, Dh, config.rope_theta)
-    cos_h, sin_h = rope_tables(jnp.arange(S), Dh, config.rope_theta)
-    a = attention(
-        apply_rope(q, cos_n, sin_n),
-        apply_rope(cached_k, cos_h, sin_h),
-        cached_v,
-        apply_rope(k, cos_n, sin_n),
-        v,
-        history_len,
-        block_q=block_q,
-    )
+    k_rot = apply_rope(k, cos_n, sin_n)
+    if naive_rope:
+        k_hist = cached_k
+    else:
+        cos_h, sin_h = rope_tables(jnp.arange(S), Dh, config.rope_theta)
+        k_hist = apply_rope(cached_k, cos_h, sin_h)
+    a = attention(apply_rope(q, cos_n, sin_n), k_hist, cached_v, k_rot, v, history_len, block_q=block_q)
     x = x + a.reshape(T, H * Dh) @ lp["wo"]
     x = x + mlp(lp, rms_norm(x, lp["mlp_norm"], config.rms_eps))
-    return x, k, v
+    return x, (k_rot if naive_rope else k), v

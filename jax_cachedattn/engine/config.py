@@ -1,0 +1,106 @@
+"""Engine configuration and per-turn results."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import numpy as np
+
+SOURCES = ("new", "device", "host", "disk", "recompute")
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineConfig:
+    """How a turn runs. Every field can be overridden from the command line.
+
+    max_new_tokens: reply length budget (also reserved in the context window before prefill).
+    temperature: 0 is greedy; > 0 samples (with ``top_p``) from a PRNG seeded by ``seed``.
+    truncation_ratio: on overflow, drop at least this fraction of the history (0.5 in the paper),
+      and always at least what the overflow needs; whole turns are preferred.
+    rope_mode: ``decoupled`` stores keys before RoPE (truncation keeps the cache valid); ``naive``
+      stores them after RoPE, the usual engine, kept only to show that truncating it is wrong.
+    preload: ``layerwise`` overlaps loading layer ``l + read_ahead`` with computing layer ``l``;
+      ``upfront`` loads every layer before prefill starts (the comparison).
+    read_ahead: layers in flight ahead of compute; ``None`` sizes it from measured load and compute
+      times (the paper's read buffer): more layers ahead when loading a layer is slower than
+      computing one.
+    save_every: during decode, the new tokens' KV is saved every this many tokens.
+    use_cache: False recomputes the whole history every turn (the baseline); token ids are still
+      kept so the conversation continues.
+    return_logits: keep the logits of the prompt tokens and of every decode step in the result.
+    """
+
+    max_new_tokens: int = 64
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int = 0
+    truncation_ratio: float = 0.5
+    rope_mode: str = "decoupled"
+    preload: str = "layerwise"
+    read_ahead: int | None = None
+    save_every: int = 16
+    use_cache: bool = True
+    return_logits: bool = False
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be an int >= 1, got {self.max_new_tokens!r}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not 0 < self.truncation_ratio < 1:
+            raise ValueError(f"truncation_ratio must be in (0, 1), got {self.truncation_ratio}")
+        if self.rope_mode not in ("decoupled", "naive"):
+            raise ValueError(f"rope_mode must be 'decoupled' or 'naive', got {self.rope_mode!r}")
+        if self.preload not in ("layerwise", "upfront"):
+            raise ValueError(f"preload must be 'layerwise' or 'upfront', got {self.preload!r}")
+        if self.read_ahead is not None and self.read_ahead < 1:
+            raise ValueError(f"read_ahead must be None or >= 1, got {self.read_ahead}")
+        if self.save_every < 1:
+            raise ValueError(f"save_every must be >= 1, got {self.save_every}")
+
+    def replace(self, **changes: Any) -> "EngineConfig":
+        return dataclasses.replace(self, **changes)
+
+
+@dataclasses.dataclass
+class TurnResult:
+    """What one turn did. ``source`` tells where the history's KV came from (one of SOURCES)."""
+
+    session: str
+    reply: str
+    reply_tokens: list[int]
+    history_tokens: int
+    """History tokens the new prompt attended to (after truncation)."""
+    prompt_tokens: int
+    generated_tokens: int
+    truncated_tokens: int
+    ttft_s: float
+    total_s: float
+    source: str
+    reused_tokens: int
+    """History tokens whose KV was loaded instead of recomputed."""
+    read_ahead: int = 0
+    prompt_logits: np.ndarray | None = None
+    decode_logits: list[np.ndarray] | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "session": self.session,
+            "reply": self.reply,
+            "history_tokens": self.history_tokens,
+            "prompt_tokens": self.prompt_tokens,
+            "generated_tokens": self.generated_tokens,
+            "truncated_tokens": self.truncated_tokens,
+            "ttft_s": self.ttft_s,
+            "total_s": self.total_s,
+            "source": self.source,
+            "reused_tokens": self.reused_tokens,
+        }
+
+    def status_line(self) -> str:
+        return (f"[ttft {self.ttft_s * 1000:.0f} ms | history from {self.source} | reused {self.reused_tokens} tok"
+                f" | prompt {self.prompt_tokens} | generated {self.generated_tokens}"
+                f" | truncated {self.truncated_tokens}]")
