@@ -1,0 +1,288 @@
+"""Loaders: GGUF written from a random HF Llama equals load_hf; orbax round trip; SmolLM2 cache; bad inputs."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jax_cachedattn.checkpoint import (
+    GGUFError,
+    HFCheckpointError,
+    load_gguf,
+    load_hf,
+    load_smollm2,
+    params_fingerprint,
+    restore_params,
+    save_params,
+)
+from jax_cachedattn.checkpoint import gguf as gguf_mod
+from jax_cachedattn.model import ModelConfig, init_params
+
+gguf = pytest.importorskip("gguf")
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+
+def _tiny_hf(folder, heads=4, kv=2, tied=False, theta=50000.0, seed=0):
+    torch.manual_seed(seed)
+    cfg = transformers.LlamaConfig(vocab_size=320, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                   num_attention_heads=heads, num_key_value_heads=kv, head_dim=64 // heads,
+                                   tie_word_embeddings=tied, rope_theta=theta, max_position_embeddings=512)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                torch.nn.init.normal_(p, mean=1.0, std=0.5)
+    model.save_pretrained(folder, safe_serialization=True)
+    return model
+
+
+def _permute(w, n_head):  # convert_hf_to_gguf.py's LlamaModel.permute
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _write_gguf(path, model, qtype=None):
+    """A llama GGUF the way convert_hf_to_gguf writes one (q/k rows permuted), F32 or quantized 2-D weights."""
+    c = model.config
+    sd = {k: v.detach().numpy().astype(np.float32) for k, v in model.state_dict().items()}
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_context_length(c.max_position_embeddings)
+    w.add_embedding_length(c.hidden_size)
+    w.add_block_count(c.num_hidden_layers)
+    w.add_feed_forward_length(c.intermediate_size)
+    w.add_head_count(c.num_attention_heads)
+    w.add_head_count_kv(c.num_key_value_heads)
+    w.add_rope_freq_base(c.rope_parameters["rope_theta"] if getattr(c, "rope_parameters", None) else c.rope_theta)
+    w.add_layer_norm_rms_eps(c.rms_norm_eps)
+    alphabet = sorted(set(gguf_mod_bytes_alphabet()))
+    tokens = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"] + alphabet + ["ab"]
+    tokens += [f"<x{i}>" for i in range(c.vocab_size - len(tokens))]
+    w.add_tokenizer_model("gpt2")
+    w.add_token_list(tokens)
+    w.add_token_types([3, 3, 3] + [1] * (len(tokens) - 3))
+    w.add_token_merges(["a b"])
+    w.add_eos_token_id(2)
+
+    def put(name, a):
+        if qtype is None or a.ndim == 1:
+            w.add_tensor(name, a)
+        else:
+            q = np.ascontiguousarray(gguf.quants.quantize(a, qtype)).view(np.uint8).reshape(a.shape[0], -1)
+            w.add_tensor(name, q, raw_dtype=qtype)
+
+    put("token_embd.weight", sd["model.embed_tokens.weight"])
+    put("output_norm.weight", sd["model.norm.weight"])
+    if not c.tie_word_embeddings:
+        put("output.weight", sd["lm_head.weight"])
+    names = {"input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
+             "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output", "post_attention_layernorm": "ffn_norm",
+             "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+    for i in range(c.num_hidden_layers):
+        for hf, g in names.items():
+            a = sd[f"model.layers.{i}.{hf}.weight"]
+            if g == "attn_q":
+                a = _permute(a, c.num_attention_heads)
+            elif g == "attn_k":
+                a = _permute(a, c.num_key_value_heads)
+            put(f"blk.{i}.{g}.weight", a)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def gguf_mod_bytes_alphabet():
+    from jax_cachedattn.tokenizer import _bytes_to_unicode
+    return _bytes_to_unicode().values()
+
+
+def _assert_trees_equal(a, b, atol=0.0):
+    assert jax.tree.structure(a) == jax.tree.structure(b)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        assert x.shape == y.shape and x.dtype == y.dtype
+        np.testing.assert_allclose(np.asarray(x, np.float32), np.asarray(y, np.float32), atol=atol, rtol=0)
+
+
+@pytest.mark.parametrize("heads,kv,tied", [(4, 4, False), (4, 2, True), (4, 1, False)])
+def test_gguf_f32_equals_hf(tmp_path, heads, kv, tied):
+    model = _tiny_hf(tmp_path / "hf", heads, kv, tied)
+    _write_gguf(tmp_path / "m.gguf", model)
+    cfg_h, p_h = load_hf(tmp_path / "hf")
+    cfg_g, p_g, tok = load_gguf(tmp_path / "m.gguf")
+    assert cfg_g.replace(name="x") == cfg_h.replace(name="x")
+    _assert_trees_equal(p_g, p_h)  # bit-exact: the q/k un-permutation and all transposes are right
+    assert tok.vocab_size == cfg_g.vocab_size and tok.encode("ab") == [tok.token_to_id("ab")]
+
+
+@pytest.mark.parametrize("qtype,atol", [("Q8_0", 0.02), ("Q4_1", 0.2), ("F16", 2e-3), ("BF16", 1e-2)])
+def test_gguf_quantized_close_to_hf(tmp_path, qtype, atol):
+    model = _tiny_hf(tmp_path / "hf", 4, 2, False)
+    _write_gguf(tmp_path / "m.gguf", model, getattr(gguf.GGMLQuantizationType, qtype))
+    _, p_h = load_hf(tmp_path / "hf")
+    _, p_g, _ = load_gguf(tmp_path / "m.gguf")
+    _assert_trees_equal(p_g, p_h, atol=atol)
+
+
+def test_gguf_dtype_and_tie(tmp_path):
+    model = _tiny_hf(tmp_path / "hf", tied=True)
+    _write_gguf(tmp_path / "m.gguf", model)
+    cfg, p, _ = load_gguf(tmp_path / "m.gguf", dtype="bfloat16")
+    assert cfg.dtype == "bfloat16" and cfg.tie_embeddings and "lm_head" not in p
+    assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(p))
+
+
+# ---- orbax ----------------------------------------------------------------------------------
+
+def test_orbax_round_trip_bit_exact(tmp_path):
+    cfg = ModelConfig.preset("tiny")
+    params = init_params(cfg, jax.random.key(0))
+    save_params(tmp_path / "ckpt", params, cfg)
+    like = init_params(cfg, jax.random.key(1))  # same shapes, different values: a no-op restore would fail
+    assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(like)))
+    restored = restore_params(tmp_path / "ckpt", like=like)
+    _assert_trees_equal(restored, params)
+    _assert_trees_equal(restore_params(tmp_path / "ckpt"), params)
+    from jax_cachedattn.checkpoint import load_config
+    assert load_config(tmp_path / "ckpt") == cfg
+    assert params_fingerprint(cfg, restored) == params_fingerprint(cfg, params)
+
+
+def test_fingerprint_sensitive_to_one_weight_and_config():
+    cfg = ModelConfig.preset("tiny")
+    params = init_params(cfg, jax.random.key(0))
+    fp = params_fingerprint(cfg, params)
+    bumped = jax.tree.map(lambda x: x, params)
+    bumped["layers"]["wv"] = bumped["layers"]["wv"].at[1, 3, 5].add(1e-3)
+    assert params_fingerprint(cfg, bumped) != fp
+    assert params_fingerprint(cfg.replace(rope_theta=20000.0), params) != fp
+    assert params_fingerprint(cfg.replace(name="renamed"), params) == fp
+
+
+def test_restore_missing_checkpoint(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        restore_params(tmp_path / "nope")
+
+
+def test_load_smollm2_warm_start_skips_dequantize(tmp_path, monkeypatch, smollm2_gguf):
+    calls = {"n": 0}
+    real = gguf_mod.load_gguf
+
+    def counting(*a, **k):
+        calls["n"] += 1
+        return real(*a, **k)
+
+    monkeypatch.setattr(gguf_mod, "load_gguf", counting)
+    cfg1, p1, tok1 = load_smollm2(cache=tmp_path)
+    assert calls["n"] == 1
+    monkeypatch.setattr(gguf_mod, "_dequantize", lambda *a: pytest.fail("warm start dequantized"))
+    cfg2, p2, tok2 = load_smollm2(cache=tmp_path)
+    assert calls["n"] == 1
+    assert cfg2 == cfg1 and cfg1.num_layers == 30 and cfg1.tie_embeddings
+    _assert_trees_equal(p2, p1)
+    assert tok2.chat([{"role": "user", "content": "hi"}]) == tok1.chat([{"role": "user", "content": "hi"}])
+    from jax_cachedattn.checkpoint import smollm2_fingerprint
+    assert smollm2_fingerprint(cache=tmp_path, gguf_path=smollm2_gguf) == params_fingerprint(cfg2, p2)
+
+
+# ---- bad inputs -----------------------------------------------------------------------------
+
+def test_missing_gguf(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not found"):
+        load_gguf(tmp_path / "absent.gguf")
+
+
+@pytest.mark.parametrize("keep", [0.0, 0.001, 0.5, 0.99])
+def test_truncated_gguf(tmp_path, keep):
+    model = _tiny_hf(tmp_path / "hf")
+    _write_gguf(tmp_path / "m.gguf", model)
+    data = (tmp_path / "m.gguf").read_bytes()
+    (tmp_path / "t.gguf").write_bytes(data[: int(len(data) * keep)])
+    with pytest.raises(GGUFError, match="truncated|corrupt"):
+        load_gguf(tmp_path / "t.gguf")
+
+
+def test_garbage_gguf(tmp_path):
+    (tmp_path / "g.gguf").write_bytes(b"this is not a gguf file at all" * 100)
+    with pytest.raises(GGUFError):
+        load_gguf(tmp_path / "g.gguf")
+
+
+def test_non_llama_gguf(tmp_path):
+    w = gguf.GGUFWriter(str(tmp_path / "q.gguf"), "qwen2")
+    w.add_tensor("token_embd.weight", np.zeros((8, 4), np.float32))
+    w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()
+    with pytest.raises(GGUFError, match="architecture 'qwen2'"):
+        load_gguf(tmp_path / "q.gguf")
+
+
+def test_unpermute_inverts_permute():
+    w = np.arange(24 * 5, dtype=np.float32).reshape(24, 5)
+    for n in (1, 2, 3):
+        np.testing.assert_array_equal(gguf_mod._unpermute(_permute(w, n), n), w)
+
+
+@pytest.fixture
+def hf_dir(tmp_path):
+    _tiny_hf(tmp_path / "hf")
+    return tmp_path / "hf"
+
+
+def test_hf_missing_config(hf_dir):
+    (hf_dir / "config.json").unlink()
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        load_hf(hf_dir)
+
+
+def test_hf_missing_folder(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        load_hf(tmp_path / "nope")
+
+
+def test_hf_missing_safetensors(hf_dir):
+    for f in hf_dir.glob("*.safetensors"):
+        f.unlink()
+    with pytest.raises(HFCheckpointError, match="no \\*.safetensors"):
+        load_hf(hf_dir)
+
+
+def test_hf_truncated_safetensors(hf_dir):
+    f = next(hf_dir.glob("*.safetensors"))
+    data = f.read_bytes()
+    f.write_bytes(data[: len(data) // 2])
+    with pytest.raises(HFCheckpointError, match="corrupt or truncated"):
+        load_hf(hf_dir)
+
+
+def test_hf_missing_tensor(hf_dir):
+    from safetensors.numpy import load_file, save_file
+    f = next(hf_dir.glob("*.safetensors"))
+    t = load_file(f)
+    del t["model.layers.1.mlp.up_proj.weight"]
+    save_file(t, f)
+    with pytest.raises(HFCheckpointError, match="up_proj"):
+        load_hf(hf_dir)
+
+
+@pytest.mark.parametrize("change,match", [
+    ({"model_type": "mistral"}, "model_type 'mistral'"),
+    ({"rope_scaling": {"rope_type": "linear", "factor": 2.0}}, "rope_scaling"),
+])
+def test_hf_rejects_unsupported_config(hf_dir, change, match):
+    cfg = json.loads((hf_dir / "config.json").read_text())
+    cfg.update(change)
+    (hf_dir / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(HFCheckpointError, match=match):
+        load_hf(hf_dir)
+
+
+def test_hf_sharded(tmp_path):
+    model = _tiny_hf(tmp_path / "one")
+    model.save_pretrained(tmp_path / "sharded", safe_serialization=True, max_shard_size="50KB")
+    assert len(list((tmp_path / "sharded").glob("*.safetensors"))) > 1
+    _assert_trees_equal(load_hf(tmp_path / "sharded")[1], load_hf(tmp_path / "one")[1])
+    shutil.rmtree(tmp_path / "one")
