@@ -761,7 +761,9 @@ class TieredStore:
             self._delete_locked(s)
 
     def flush(self) -> None:
-        """Wait for every save, commit and prefetch in flight; re-raise the first save error."""
+        """Wait for every save, commit and prefetch in flight; re-raise the first save error.
+
+        Errors of commits and prefetches are reported by their own futures, not here."""
         with self._lock:
             sessions = list(self._sessions.values())
         errors = []
@@ -771,10 +773,10 @@ class TieredStore:
             for f in futs:
                 try:
                     f.result()
-                except Exception as e:  # noqa: BLE001
-                    errors.append(e)
+                except Exception:  # noqa: BLE001 - reported by that future
+                    pass
         with self._lock:
-            errors = self._errors + errors
+            errors = self._errors
             self._errors = []
         if errors:
             raise errors[0]
