@@ -1,0 +1,200 @@
+"""``cachedattn``: run, chat, demo, store inspection, Hugging Face import.
+
+Bad input exits with status 2 and a one-line error on stderr; ``--json`` prints one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+from rich.console import Console
+
+_err = Console(stderr=True)
+
+
+class _Usage(Exception):
+    pass
+
+
+def _bad_input_types() -> tuple[type[BaseException], ...]:
+    from jax_cachedattn.store import StoreError
+
+    return (ValueError, StoreError, _Usage)
+
+
+def _engine_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--store", required=True, help="folder of the session KV store (created if missing)")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="reply length budget in tokens (default 64)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold when sampling")
+    p.add_argument("--seed", type=int, default=0, help="PRNG seed for sampling")
+    p.add_argument("--no-cache", action="store_true", help="recompute the whole history (the baseline)")
+    p.add_argument("--truncation-ratio", type=float, default=0.5, help="fraction of history dropped on overflow")
+    p.add_argument("--max-context", type=int, default=None, help="override the model's context window (tokens)")
+    p.add_argument("--device-mib", type=int, default=512, help="device-tier budget in MiB (default 512)")
+    p.add_argument("--host-mib", type=int, default=2048, help="host-tier budget in MiB (default 2048)")
+    p.add_argument("--disk-mib", type=int, default=None, help="disk-tier budget in MiB (default unlimited)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="model and KV dtype")
+
+
+def _open(args):
+    from jax_cachedattn.engine import EngineConfig
+    from jax_cachedattn.runtime import LoadedModel, load_model, open_engine
+
+    ec = EngineConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                      seed=args.seed, use_cache=not args.no_cache, truncation_ratio=args.truncation_ratio)
+    with _err.status("loading SmolLM2-135M-Instruct…"):
+        m = load_model("smollm2", args.dtype)
+    if args.max_context is not None:
+        m = LoadedModel(m.config.replace(max_context=args.max_context), m.params, m.tokenizer, m.fingerprint)
+    return open_engine(args.store, model=m, engine_config=ec, device_mib=args.device_mib, host_mib=args.host_mib,
+                       disk_mib=args.disk_mib)
+
+
+def cmd_run(args) -> int:
+    from jax_cachedattn.store import validate_session_id
+
+    validate_session_id(args.session)  # before any loading: bad ids fail fast
+    if not args.prompt.strip():
+        raise _Usage("the prompt is empty")
+    engine = _open(args)
+    try:
+        res = engine.turn(args.session, args.prompt)
+        engine.flush()
+    finally:
+        engine.close()
+    if args.json:
+        print(json.dumps(res.to_json()))
+    else:
+        print(res.reply)
+        _err.print(res.status_line(), style="dim", markup=False, highlight=False)
+    return 0
+
+
+def cmd_chat(args) -> int:
+    from jax_cachedattn.store import validate_session_id
+
+    validate_session_id(args.session)
+    engine = _open(args)
+    try:
+        while True:
+            try:
+                line = input("you> ")
+            except EOFError:
+                break
+            if line.strip() in ("/exit", "/quit"):
+                break
+            if not line.strip():
+                continue
+            try:
+                res = engine.turn(args.session, line)
+            except _bad_input_types() as e:
+                _err.print(f"error: {e}", markup=False)
+                continue
+            print(f"assistant> {res.reply}")
+            _err.print(res.status_line(), style="dim", markup=False, highlight=False)
+        engine.flush()
+    finally:
+        engine.close()
+    return 0
+
+
+DEMO_TURNS = [
+    "Hi! Can you explain in two sentences what a KV cache is in a transformer?",
+    "Why does recomputing it for every turn of a conversation waste time?",
+    "Give me one tip to make multi-turn chat faster.",
+]
+
+
+def cmd_demo(args) -> int:
+    """A short multi-turn conversation, once with the cache and once recomputing, side by side."""
+    from jax_cachedattn.engine import EngineConfig
+    from jax_cachedattn.runtime import load_model, open_engine
+
+    store = args.store or tempfile.mkdtemp(prefix="cachedattn-demo-")
+    with _err.status("loading SmolLM2-135M-Instruct (first run: fetches the wheel once, converts once)…"):
+        m = load_model("smollm2")
+    sid = f"demo-{os.getpid()}"
+    out = {}
+    for label, use_cache in (("cachedattn", True), ("recompute", False)):
+        _err.rule(f"{label}: history {'reused from the store' if use_cache else 'recomputed every turn'}")
+        engine = open_engine(Path(store) / label, model=m,
+                             engine_config=EngineConfig(max_new_tokens=args.max_new_tokens, use_cache=use_cache))
+        try:
+            rows = []
+            for text in DEMO_TURNS:
+                res = engine.turn(sid, text)
+                print(f"user> {text}\nassistant> {res.reply}")
+                _err.print(res.status_line(), style="dim", markup=False, highlight=False)
+                rows.append(res.to_json())
+            engine.flush()
+        finally:
+            engine.close()
+        out[label] = rows
+    if args.json:
+        print(json.dumps(out))
+    return 0
+
+
+def cmd_import_hf(args) -> int:
+    from jax_cachedattn.checkpoint import load_hf, params_fingerprint, save_params
+
+    config, params = load_hf(args.hf, dtype=args.dtype)
+    path = save_params(args.out, params, config)
+    print(json.dumps({"out": str(path), "model": config.to_dict(), "fingerprint": params_fingerprint(config, params)}))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="cachedattn", description="CachedAttention: multi-turn KV reuse over device/host/disk.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    r = sub.add_parser("run", help="run one turn of a conversation; its KV is kept in the store for the next")
+    _engine_args(r)
+    r.add_argument("--session", required=True, help="conversation id ([A-Za-z0-9._-], up to 128 characters)")
+    r.add_argument("--prompt", required=True, help="the user's new message")
+    r.add_argument("--json", action="store_true", help="print one JSON object instead of the reply")
+    r.set_defaults(func=cmd_run)
+
+    c = sub.add_parser("chat", help="interactive conversation with a status line per turn")
+    _engine_args(c)
+    c.add_argument("--session", required=True, help="conversation id")
+    c.set_defaults(func=cmd_chat)
+
+    d = sub.add_parser("demo", help="a short conversation, cached vs recomputed, on the bundled SmolLM2")
+    d.add_argument("--store", default=None, help="store folder (default: a new temporary folder)")
+    d.add_argument("--max-new-tokens", type=int, default=48, help="reply budget per turn")
+    d.add_argument("--json", action="store_true", help="also print the per-turn results as JSON")
+    d.set_defaults(func=cmd_demo)
+
+    h = sub.add_parser("import-hf", help="convert a local Hugging Face Llama folder to an orbax checkpoint")
+    h.add_argument("--hf", required=True, help="folder with config.json and *.safetensors")
+    h.add_argument("--out", required=True, help="output folder of the orbax checkpoint")
+    h.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="cast weights")
+    h.set_defaults(func=cmd_import_hf)
+
+    from jax_cachedattn.store.cli import add_store_commands
+
+    add_store_commands(sub)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        return 130
+    except _bad_input_types() as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        print(f"cachedattn: error: {msg}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,54 @@
+"""Wiring for applications: load a model, open its store, build an engine.
+
+Sits above ``checkpoint``, ``store`` and ``engine``; the command line and scripts use it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+from jax_cachedattn.engine import Engine, EngineConfig
+from jax_cachedattn.model import ModelConfig
+from jax_cachedattn.store import KVLayout, StoreConfig, TieredStore
+
+MiB = 1 << 20
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadedModel:
+    config: ModelConfig
+    params: Any
+    tokenizer: Any
+    fingerprint: str
+
+
+def load_model(name: str = "smollm2", dtype: str = "float32") -> LoadedModel:
+    """``smollm2`` (the bundled SmolLM2-135M-Instruct GGUF, converted once and cached)."""
+    if name != "smollm2":
+        raise ValueError(f"unknown model {name!r}: only 'smollm2' ships with the package")
+    from jax_cachedattn.checkpoint import load_smollm2, params_fingerprint, smollm2_fingerprint
+
+    config, params, tokenizer = load_smollm2(dtype)
+    fp = smollm2_fingerprint(dtype) or params_fingerprint(config, params)
+    return LoadedModel(config, params, tokenizer, fp)
+
+
+def kv_layout(config: ModelConfig, fingerprint: str) -> KVLayout:
+    return KVLayout(config.num_layers, config.num_kv_heads, config.head_dim, config.dtype, fingerprint)
+
+
+def open_store(root: str | Path, layout: KVLayout, *, device_mib: int = 512, host_mib: int = 2048,
+               disk_mib: int | None = None, compression: str | None = None) -> TieredStore:
+    Path(root).mkdir(parents=True, exist_ok=True)
+    cfg = StoreConfig(root=str(Path(root).resolve()), device_bytes=device_mib * MiB, host_bytes=host_mib * MiB,
+                      disk_bytes=None if disk_mib is None else disk_mib * MiB, compression=compression)
+    return TieredStore(cfg, layout)
+
+
+def open_engine(store_dir: str | Path | None, *, model: LoadedModel | None = None, engine_config: EngineConfig | None = None,
+                **store_kwargs: Any) -> Engine:
+    m = model or load_model()
+    store = open_store(store_dir, kv_layout(m.config, m.fingerprint), **store_kwargs) if store_dir is not None else None
+    return Engine(m.config, m.params, store, m.tokenizer, engine_config or EngineConfig())
