@@ -471,6 +471,9 @@ class TieredStore:
             with self._lock:
                 s.pend[layer] = a0
                 s.queued -= 1
+                if s.durable is None and s.end == 0 and not any(s.pend) and not s.queued:
+                    self._drop_copy(s, "host")  # a new session whose first save failed: forget it
+                    self._sessions.pop(s.sid, None)
             raise
         with self._lock:
             s.last_task = self._worker.submit(self._do_save, s, layer, kv_new, a0, a1, s.pcrc[layer])

@@ -163,13 +163,13 @@ def test_corrupt_chunk_and_truncated_manifest_detected(tmp_path):
 def test_disk_budget_and_enospc_keep_committed_sessions(tmp_path, monkeypatch):
     lay = layout()
     one = L * 3 * B * lay.bytes_per_token_layer  # a session of 3 blocks
-    st = TieredStore(cfg(tmp_path, disk_bytes=2 * one), lay)
+    st = TieredStore(cfg(tmp_path, disk_bytes=2 * one + one // 3), lay)
     a, b = rand(lay, 3 * B, 7), rand(lay, 3 * B, 8)
     save_turn(st, "a", a, 0, 3 * B).result()
     save_turn(st, "b", b, 0, 3 * B).result()
     st.policy.set_future(["a", "b"])  # both needed soon: nothing may go
     with pytest.raises(DiskFull):
-        save_turn(st, "c", rand(lay, 7 * B, 9), 0, 7 * B)  # bigger than the whole budget
+        save_turn(st, "c", rand(lay, 8 * B, 9), 0, 8 * B)  # bigger than the whole budget
     assert st.usage()["disk"] <= 2 * one
     # simulated ENOSPC from the filesystem while writing a new turn of "a"
     from jax_cachedattn.store import disk as diskmod
@@ -186,7 +186,8 @@ def test_disk_budget_and_enospc_keep_committed_sessions(tmp_path, monkeypatch):
         fut.result()
     monkeypatch.undo()
     st.close()
-    st = TieredStore(cfg(tmp_path, disk_bytes=2 * one), lay)
+    st = TieredStore(cfg(tmp_path, disk_bytes=2 * one + one // 3), lay)
+    assert st.lookup("c") is None
     assert st.lookup("a").num_tokens == 3 * B and st.lookup("a").turn == 1
     for layer in range(L):
         np.testing.assert_array_equal(np.asarray(st.load_layer("a", layer)), a[layer])
