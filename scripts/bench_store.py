@@ -1,0 +1,295 @@
+#!/usr/bin/env python
+"""Throughput of the tiered KV store's disk tier against the raw bandwidth of the same folder.
+
+For each (model shape, token count) it measures, in one run and on one folder:
+
+* raw write: one file of the session's size written with large ``os.write`` calls + ``fsync``;
+* raw read: that file dropped from the page cache (``posix_fadvise(DONTNEED)`` after the fsync) and
+  read back with large ``readinto`` calls;
+* dd (optional): ``dd oflag=direct conv=fsync`` / ``dd iflag=direct`` of the same size (O_DIRECT,
+  no page cache at all), when dd and O_DIRECT work on the folder;
+* store host->disk: from the first ``save_layer`` of all layers of one turn (the whole session in
+  one turn) through ``commit_turn(...).result()`` and ``flush()``, i.e. until the data and the
+  manifest are durable;
+* store disk->host: after ``flush()``, ``evict(sid, "host")`` and ``posix_fadvise(DONTNEED)`` on
+  every file of the session folder, the time of ``prefetch(sid).result()`` (read + crc check + copy
+  into the host tier).
+
+Each measurement is repeated ``--repeat`` times (default 3) and the median is reported, in GB/s
+(1e9 bytes/s), with the ratio store/raw per direction.
+
+Example:  .venv/bin/python scripts/bench_store.py --out results.json
+          .venv/bin/python scripts/bench_store.py --quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import numpy as np  # noqa: E402
+
+MODELS = {
+    # name: (layers, kv_heads, head_dim, dtype)
+    "SmolLM2-135M": (30, 3, 64, "float32"),
+    "Llama-2-7B": (32, 32, 128, "bfloat16"),
+}
+CHUNK = 64 << 20  # raw I/O request size
+
+
+# ------------------------------------------------------------------------------------------ helpers
+def drop_cache(path: str) -> None:
+    """Drop a file's clean pages from the page cache (needs the data to be written back first)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def drop_tree(folder: str) -> int:
+    n = 0
+    for dirpath, _, files in os.walk(folder):
+        for f in files:
+            drop_cache(os.path.join(dirpath, f))
+            n += 1
+    return n
+
+
+def raw_write(path: str, nbytes: int, buf: memoryview) -> float:
+    t0 = time.perf_counter()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        left = nbytes
+        while left:
+            k = os.write(fd, buf[: min(left, len(buf))])
+            left -= k
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return time.perf_counter() - t0
+
+
+def raw_read(path: str, buf: bytearray) -> float:
+    drop_cache(path)
+    mv = memoryview(buf)
+    t0 = time.perf_counter()
+    with open(path, "rb", buffering=0) as f:
+        while f.readinto(mv):
+            pass
+    return time.perf_counter() - t0
+
+
+def dd_run(args: list[str]) -> float | None:
+    """Run dd; return the bytes/s it reports (parsed from 'N bytes ... copied, S s'), None on failure."""
+    try:
+        p = subprocess.run(["dd", *args], capture_output=True, text=True, timeout=600)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    m = re.search(r"^(\d+) bytes.*copied, ([\d.]+) s", p.stderr, re.M)
+    if p.returncode != 0 or not m:
+        return None
+    return int(m.group(1)) / float(m.group(2))
+
+
+def median(xs):
+    return statistics.median(xs) if xs else None
+
+
+def fmt(x, spec=".2f"):
+    return "-" if x is None else format(x, spec)
+
+
+# ------------------------------------------------------------------------------------------ measurements
+def bench_raw(folder: str, nbytes: int, repeat: int, use_dd: bool) -> dict:
+    path = os.path.join(folder, "raw.bin")
+    wbuf = memoryview(np.random.default_rng(0).integers(0, 256, min(CHUNK, nbytes), np.uint8).tobytes())
+    rbuf = bytearray(min(CHUNK, nbytes))
+    w, r = [], []
+    for _ in range(repeat):
+        w.append(nbytes / raw_write(path, nbytes, wbuf))
+        r.append(nbytes / raw_read(path, rbuf))
+        os.unlink(path)
+    out = {"write_Bps": median(w), "read_Bps": median(r), "write_all": w, "read_all": r}
+    if use_dd:
+        bs = CHUNK if nbytes % CHUNK == 0 else 1 << 20
+        cnt = nbytes // bs
+        dw, dr = [], []
+        for _ in range(repeat):
+            x = dd_run(["if=/dev/zero", f"of={path}", f"bs={bs}", f"count={cnt}", "oflag=direct", "conv=fsync"])
+            y = dd_run([f"if={path}", "of=/dev/null", f"bs={bs}", "iflag=direct"]) if x else None
+            if os.path.exists(path):
+                os.unlink(path)
+            if x is None or y is None:
+                break
+            dw.append(x)
+            dr.append(y)
+        out.update(dd_write_Bps=median(dw), dd_read_Bps=median(dr))
+    return out
+
+
+def bench_store(folder: str, model: str, tokens: int, repeat: int, cfg_kw: dict, check: bool) -> dict:
+    import jax
+
+    from jax_cachedattn.store import KVLayout, StoreConfig, TieredStore
+
+    L, K, D, dt = MODELS[model]
+    layout = KVLayout(L, K, D, dt, fingerprint=f"bench-{model}")
+    np_dt = layout.np_dtype
+    nbytes = tokens * layout.bytes_per_token
+    B = cfg_kw.get("token_block", 256)
+    alloc = L * -(-tokens // B) * B * layout.bytes_per_token_layer
+    # one layer of random finite values (random bits would include NaNs, whose payloads XLA may not
+    # keep bit-exact), reused for every layer: the store copies what it is given, so reuse changes nothing.
+    rng = np.random.default_rng(1)
+    layer_np = rng.standard_normal((2, tokens, K, D), np.float32).astype(np_dt)
+    layer = jax.device_put(layer_np)
+    ids = np.arange(tokens, dtype=np.int32)
+    w, r = [], []
+    for rep in range(repeat):
+        root = os.path.join(folder, f"store{rep}")
+        cfg = StoreConfig(root=root, host_bytes=alloc + (64 << 20), **cfg_kw)
+        store = TieredStore(cfg, layout)
+        sid = "s0"
+        try:
+            t0 = time.perf_counter()
+            for li in range(L):
+                store.save_layer(sid, li, layer, 0)
+            store.commit_turn(sid, ids).result()
+            store.flush()
+            w.append(nbytes / (time.perf_counter() - t0))
+            store.evict(sid, "host")
+            assert store.lookup(sid).tier == "disk"
+            drop_tree(os.path.join(root, "s", sid))
+            t0 = time.perf_counter()
+            store.prefetch(sid).result()
+            r.append(nbytes / (time.perf_counter() - t0))
+            assert store.lookup(sid).tier == "host"
+            if check and rep == 0:
+                for li in (0, L - 1):
+                    got = np.asarray(store.load_layer(sid, li))
+                    assert got.tobytes() == layer_np.tobytes(), f"layer {li} differs after the round trip"
+        finally:
+            store.close()
+            shutil.rmtree(root, ignore_errors=True)
+    return {"write_Bps": median(w), "read_Bps": median(r), "write_all": w, "read_all": r}
+
+
+# ------------------------------------------------------------------------------------------ main
+def machine_info(folder: str) -> dict:
+    try:
+        df = subprocess.run(["df", "-T", folder], capture_output=True, text=True).stdout.strip().splitlines()[-1]
+        fstype = df.split()[1]
+    except Exception:  # noqa: BLE001
+        df, fstype = "?", "?"
+    mem = "?"
+    try:
+        with open("/proc/meminfo") as f:
+            mem = f"{int(f.readline().split()[1]) / (1 << 20):.1f} GiB"
+    except OSError:
+        pass
+    import jax
+    import tensorstore  # noqa: F401
+
+    return {
+        "cpus": os.cpu_count(), "mem": mem, "fstype": fstype, "df": df, "platform": platform.platform(),
+        "python": platform.python_version(), "jax": jax.__version__,
+    }
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 epilog=__doc__.split("\n\n", 1)[1])
+    ap.add_argument("--out", default=None, help="write the results (table rows, command, machine) as JSON to this file")
+    ap.add_argument("--quick", action="store_true", help="skip the largest case (Llama-2-7B at 8K tokens, 4 GiB)")
+    ap.add_argument("--dir", default=None,
+                    help="folder to test (default: a temporary folder under the current directory, i.e. on its "
+                         "filesystem); everything the benchmark writes there is deleted at the end")
+    ap.add_argument("--repeat", type=int, default=3, help="repetitions per measurement; the median is reported (default 3)")
+    ap.add_argument("--models", default=",".join(MODELS), help=f"comma-separated model shapes among {list(MODELS)}")
+    ap.add_argument("--tokens", default="1024,4096,8192", help="comma-separated session lengths in tokens")
+    ap.add_argument("--no-dd", action="store_true", help="do not run dd with oflag=direct/iflag=direct")
+    ap.add_argument("--no-check", action="store_true", help="skip the bit-exact round-trip check of two layers")
+    ap.add_argument("--token-block", type=int, default=None, help="StoreConfig.token_block (default: the store's)")
+    ap.add_argument("--io-concurrency", type=int, default=None, help="StoreConfig.io_concurrency (default: the store's)")
+    ap.add_argument("--copy-concurrency", type=int, default=None, help="StoreConfig.copy_concurrency (default: the store's)")
+    args = ap.parse_args(argv)
+
+    cfg_kw = {k: v for k, v in (("token_block", args.token_block), ("io_concurrency", args.io_concurrency),
+                                 ("copy_concurrency", args.copy_concurrency)) if v is not None}
+    base = args.dir or os.getcwd()
+    os.makedirs(base, exist_ok=True)
+    folder = tempfile.mkdtemp(prefix=".bench_store_", dir=base)
+    command = " ".join(["python", "scripts/bench_store.py", *(argv if argv is not None else sys.argv[1:])])
+    rows = []
+    try:
+        info = machine_info(folder)
+        print(f"# folder {folder} ({info['fstype']}), {info['cpus']} cpus, {info['mem']} RAM", flush=True)
+        for model in args.models.split(","):
+            L, K, D, dt = MODELS[model]
+            itemsize = 2 if dt == "bfloat16" else 4
+            for tokens in (int(t) for t in args.tokens.split(",")):
+                nbytes = tokens * L * 2 * K * D * itemsize
+                if args.quick and nbytes >= 4 << 30:
+                    continue
+                raw = bench_raw(folder, nbytes, args.repeat, not args.no_dd)
+                st = bench_store(folder, model, tokens, args.repeat, cfg_kw, not args.no_check)
+                row = {
+                    "model": model, "tokens": tokens, "bytes": nbytes,
+                    "raw_write_GBps": raw["write_Bps"] / 1e9, "raw_read_GBps": raw["read_Bps"] / 1e9,
+                    "dd_write_GBps": raw.get("dd_write_Bps") and raw["dd_write_Bps"] / 1e9,
+                    "dd_read_GBps": raw.get("dd_read_Bps") and raw["dd_read_Bps"] / 1e9,
+                    "store_write_GBps": st["write_Bps"] / 1e9, "store_read_GBps": st["read_Bps"] / 1e9,
+                    "all": {"raw": raw, "store": st},
+                }
+                row["write_ratio"] = row["store_write_GBps"] / row["raw_write_GBps"]
+                row["read_ratio"] = row["store_read_GBps"] / row["raw_read_GBps"]
+                rows.append(row)
+                print(f"{model} {tokens}: raw w/r {row['raw_write_GBps']:.2f}/{row['raw_read_GBps']:.2f} "
+                      f"dd w/r {fmt(row['dd_write_GBps'])}/{fmt(row['dd_read_GBps'])} "
+                      f"store w/r {row['store_write_GBps']:.2f}/{row['store_read_GBps']:.2f} GB/s", flush=True)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+    cols = ["model", "tokens", "MiB", "raw write", "store h→d", "ratio", "raw read", "store d→h", "ratio",
+            "dd write", "dd read"]
+    table = [[r["model"], str(r["tokens"]), f"{r['bytes'] / (1 << 20):.0f}", fmt(r["raw_write_GBps"]),
+              fmt(r["store_write_GBps"]), fmt(r["write_ratio"]), fmt(r["raw_read_GBps"]),
+              fmt(r["store_read_GBps"]), fmt(r["read_ratio"]), fmt(r["dd_write_GBps"]), fmt(r["dd_read_GBps"])]
+             for r in rows]
+    try:
+        from rich.console import Console
+        from rich.table import Table
+
+        t = Table(title=f"KV store vs raw, GB/s (median of {args.repeat}); {info['fstype']}, {info['cpus']} cpus")
+        for c in cols:
+            t.add_column(c, justify="left" if c == "model" else "right")
+        for row in table:
+            t.add_row(*row)
+        Console().print(t)
+    except ImportError:
+        print(" | ".join(cols))
+        for row in table:
+            print(" | ".join(row))
+    md = "| " + " | ".join(cols) + " |\n|" + "---|" * len(cols) + "\n" + "".join("| " + " | ".join(r) + " |\n" for r in table)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"command": command, "machine": info, "config": cfg_kw, "repeat": args.repeat,
+                       "rows": rows, "markdown": md}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
