@@ -1,0 +1,136 @@
+"""The engine on the real SmolLM2 weights: a 6-turn chat served from disk equals recomputing it,
+in one process and across processes (the command line)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from jax_cachedattn.engine import Engine, EngineConfig
+from jax_cachedattn.runtime import kv_layout, load_model
+from jax_cachedattn.store import StoreConfig, TieredStore
+
+PASSAGE = (
+    "Mount Everest, known locally as Sagarmatha in Nepal and Chomolungma in Tibet, is Earth's highest mountain "
+    "above sea level. It lies in the Mahalangur Himal sub-range of the Himalayas, and the China-Nepal border runs "
+    "across its summit point. Its elevation of 8,848.86 metres was most recently established in 2020 by the "
+    "Chinese and Nepali authorities. Mount Everest attracts many climbers, including highly experienced "
+    "mountaineers. There are two main climbing routes, one approaching the summit from the southeast in Nepal "
+    "and the other from the north in Tibet. While not posing substantial technical climbing challenges on the "
+    "standard route, Everest presents dangers such as altitude sickness, weather, and wind, as well as hazards "
+    "from avalanches and the Khumbu Icefall. As of 2024, over 300 people have died on Everest. "
+)
+TURNS = [
+    "Read this and keep it in mind: " + PASSAGE * 2 + " What is the tallest mountain in the world?",
+    "How high is it, roughly, in meters?",
+    "Which country is it in?",
+    "Name one other famous mountain in that region.",
+    "What do climbers need to bring for such a climb?",
+    "Thanks. Summarize our conversation in one sentence.",
+]
+MAX_NEW = 12
+
+
+@pytest.fixture(scope="module")
+def smol(smollm2_gguf):
+    return load_model("smollm2")
+
+
+@pytest.fixture(scope="module")
+def recomputed(smol):
+    """The reference: every turn recomputes the whole history (no KV reuse)."""
+    eng = Engine(smol.config, smol.params, TieredStore(StoreConfig(kvstore={"driver": "memory"}),
+                                                       kv_layout(smol.config, smol.fingerprint)),
+                 smol.tokenizer, EngineConfig(max_new_tokens=MAX_NEW, use_cache=False, return_logits=True))
+    out = [eng.turn("ref", t) for t in TURNS]
+    eng.close()
+    assert [r.source for r in out] == ["new"] + ["recompute"] * (len(TURNS) - 1)
+    return out
+
+
+def test_six_turns_from_disk_equal_recompute(smol, recomputed, tmp_path):
+    layout = kv_layout(smol.config, smol.fingerprint)
+    store = TieredStore(StoreConfig(root=str(tmp_path), host_bytes=1 << 28), layout)
+    eng = Engine(smol.config, smol.params, store, smol.tokenizer, EngineConfig(max_new_tokens=MAX_NEW, return_logits=True))
+    worst = 0.0
+    for i, text in enumerate(TURNS):
+        res = eng.turn("chat", text)
+        ref = recomputed[i]
+        assert res.source == ("new" if i == 0 else "disk")
+        assert res.reused_tokens == res.history_tokens == ref.history_tokens
+        assert res.reply_tokens == ref.reply_tokens and res.reply == ref.reply
+        worst = max(worst, float(np.abs(res.prompt_logits - ref.prompt_logits).max()))
+        for a, b in zip(res.decode_logits, ref.decode_logits):
+            worst = max(worst, float(np.abs(a - b).max()))
+        # Force the next turn to find its history on disk only.
+        eng.flush()
+        store.evict("chat", "host")
+    eng.close()
+    print(f"\nSmolLM2 6-turn cached-from-disk vs recompute: max |logit diff| = {worst:.2e}")
+    # Same tokens at every step. The logits differ only by fp32 reassociation: recompute runs the
+    # history through matmuls of other shapes (600-token blocks instead of 16-token ones), and
+    # over 30 layers that moves logits of magnitude ~20 by ~1e-4 (relative ~5e-6). The tiny-model
+    # tests hold 1e-5; the check below that isolates the cache (disk vs never-evicted) is exact.
+    assert worst <= 2e-4
+    assert recomputed[-1].history_tokens > 500
+
+
+def test_disk_round_trip_is_bit_exact_on_real_weights(smol, tmp_path):
+    """The same turns with the history kept in host memory and with it evicted to disk: identical bits."""
+    layout = kv_layout(smol.config, smol.fingerprint)
+    logits = {}
+    for mode in ("host", "disk"):
+        store = TieredStore(StoreConfig(root=str(tmp_path / mode), host_bytes=1 << 28), layout)
+        eng = Engine(smol.config, smol.params, store, smol.tokenizer, EngineConfig(max_new_tokens=4, return_logits=True))
+        logits[mode] = []
+        for text in TURNS[:3]:
+            res = eng.turn("c", text)
+            logits[mode].append(res.prompt_logits)
+            if mode == "disk":
+                eng.flush()
+                store.evict("c", "host")
+        eng.close()
+    for a, b in zip(logits["host"], logits["disk"]):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_new_process_per_turn_equals_recompute(smol, recomputed, tmp_path):
+    """``cachedattn run`` in a fresh process per turn continues the conversation from the disk store."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    for i, text in enumerate(TURNS):
+        proc = subprocess.run(
+            [sys.executable, "-m", "jax_cachedattn.cli", "run", "--store", str(tmp_path / "store"), "--session",
+             "cli-chat", "--prompt", text, "--max-new-tokens", str(MAX_NEW), "--json"],
+            capture_output=True, text=True, env=env, timeout=600,
+        )
+        assert proc.returncode == 0, proc.stderr
+        out = json.loads(proc.stdout)
+        assert set(out) >= {"session", "reply", "history_tokens", "prompt_tokens", "generated_tokens",
+                            "truncated_tokens", "ttft_s", "source"}
+        assert out["source"] == ("new" if i == 0 else "disk")
+        assert out["reply"] == recomputed[i].reply
+        assert out["history_tokens"] == recomputed[i].history_tokens
+
+
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["--session", "../evil", "--prompt", "hi"], "invalid session id"),
+        (["--session", "", "--prompt", "hi"], "invalid session id"),
+        (["--session", "ok", "--prompt", "   "], "empty"),
+        (["--session", "ok", "--prompt", "word " * 9000], "context window"),
+    ],
+)
+def test_cli_bad_input_exit_2(tmp_path, args, needle, smollm2_gguf):
+    store = tmp_path / "store"
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    proc = subprocess.run([sys.executable, "-m", "jax_cachedattn.cli", "run", "--store", str(store), *args],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 2
+    lines = [l for l in proc.stderr.strip().splitlines() if l.strip()]
+    assert len(lines) == 1 and needle in lines[0], proc.stderr
+    # Nothing was written for the session.
+    assert not (store / "s").exists() or not any((store / "s").iterdir())
