@@ -15,8 +15,9 @@ For each (model shape, token count) it measures, in one run and on one folder:
   every file of the session folder, the time of ``prefetch(sid).result()`` (read + crc check + copy
   into the host tier).
 
-Each measurement is repeated ``--repeat`` times (default 3) and the median is reported, in GB/s
-(1e9 bytes/s), with the ratio store/raw per direction.
+Each measurement is repeated ``--repeat`` times (default 3), raw/dd/store interleaved round by round
+so that all see the same machine load, and the median is reported, in GB/s (1e9 bytes/s), with the
+ratio store/raw per direction and the median 1-minute load average ("load") during the rounds.
 
 Example:  .venv/bin/python scripts/bench_store.py --out results.json
           .venv/bin/python scripts/bench_store.py --quick
@@ -113,78 +114,87 @@ def fmt(x, spec=".2f"):
 
 
 # ------------------------------------------------------------------------------------------ measurements
-def bench_raw(folder: str, nbytes: int, repeat: int, use_dd: bool) -> dict:
+def raw_once(folder: str, nbytes: int, wbuf: memoryview, rbuf: bytearray, use_dd: bool) -> dict:
+    """One raw write + read (and dd write + read) of ``nbytes`` in ``folder``; bytes/s."""
     path = os.path.join(folder, "raw.bin")
-    wbuf = memoryview(np.random.default_rng(0).integers(0, 256, min(CHUNK, nbytes), np.uint8).tobytes())
-    rbuf = bytearray(min(CHUNK, nbytes))
-    w, r = [], []
-    for _ in range(repeat):
-        w.append(nbytes / raw_write(path, nbytes, wbuf))
-        r.append(nbytes / raw_read(path, rbuf))
-        os.unlink(path)
-    out = {"write_Bps": median(w), "read_Bps": median(r), "write_all": w, "read_all": r}
+    out = {"write": nbytes / raw_write(path, nbytes, wbuf), "read": nbytes / raw_read(path, rbuf)}
+    os.unlink(path)
     if use_dd:
         bs = CHUNK if nbytes % CHUNK == 0 else 1 << 20
         cnt = nbytes // bs
-        dw, dr = [], []
-        for _ in range(repeat):
-            x = dd_run(["if=/dev/zero", f"of={path}", f"bs={bs}", f"count={cnt}", "oflag=direct", "conv=fsync"])
-            y = dd_run([f"if={path}", "of=/dev/null", f"bs={bs}", "iflag=direct"]) if x else None
-            if os.path.exists(path):
-                os.unlink(path)
-            if x is None or y is None:
-                break
-            dw.append(x)
-            dr.append(y)
-        out.update(dd_write_Bps=median(dw), dd_read_Bps=median(dr))
+        out["dd_write"] = dd_run(["if=/dev/zero", f"of={path}", f"bs={bs}", f"count={cnt}", "oflag=direct", "conv=fsync"])
+        out["dd_read"] = dd_run([f"if={path}", "of=/dev/null", f"bs={bs}", "iflag=direct"]) if out["dd_write"] else None
+        if os.path.exists(path):
+            os.unlink(path)
     return out
 
 
-def bench_store(folder: str, model: str, tokens: int, repeat: int, cfg_kw: dict, check: bool) -> dict:
+def make_layer(model: str, tokens: int):
+    """One layer [2, tokens, K, D] of random finite values (random bits would include NaNs, whose
+    payloads XLA need not keep bit-exact), as a numpy array and a jax array; the benchmark saves it
+    as every layer (the store copies what it is given, so reuse changes nothing)."""
     import jax
 
+    from jax_cachedattn.store.layout import np_dtype
+
+    L, K, D, dt = MODELS[model]
+    x = np.random.default_rng(1).standard_normal((2, tokens, K, D), np.float32).astype(np_dtype(dt))
+    return x, jax.device_put(x)
+
+
+def store_once(folder: str, model: str, tokens: int, layer_np, layer, cfg_kw: dict, check: bool) -> dict:
+    """One host->disk and one disk->host of a whole session through `TieredStore`; bytes/s."""
     from jax_cachedattn.store import KVLayout, StoreConfig, TieredStore
 
     L, K, D, dt = MODELS[model]
     layout = KVLayout(L, K, D, dt, fingerprint=f"bench-{model}")
-    np_dt = layout.np_dtype
     nbytes = tokens * layout.bytes_per_token
-    B = cfg_kw.get("token_block", 256)
+    B = cfg_kw.get("token_block", StoreConfig.token_block)
     alloc = L * -(-tokens // B) * B * layout.bytes_per_token_layer
-    # one layer of random finite values (random bits would include NaNs, whose payloads XLA may not
-    # keep bit-exact), reused for every layer: the store copies what it is given, so reuse changes nothing.
-    rng = np.random.default_rng(1)
-    layer_np = rng.standard_normal((2, tokens, K, D), np.float32).astype(np_dt)
-    layer = jax.device_put(layer_np)
     ids = np.arange(tokens, dtype=np.int32)
-    w, r = [], []
+    root = os.path.join(folder, "store")
+    cfg = StoreConfig(root=root, host_bytes=alloc + (64 << 20), **cfg_kw)
+    store = TieredStore(cfg, layout)
+    sid = "s0"
+    try:
+        t0 = time.perf_counter()
+        for li in range(L):
+            store.save_layer(sid, li, layer, 0)
+        store.commit_turn(sid, ids).result()
+        store.flush()
+        w = nbytes / (time.perf_counter() - t0)
+        store.evict(sid, "host")
+        assert store.lookup(sid).tier == "disk"
+        drop_tree(os.path.join(root, "s", sid))
+        t0 = time.perf_counter()
+        store.prefetch(sid).result()
+        r = nbytes / (time.perf_counter() - t0)
+        assert store.lookup(sid).tier == "host"
+        if check:
+            for li in (0, L - 1):
+                got = np.asarray(store.load_layer(sid, li))
+                assert got.tobytes() == layer_np.tobytes(), f"layer {li} differs after the round trip"
+    finally:
+        store.close()
+        shutil.rmtree(root, ignore_errors=True)
+    return {"write": w, "read": r}
+
+
+def bench_case(folder: str, model: str, tokens: int, repeat: int, cfg_kw: dict, use_dd: bool, check: bool) -> dict:
+    """``repeat`` rounds of (raw, dd, store) interleaved, so that all see the same machine load."""
+    L, K, D, dt = MODELS[model]
+    nbytes = tokens * L * 2 * K * D * (2 if dt == "bfloat16" else 4)
+    wbuf = memoryview(np.random.default_rng(0).integers(0, 256, min(CHUNK, nbytes), np.uint8).tobytes())
+    rbuf = bytearray(min(CHUNK, nbytes))
+    layer_np, layer = make_layer(model, tokens)
+    runs = []
     for rep in range(repeat):
-        root = os.path.join(folder, f"store{rep}")
-        cfg = StoreConfig(root=root, host_bytes=alloc + (64 << 20), **cfg_kw)
-        store = TieredStore(cfg, layout)
-        sid = "s0"
-        try:
-            t0 = time.perf_counter()
-            for li in range(L):
-                store.save_layer(sid, li, layer, 0)
-            store.commit_turn(sid, ids).result()
-            store.flush()
-            w.append(nbytes / (time.perf_counter() - t0))
-            store.evict(sid, "host")
-            assert store.lookup(sid).tier == "disk"
-            drop_tree(os.path.join(root, "s", sid))
-            t0 = time.perf_counter()
-            store.prefetch(sid).result()
-            r.append(nbytes / (time.perf_counter() - t0))
-            assert store.lookup(sid).tier == "host"
-            if check and rep == 0:
-                for li in (0, L - 1):
-                    got = np.asarray(store.load_layer(sid, li))
-                    assert got.tobytes() == layer_np.tobytes(), f"layer {li} differs after the round trip"
-        finally:
-            store.close()
-            shutil.rmtree(root, ignore_errors=True)
-    return {"write_Bps": median(w), "read_Bps": median(r), "write_all": w, "read_all": r}
+        raw = raw_once(folder, nbytes, wbuf, rbuf, use_dd)
+        st = store_once(folder, model, tokens, layer_np, layer, cfg_kw, check and rep == 0)
+        runs.append({**{f"raw_{k}": v for k, v in raw.items()}, **{f"store_{k}": v for k, v in st.items()},
+                     "loadavg": os.getloadavg()[0]})
+    med = {k: median([r[k] for r in runs if r.get(k) is not None]) for k in runs[0]}
+    return {"bytes": nbytes, "median": med, "runs": runs}
 
 
 # ------------------------------------------------------------------------------------------ main
@@ -244,15 +254,15 @@ def main(argv=None) -> int:
                 nbytes = tokens * L * 2 * K * D * itemsize
                 if args.quick and nbytes >= 4 << 30:
                     continue
-                raw = bench_raw(folder, nbytes, args.repeat, not args.no_dd)
-                st = bench_store(folder, model, tokens, args.repeat, cfg_kw, not args.no_check)
+                res = bench_case(folder, model, tokens, args.repeat, cfg_kw, not args.no_dd, not args.no_check)
+                m = res["median"]
+                g = lambda k: None if m.get(k) is None else m[k] / 1e9  # noqa: E731
                 row = {
                     "model": model, "tokens": tokens, "bytes": nbytes,
-                    "raw_write_GBps": raw["write_Bps"] / 1e9, "raw_read_GBps": raw["read_Bps"] / 1e9,
-                    "dd_write_GBps": raw.get("dd_write_Bps") and raw["dd_write_Bps"] / 1e9,
-                    "dd_read_GBps": raw.get("dd_read_Bps") and raw["dd_read_Bps"] / 1e9,
-                    "store_write_GBps": st["write_Bps"] / 1e9, "store_read_GBps": st["read_Bps"] / 1e9,
-                    "all": {"raw": raw, "store": st},
+                    "raw_write_GBps": g("raw_write"), "raw_read_GBps": g("raw_read"),
+                    "dd_write_GBps": g("raw_dd_write"), "dd_read_GBps": g("raw_dd_read"),
+                    "store_write_GBps": g("store_write"), "store_read_GBps": g("store_read"),
+                    "loadavg": m["loadavg"], "runs": res["runs"],
                 }
                 row["write_ratio"] = row["store_write_GBps"] / row["raw_write_GBps"]
                 row["read_ratio"] = row["store_read_GBps"] / row["raw_read_GBps"]
@@ -264,10 +274,11 @@ def main(argv=None) -> int:
         shutil.rmtree(folder, ignore_errors=True)
 
     cols = ["model", "tokens", "MiB", "raw write", "store h→d", "ratio", "raw read", "store d→h", "ratio",
-            "dd write", "dd read"]
+            "dd write", "dd read", "load"]
     table = [[r["model"], str(r["tokens"]), f"{r['bytes'] / (1 << 20):.0f}", fmt(r["raw_write_GBps"]),
               fmt(r["store_write_GBps"]), fmt(r["write_ratio"]), fmt(r["raw_read_GBps"]),
-              fmt(r["store_read_GBps"]), fmt(r["read_ratio"]), fmt(r["dd_write_GBps"]), fmt(r["dd_read_GBps"])]
+              fmt(r["store_read_GBps"]), fmt(r["read_ratio"]), fmt(r["dd_write_GBps"]), fmt(r["dd_read_GBps"]),
+              fmt(r["loadavg"], ".1f")]
              for r in rows]
     try:
         from rich.console import Console
@@ -278,7 +289,7 @@ def main(argv=None) -> int:
             t.add_column(c, justify="left" if c == "model" else "right")
         for row in table:
             t.add_row(*row)
-        Console().print(t)
+        Console(width=160).print(t)
     except ImportError:
         print(" | ".join(cols))
         for row in table:
