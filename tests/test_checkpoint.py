@@ -23,9 +23,9 @@ from jax_cachedattn.checkpoint import (
 from jax_cachedattn.checkpoint import gguf as gguf_mod
 from jax_cachedattn.model import ModelConfig, init_params
 
-gguf = pytest.importorskip("gguf")
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
+import gguf
+import torch
+import transformers
 
 
 def _tiny_hf(folder, heads=4, kv=2, tied=False, theta=50000.0, seed=0):

@@ -9,8 +9,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
+import torch
+import transformers
 
 from jax_cachedattn.checkpoint import load_hf  # noqa: E402
 from jax_cachedattn.model import forward  # noqa: E402

@@ -78,6 +78,7 @@ class _Session:
     tailw: dict = dataclasses.field(default_factory=dict)  # layer -> (last block, commit future) of its last write
     queued: int = 0  # worker tasks not yet run
     last_task: cf.Future | None = None
+    layer_task: dict = dataclasses.field(default_factory=dict)  # layer -> its last save task
     last_commit: cf.Future | None = None
     promoting: cf.Future | None = None
     prefetch: cf.Future | None = None
@@ -476,7 +477,8 @@ class TieredStore:
                     self._sessions.pop(s.sid, None)
             raise
         with self._lock:
-            s.last_task = self._worker.submit(self._do_save, s, layer, kv_new, a0, a1, s.pcrc[layer])
+            s.last_task = s.layer_task[layer] = self._worker.submit(self._do_save, s, layer, kv_new, a0, a1,
+                                                                    s.pcrc[layer])
         self.policy.touch(sid, "host")
 
     def _do_save(self, s: _Session, layer: int, kv_new, a0: int, a1: int, pcrc: dict) -> None:
@@ -656,9 +658,9 @@ class TieredStore:
         if not 0 <= layer < self.layout.num_layers:
             raise LayoutMismatch(f"layer {layer} out of range [0, {self.layout.num_layers})")
         with self._lock:
-            task = s.last_task if s.queued else None
-        if task is not None:
-            task.result()  # read-your-writes for saves still queued
+            task = s.layer_task.get(layer) if s.queued else None
+        if task is not None and not task.done():
+            task.result()  # read-your-writes for this layer's saves still queued (others may run on)
         with self._lock:
             if not s.kv_valid:
                 raise KVLost(f"session {sid!r} has no valid KV; recompute from its token ids")

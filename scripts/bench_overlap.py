@@ -1,0 +1,158 @@
+#!/usr/bin/env python
+"""TTFT of one turn by where the history's KV lives: how much of the load does layer-wise
+pre-loading hide?
+
+For each (history, new tokens) pair it measures the time to first token with the history
+  (a) already on the device (the oracle),
+  (b) in host memory, loaded layer by layer behind compute (cachedattn),
+  (c) in host memory, loaded completely before prefill starts,
+  (d) on disk only (page cache dropped),
+  (e) recomputed from its token ids (no cache),
+and reports the hidden fraction ``1 - (b - a)/(c - a)``, ``b/a``, ``d/a`` and ``e/b``.
+
+The history's KV is synthetic (random values written through the store): speed does not
+depend on the values. Every shape is run once untimed first so compilation is excluded.
+
+    python scripts/bench_overlap.py --out runs/overlap.json            # SmolLM2 shape, CPU
+    python scripts/bench_overlap.py --model llama2-7b --dtype bfloat16  # on a GPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from jax_cachedattn.engine import Engine, EngineConfig
+from jax_cachedattn.model import ModelConfig, bucket_length, init_params
+from jax_cachedattn.store import KVLayout, StoreConfig, TieredStore
+
+MODES = ("device", "host_layerwise", "host_upfront", "disk", "recompute")
+
+
+def drop_page_cache(root: Path) -> None:
+    """Ask the kernel to forget cached pages of every file under ``root`` (no root needed)."""
+    for p in root.rglob("*"):
+        if p.is_file():
+            fd = os.open(p, os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+
+
+def write_history(store: TieredStore, sid: str, n: int, cfg: ModelConfig, rng: np.random.Generator) -> np.ndarray:
+    """A committed session of ``n`` tokens with random KV and random token ids."""
+    dt = store.layout.np_dtype
+    for layer in range(cfg.num_layers):
+        kv = rng.standard_normal((2, n, cfg.num_kv_heads, cfg.head_dim), dtype=np.float32).astype(dt)
+        store.save_layer(sid, layer, kv, 0)
+    ids = rng.integers(0, cfg.vocab_size, n, dtype=np.int32)
+    store.commit_turn(sid, ids).result()
+    return ids
+
+
+def measure(params, cfg, root: Path, mode: str, hist: int, new: int, reps: int, rng) -> list[float]:
+    dev_bytes = 0
+    if mode == "device":
+        dev_bytes = 4 * (hist + new + 64) * cfg.kv_bytes_per_token
+    host_bytes = 4 * (hist + new + 1024) * cfg.kv_bytes_per_token
+    times = []
+    for rep in range(reps + 1):  # the first run compiles and is not counted
+        folder = root / f"{mode}-{hist}-{new}-{rep}"
+        store = TieredStore(StoreConfig(root=str(folder), device_bytes=dev_bytes, host_bytes=host_bytes,
+                                        token_block=256), KVLayout(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim,
+                                                                   cfg.dtype, "bench"))
+        ec = EngineConfig(max_new_tokens=1, use_cache=mode != "recompute",
+                          preload="upfront" if mode == "host_upfront" else "layerwise")
+        eng = Engine(cfg, params, store, None, ec)
+        write_history(store, "s", hist, cfg, rng)
+        store.flush()
+        S = bucket_length(hist)
+        if mode == "device":
+            jax.block_until_ready([store.load_layer("s", l, pad_to=S) for l in range(cfg.num_layers)])
+            assert store.lookup("s").tier == "device"
+        elif mode == "disk":
+            store.evict("s", "host")
+            drop_page_cache(folder)
+            assert store.lookup("s").tier == "disk"
+        msg = rng.integers(0, cfg.vocab_size, new, dtype=np.int32)
+        res = eng.turn("s", msg)
+        expected = {"device": "device", "host_layerwise": "host", "host_upfront": "host", "disk": "disk",
+                    "recompute": "recompute"}[mode]
+        assert res.source == expected, (mode, res.source)
+        if rep:
+            times.append(res.ttft_s)
+        eng.close()
+    return times
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2-135m", help="model preset in configs/model (default smollm2-135m)")
+    ap.add_argument("--dtype", default=None, help="override the preset's dtype (float32, bfloat16)")
+    ap.add_argument("--history", default="512,1024,2048,4096", help="comma-separated history lengths (tokens)")
+    ap.add_argument("--new", default="32,100,512", help="comma-separated new-token counts")
+    ap.add_argument("--reps", type=int, default=3, help="timed repetitions per cell (median reported)")
+    ap.add_argument("--recompute-reps", type=int, default=1, help="timed repetitions of the slow recompute mode")
+    ap.add_argument("--modes", default=",".join(MODES), help=f"subset of {','.join(MODES)}")
+    ap.add_argument("--dir", default=None, help="folder for the disk tier (default: a temp folder here)")
+    ap.add_argument("--quick", action="store_true", help="history 512,2048 and new 100 only, 2 reps")
+    ap.add_argument("--out", default=None, help="write the results as JSON here")
+    args = ap.parse_args(argv)
+
+    overrides = {"dtype": args.dtype} if args.dtype else {}
+    cfg = ModelConfig.preset(args.model, **overrides)
+    hists = [512, 2048] if args.quick else [int(x) for x in args.history.split(",")]
+    news = [100] if args.quick else [int(x) for x in args.new.split(",")]
+    reps = 2 if args.quick else args.reps
+    modes = [m for m in args.modes.split(",") if m]
+    for m in modes:
+        if m not in MODES:
+            ap.error(f"unknown mode {m!r}")
+    cfg = cfg.replace(max_context=max(cfg.max_context, max(hists) + max(news) + 64))
+    params = init_params(cfg, jax.random.key(0))
+    rng = np.random.default_rng(0)
+    root = Path(args.dir or tempfile.mkdtemp(prefix="bench-overlap-", dir="."))
+    machine = {"platform": platform.platform(), "python": sys.version.split()[0], "jax": jax.__version__,
+               "device": str(jax.devices()[0]), "device_kind": jax.devices()[0].device_kind, "cpus": os.cpu_count()}
+    rows = []
+    print(f"model {cfg.name} ({cfg.dtype}) on {machine['device_kind']}; TTFT median in ms", flush=True)
+    print(f"{'hist':>6} {'new':>5} " + " ".join(f"{m:>15}" for m in modes) + "  hidden   b/a   d/a   e/b", flush=True)
+    for h in hists:
+        for n in news:
+            cell = {"history": h, "new": n}
+            for m in modes:
+                t = measure(params, cfg, root, m, h, n, args.recompute_reps if m == "recompute" else reps, rng)
+                cell[m] = statistics.median(t)
+                cell[m + "_all"] = t
+            a, b, c = cell.get("device"), cell.get("host_layerwise"), cell.get("host_upfront")
+            d, e = cell.get("disk"), cell.get("recompute")
+            if None not in (a, b, c):
+                cell["hidden_fraction"] = 1 - (b - a) / (c - a) if c > a else float("nan")
+                cell["b_over_a"] = b / a
+            if None not in (a, d):
+                cell["d_over_a"] = d / a
+            if None not in (b, e):
+                cell["e_over_b"] = e / b
+            rows.append(cell)
+            fmt = lambda k: f"{cell[k]:6.2f}" if k in cell else "     -"  # noqa: E731
+            print(f"{h:>6} {n:>5} " + " ".join(f"{cell[m] * 1000:15.1f}" for m in modes)
+                  + f"  {fmt('hidden_fraction')} {fmt('b_over_a')} {fmt('d_over_a')} {fmt('e_over_b')}", flush=True)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps({"model": cfg.to_dict(), "machine": machine, "rows": rows}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
