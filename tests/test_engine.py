@@ -115,7 +115,8 @@ def test_upfront_and_layerwise_agree(tiny):
         np.testing.assert_array_equal(lg, base_logits)
 
 
-def test_kv_lost_falls_back_to_recompute(tiny, tmp_path):
+@pytest.mark.parametrize("verify_on_open", [True, False])
+def test_kv_lost_falls_back_to_recompute(tiny, tmp_path, verify_on_open):
     cfg, params = tiny
     store = _store(cfg, tmp_path)
     eng = Engine(cfg, params, store, None, EngineConfig(max_new_tokens=6, return_logits=True))
@@ -124,12 +125,15 @@ def test_kv_lost_falls_back_to_recompute(tiny, tmp_path):
     eng.flush()
     eng.close()
     # Corrupt one stored chunk on disk: the store detects it on read and the engine recomputes.
-    chunks = [p for p in tmp_path.rglob("*") if p.is_file() and "/c/" in str(p)]
+    chunks = sorted(p for p in tmp_path.rglob("*") if p.is_file() and "/c/" in str(p))
     assert chunks, "no chunk files found"
-    data = bytearray(chunks[0].read_bytes())
+    # The last layer's chunk: without verify_on_open the damage is found mid-prefill, after
+    # earlier layers already started saving this turn's KV.
+    bad = [p for p in chunks if p.relative_to(tmp_path).parts[-5] == str(cfg.num_layers - 1)] or chunks
+    data = bytearray(bad[0].read_bytes())
     data[len(data) // 2] ^= 0xFF
-    chunks[0].write_bytes(bytes(data))
-    store = _store(cfg, tmp_path, verify_on_open=True)
+    bad[0].write_bytes(bytes(data))
+    store = _store(cfg, tmp_path, verify_on_open=verify_on_open)
     eng = Engine(cfg, params, store, None, EngineConfig(max_new_tokens=6, return_logits=True))
     r1 = eng.turn("s", msgs[1])
     assert r1.source == "recompute"

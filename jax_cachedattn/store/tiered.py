@@ -81,6 +81,10 @@ class _Session:
     layer_task: dict = dataclasses.field(default_factory=dict)  # layer -> its last save task
     last_commit: cf.Future | None = None
     promoting: cf.Future | None = None
+    # Layer-wise progress of a disk -> host promotion: loads of layer l wait for layer l only.
+    partial: list | None = None  # [layer] -> host blocks once verified
+    partial_ev: list | None = None  # [layer] -> threading.Event
+    partial_err: list | None = None  # [error or None], shared with waiters
     prefetch: cf.Future | None = None
 
 
@@ -233,6 +237,7 @@ class TieredStore:
         elif tier == "host" and s.host is not None:
             self.used["host"] -= s.host_bytes
             s.host, s.host_bytes = None, 0
+            s.partial = s.partial_ev = s.partial_err = None
             self.policy.forget(s.sid, "host")
 
     def _busy(self, s: _Session) -> bool:
@@ -319,26 +324,51 @@ class TieredStore:
                 pass
 
     # ================================================================ disk -> host
-    def _read_verified(self, s: _Session) -> list[list[Any]]:
-        """Read all committed blocks of ``s`` from disk, check crcs, return host blocks [layer][block]."""
+    def _read_verified(self, s: _Session, publish=None) -> list[list[Any]]:
+        """Read all committed blocks of ``s`` from disk, check crcs, return host blocks [layer][block].
+
+        Every layer's read is issued at once (TensorStore runs them concurrently); layers are then
+        verified in order and handed to ``publish(layer, blocks)`` as soon as each is ready, so a
+        load of layer 0 does not wait for layer L-1.
+        """
         B, L = self.cfg.token_block, self.layout.num_layers
         f, nb = s.offset // B, _ceil_div(s.end, B)
+        blocks: list[list[Any]] = [[None] * nb for _ in range(L)]
+        if nb <= f:
+            return blocks
         try:
-            data = self.disk.read_blocks(s.sid, f, nb) if nb > f else None
-        except Exception as e:  # noqa: BLE001 - undecodable chunk = damaged
+            arr = self.disk.array(s.sid)
+            futs = [arr[layer, :, f * B : nb * B].read() for layer in range(L)]
+        except Exception as e:  # noqa: BLE001 - missing/undecodable array = damaged
             self._mark_lost(s, write=True)
             raise KVLost(f"session {s.sid!r}: KV unreadable ({e}); recompute from its token ids") from e
-        self.stats.add("bytes_read", 0 if data is None else data.nbytes, tier="disk")
-        blocks: list[list[Any]] = [[None] * nb for _ in range(L)]
         for layer in range(L):
+            try:
+                data = futs[layer].result()
+            except Exception as e:  # noqa: BLE001 - undecodable chunk = damaged
+                self._mark_lost(s, write=True)
+                raise KVLost(f"session {s.sid!r}: KV unreadable ({e}); recompute from its token ids") from e
+            self.stats.add("bytes_read", data.nbytes, tier="disk")
             for b in range(f, nb):
-                blk = data[layer, :, (b - f) * B : (b - f + 1) * B]
+                blk = data[:, (b - f) * B : (b - f + 1) * B]
                 rows = min(B, s.end - b * B)
                 if block_crc(blk, rows) != s.crc[layer][b]:
                     self._mark_lost(s, write=True)
                     raise KVLost(f"session {s.sid!r}: checksum mismatch at layer {layer} block {b}; recompute")
                 blocks[layer][b] = jax.device_put(np.ascontiguousarray(blk), self._host)
+            if publish is not None:
+                publish(layer, blocks[layer])
         return blocks
+
+    def _claim_promotion(self, s: _Session) -> tuple[bool, cf.Future | None]:
+        """Under the lock: (True, fut) if the caller must run the promotion, (False, fut) if one runs."""
+        fut = s.promoting
+        if fut is not None and not fut.done():
+            return False, fut
+        fut = s.promoting = cf.Future()
+        L = self.layout.num_layers
+        s.partial, s.partial_ev, s.partial_err = [None] * L, [threading.Event() for _ in range(L)], [None]
+        return True, fut
 
     def _ensure_host(self, s: _Session) -> str:
         """Bring ``s`` into the host tier (blocking); returns the tier it came from."""
@@ -347,23 +377,39 @@ class TieredStore:
                 return "host"
             if not s.kv_valid:
                 raise KVLost(f"session {s.sid!r} has no valid KV; recompute from its token ids")
-            fut = s.promoting
-            mine = fut is None or fut.done()
-            if mine:
-                fut = s.promoting = cf.Future()
+            mine, fut = self._claim_promotion(s)
         if not mine:
             fut.result()
             return "disk"
+        self._promote(s, fut)
+        return "disk"
+
+    def _promote(self, s: _Session, fut: cf.Future) -> None:
+        """Read ``s`` disk -> host layer by layer, publishing each verified layer; resolves ``fut``."""
+        with self._lock:
+            part, evs, err = s.partial, s.partial_ev, s.partial_err
+
+        def publish(layer: int, blocks: list) -> None:
+            part[layer] = blocks
+            evs[layer].set()
+
         try:
             B = self.cfg.token_block
             nbytes = self.layout.num_layers * (_ceil_div(s.end, B) - s.offset // B) * self.block_bytes
-            self._reserve("host", nbytes, s, required=True)
             try:
-                blocks = self._read_verified(s)
-            except BaseException:
-                with self._lock:
-                    self.used["host"] -= nbytes
+                self._reserve("host", nbytes, s, required=True)
+                try:
+                    blocks = self._read_verified(s, publish)
+                except BaseException:
+                    with self._lock:
+                        self.used["host"] -= nbytes
+                    raise
+            except BaseException as e:
+                err[0] = e
                 raise
+            finally:
+                for ev in evs:
+                    ev.set()
             with self._lock:
                 s.host, s.host_bytes = blocks, nbytes
                 self.stats.add("bytes_written", nbytes, tier="host")
@@ -372,7 +418,6 @@ class TieredStore:
         except BaseException as e:
             fut.set_exception(e)
             raise
-        return "disk"
 
     # ================================================================ public API
     def sessions(self) -> list[str]:
@@ -651,8 +696,10 @@ class TieredStore:
     def load_layer(self, sid: str, layer: int, pad_to: int | None = None) -> jax.Array:
         """``[2, pad_to or num_tokens, K, D]`` on the device; rows >= num_tokens are zeros.
 
-        From the device or host tier the transfer is dispatched asynchronously; from disk this blocks
-        on the read of the whole session into the host tier (raising `KVLost` if it is damaged).
+        From the device or host tier the transfer is dispatched asynchronously. From disk, the first
+        load starts a background promotion that reads every layer concurrently and verifies them in
+        order; a load waits for its own layer only, and raises `KVLost` at the first layer whose
+        checksum fails (layers verified before it were correct).
         """
         s = self._get(sid)
         if not 0 <= layer < self.layout.num_layers:
@@ -685,14 +732,31 @@ class TieredStore:
             else:
                 src, blocks = None, None
         if src is None:
-            for attempt in range(3):
-                came = self._ensure_host(s) if s.host is None else "host"
+            hblocks = None
+            with self._lock:
+                on_disk = s.host is None
+            if on_disk:
+                # Disk -> host runs in the background layer by layer; wait for this layer only.
+                self.prefetch(sid)
                 with self._lock:
-                    if s.host is not None:
-                        hblocks = s.host[layer][f:nb]
-                        break
-            else:
-                raise StoreError(f"session {sid!r} kept leaving the host tier while loading")
+                    part, evs, err, promo = s.partial, s.partial_ev, s.partial_err, s.promoting
+                if evs is not None:
+                    evs[layer].wait()
+                    if err[0] is not None:
+                        if isinstance(err[0], (KVLost, StoreError)):
+                            raise err[0]
+                        raise StoreError(f"session {sid!r}: reading from disk failed: {err[0]}") from err[0]
+                    if part[layer] is not None:
+                        hblocks, came = part[layer][f:nb], "disk"
+            if hblocks is None:
+                for attempt in range(3):
+                    came = self._ensure_host(s) if s.host is None else ("disk" if on_disk else "host")
+                    with self._lock:
+                        if s.host is not None:
+                            hblocks = s.host[layer][f:nb]
+                            break
+                else:
+                    raise StoreError(f"session {sid!r} kept leaving the host tier while loading")
             if came == "disk":
                 self.stats.add("misses", tier="host")
                 self.stats.add("hits", tier="disk")
@@ -727,9 +791,19 @@ class TieredStore:
                 return _Done(None)
             if s.prefetch is not None and not s.prefetch.done():
                 return s.prefetch
+            mine, fut = self._claim_promotion(s)
+            if not mine:
+                return fut
             self.stats.add("prefetches_issued")
-            s.prefetch = fut = self._io.submit(self._ensure_host, s)
+            s.prefetch = fut
+        self._io.submit(self._promote_quietly, s, fut)
         return fut
+
+    def _promote_quietly(self, s: _Session, fut: cf.Future) -> None:
+        try:
+            self._promote(s, fut)
+        except BaseException:  # noqa: BLE001 - reported through ``fut``
+            pass
 
     def evict(self, sid: str, tier: str) -> None:
         """"device": drop the device copy (to host); "host": drop the host copy (disk keeps it);
