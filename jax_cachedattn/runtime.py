@@ -43,7 +43,8 @@ def open_store(root: str | Path, layout: KVLayout, *, device_mib: int = 512, hos
                disk_mib: int | None = None, compression: str | None = None) -> TieredStore:
     Path(root).mkdir(parents=True, exist_ok=True)
     cfg = StoreConfig(root=str(Path(root).resolve()), device_bytes=device_mib * MiB, host_bytes=host_mib * MiB,
-                      disk_bytes=None if disk_mib is None else disk_mib * MiB, compression=compression)
+                      disk_bytes=None if disk_mib is None else disk_mib * MiB, compression=compression,
+                      keep_tokens_on_mismatch=True)  # another model's KV: keep the conversations, recompute
     return TieredStore(cfg, layout)
 
 

@@ -308,3 +308,53 @@ def test_unknown_session_errors(tiny):
     eng = Engine(cfg, params, store, None, EngineConfig(max_new_tokens=4))
     assert eng.preload("nobody") is False
     eng.close()
+
+
+def test_model_change_recomputes_from_token_ids(tiny, tmp_path):
+    """A store written by another model: its KV is never served, the conversation continues."""
+    cfg, params = tiny
+    msgs = _messages(cfg, 3, seed=21)
+    eng = Engine(cfg, params, _store(cfg, tmp_path), None, EngineConfig(max_new_tokens=5))
+    r0 = eng.turn("m", msgs[0])
+    r1 = eng.turn("m", msgs[1])
+    eng.close()
+    lay = KVLayout(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, cfg.dtype, "another-model")
+    from jax_cachedattn.store import FingerprintMismatch
+
+    with pytest.raises(FingerprintMismatch):
+        TieredStore(StoreConfig(root=str(tmp_path), token_block=64), lay)
+    store = TieredStore(StoreConfig(root=str(tmp_path), token_block=64, keep_tokens_on_mismatch=True), lay)
+    info = store.lookup("m")
+    assert info is not None and not info.kv_valid and info.tier is None
+    eng = Engine(cfg, params, store, None, EngineConfig(max_new_tokens=5, return_logits=True))
+    r2 = eng.turn("m", msgs[2])
+    assert r2.source == "recompute" and r2.history_tokens == info.num_tokens
+    conversation = [msgs[0], np.asarray(r0.reply_tokens, np.int32), msgs[1], np.asarray(r1.reply_tokens, np.int32)]
+    _check_turn(cfg, params, conversation, msgs[2], r2)
+    r3 = eng.turn("m", msgs[0])
+    assert r3.source == "host"  # the recomputed KV was saved under the new fingerprint
+    eng.close()
+
+
+def test_next_job_preloaded_while_current_decodes(tiny):
+    cfg, params = tiny
+    store = _store(cfg)
+    eng = Engine(cfg, params, store, None, EngineConfig(max_new_tokens=6, read_ahead=2, return_logits=True))
+    a, b = _messages(cfg, 2, seed=23)
+    eng.turn("A", a)
+    eng.turn("B", b)
+    res = eng.run_batch([("A", b), ("B", a), ("A", a)])
+    assert [r.source for r in res] == ["host", "host", "host"]
+    # B's first layers were loaded while A decoded, and A's while B decoded.
+    assert res[1].preloaded_layers == 2 and res[2].preloaded_layers == 2
+    assert res[0].preloaded_layers == 0
+    # The preloaded turn computes the same thing as a plain one.
+    ref = Engine(cfg, params, _store(cfg), None, EngineConfig(max_new_tokens=6, return_logits=True))
+    ref.turn("A", a)
+    ref.turn("B", b)
+    ref.turn("A", b)
+    rb = ref.turn("B", a)
+    np.testing.assert_array_equal(rb.prompt_logits, res[1].prompt_logits)
+    assert rb.reply_tokens == res[1].reply_tokens
+    ref.close()
+    eng.close()

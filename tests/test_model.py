@@ -116,7 +116,8 @@ def test_bucketing_bounds_compilations():
 
 
 def test_bucket_length():
-    assert [bucket_length(n) for n in (0, 1, 16, 17, 100, 512, 513, 1100)] == [0, 16, 16, 32, 128, 512, 1024, 1536]
+    assert [bucket_length(n) for n in (0, 1, 16, 17, 100, 256, 257, 513, 1100)] == [0, 16, 16, 32, 128, 256, 512, 768, 1280]
+    assert bucket_length(600, step=512) == 1024
     with pytest.raises(ValueError):
         bucket_length(-1)
 

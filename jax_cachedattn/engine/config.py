@@ -83,6 +83,9 @@ class TurnResult:
     reused_tokens: int
     """History tokens whose KV was loaded instead of recomputed."""
     read_ahead: int = 0
+    """Layers kept in flight ahead of compute during this turn's prefill."""
+    preloaded_layers: int = 0
+    """Layers found already loaded in the read buffer (preloaded while the previous job decoded)."""
     prompt_logits: np.ndarray | None = None
     decode_logits: list[np.ndarray] | None = None
 

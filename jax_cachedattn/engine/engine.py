@@ -269,6 +269,7 @@ class Engine:
         empty = jnp.zeros((2, 0, K, Dh), mc.jnp_dtype)
         if cached_len:
             loads.update(self._take_preloaded(sid, info.num_tokens, info.turn, S))
+            preloaded = len(loads)
             if source == "disk":
                 store.prefetch(sid)
             ahead = L if ec.preload == "upfront" else self._read_ahead(cached_len, S, T)
@@ -287,7 +288,7 @@ class Engine:
                     self._t_load_per_byte = self._ema(self._t_load_per_byte, (time.perf_counter() - t_l0) /
                                                       max(1, cached_len * store.layout.bytes_per_token_layer))
         else:
-            ahead = 0
+            ahead = preloaded = 0
         x = embed_jit(self.params, mc, jnp.asarray(padded))
         hists, news = [], []
         for layer in range(L):
@@ -357,7 +358,7 @@ class Engine:
             session=sid, reply=reply, reply_tokens=reply_ids, history_tokens=len(hist_ids),
             prompt_tokens=len(new_ids), generated_tokens=len(generated), truncated_tokens=n_drop,
             ttft_s=ttft, total_s=time.perf_counter() - t0, source=source,
-            reused_tokens=cached_len, read_ahead=ahead,
+            reused_tokens=cached_len, read_ahead=ahead, preloaded_layers=preloaded,
             prompt_logits=None if prompt_logits is None else prompt_logits[len(compute_ids) - len(new_ids):],
             decode_logits=decode_logits,
         )

@@ -164,7 +164,7 @@ def decode_step(params, config: ModelConfig, token, cache, length, naive_rope: b
 
 # ---- the per-layer unit the engine pipelines -------------------------------------------------
 
-def bucket_length(n: int, minimum: int = 16, step: int = 512) -> int:
+def bucket_length(n: int, minimum: int = 16, step: int = 256) -> int:
     """Static-shape bucket for ``n`` tokens: powers of two up to ``step``, then multiples of it."""
     if n < 0:
         raise ValueError(f"length must be >= 0, got {n}")

@@ -104,6 +104,9 @@ class StoreConfig:
         reads are always verified when they happen).
       wipe_on_mismatch: when the folder holds another model's KV, delete it instead of raising
         `FingerprintMismatch`.
+      keep_tokens_on_mismatch: when the folder holds another model's KV, keep every session's token
+        ids and drop its KV (``SessionInfo.kv_valid`` False), so an engine recomputes the history
+        with the new model: the conversation survives a model change, wrong KV is never served.
     """
 
     root: str | None = None
@@ -120,6 +123,7 @@ class StoreConfig:
     memory_kind: str = "pinned_host"
     verify_on_open: bool = False
     wipe_on_mismatch: bool = False
+    keep_tokens_on_mismatch: bool = False
 
     def __post_init__(self) -> None:
         if self.root is None and self.kvstore is None:

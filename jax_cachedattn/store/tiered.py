@@ -138,12 +138,16 @@ class TieredStore:
             except ValueError:
                 have = None
             if have != want:
-                if not self.cfg.wipe_on_mismatch:
+                if self.cfg.keep_tokens_on_mismatch:
+                    self._adopting = True  # _recover keeps every session's token ids, drops its KV
+                elif not self.cfg.wipe_on_mismatch:
                     raise FingerprintMismatch(
                         f"the store holds KV of another model or layout: {have!r} != {want!r} "
-                        "(set StoreConfig.wipe_on_mismatch=True to delete it)"
+                        "(set StoreConfig.wipe_on_mismatch=True to delete it, or keep_tokens_on_mismatch=True "
+                        "to keep the conversations and recompute their KV)"
                     )
-                self.disk.delete_prefix("s/")
+                else:
+                    self.disk.delete_prefix("s/")
         self.disk.write_key("store.json", json.dumps(want, sort_keys=True).encode()).result()
 
     def _recover(self) -> None:
@@ -159,13 +163,20 @@ class TieredStore:
                 self.stats.add("checksum_failures")
                 self.disk.delete_session(sid)
                 continue
-            if m.get("fingerprint") != self.layout.fingerprint:
+            foreign = m.get("fingerprint") != self.layout.fingerprint or m.get("dtype", self.layout.dtype) != self.layout.dtype
+            if foreign and not getattr(self, "_adopting", False):
                 raise FingerprintMismatch(f"session {sid!r} was made by model {m.get('fingerprint')!r}")
             s = _Session(
                 sid, offset=m["offset"], end=m["end"], turn=m["turn"],
                 token_ids=np.asarray(m["token_ids"], np.int32), kv_valid=m["kv_valid"], crc=m["crc"],
             )
             s.durable = m
+            if foreign:
+                # Another model's KV is never served; the conversation (token ids) is kept.
+                s.offset, s.end = 0, len(s.token_ids)
+                self._mark_lost(s, write=True)
+                self._sessions[sid] = s
+                continue
             if s.kv_valid:
                 cap = self.disk.capacity_blocks(sid)
                 need = _ceil_div(s.end, B)
