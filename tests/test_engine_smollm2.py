@@ -134,3 +134,18 @@ def test_cli_bad_input_exit_2(tmp_path, args, needle, smollm2_gguf):
     assert len(lines) == 1 and needle in lines[0], proc.stderr
     # Nothing was written for the session.
     assert not (store / "s").exists() or not any((store / "s").iterdir())
+
+
+def test_cli_chat_status_lines(tmp_path, smollm2_gguf):
+    """``cachedattn chat`` answers each line and prints a status line per turn (stdin driven)."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    proc = subprocess.run(
+        [sys.executable, "-m", "jax_cachedattn.cli", "chat", "--store", str(tmp_path / "store"), "--session", "c1",
+         "--max-new-tokens", "6"],
+        input="Hello there!\n\nWhat is 2+2?\n/exit\n", capture_output=True, text=True, env=env, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.count("assistant> ") == 2
+    status = [l for l in proc.stderr.splitlines() if l.startswith("[ttft")]
+    assert len(status) == 2
+    assert "history from new" in status[0] and "history from host" in status[1]

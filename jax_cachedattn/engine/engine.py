@@ -272,7 +272,15 @@ class Engine:
             preloaded = len(loads)
             if source == "disk":
                 store.prefetch(sid)
-            ahead = L if ec.preload == "upfront" else self._read_ahead(cached_len, S, T)
+            if ec.preload == "upfront":
+                ahead = L
+            elif source == "disk" and ec.read_ahead is None:
+                # Every layer's disk read is already in flight (the store reads them concurrently) and
+                # a disk load blocks this thread until its layer is verified: ask for the next one
+                # only, so compute is dispatched as soon as each layer lands.
+                ahead = 1
+            else:
+                ahead = self._read_ahead(cached_len, S, T)
             t_l0 = time.perf_counter()
             measure = 0 not in loads and source in ("host", "device")
             if 0 not in loads:

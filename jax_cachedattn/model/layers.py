@@ -31,23 +31,26 @@ def mlp(lp: dict, x: jnp.ndarray) -> jnp.ndarray:
     return (jax.nn.silu(x @ lp["w_gate"]) * (x @ lp["w_up"])) @ lp["w_down"]
 
 
-def _attend_block(q, kh, vh, kn, vn, hist_valid, causal):
-    """Softmax over [history ⊕ new keys] without concatenating them.
+def _attend_parts(q, parts):
+    """Softmax over the concatenation of several key ranges without concatenating them.
 
-    q  [K, G, B, Dh] (already scaled), kh/vh [K, S, Dh], kn/vn [K, N, Dh],
-    hist_valid [S] bool, causal [B, N] bool. Returns [K, G, B, Dh] float32.
+    q ``[K, G, B, Dh]`` (already scaled); parts: ``(k [K, N, Dh], v [K, N, Dh], mask)`` with mask
+    ``None`` (every key visible) or broadcastable to ``[K, G, B, N]``. Returns ``[K, G, B, Dh]`` f32.
     """
     f32 = jnp.float32
-    s_h = jnp.einsum("kgbd,ksd->kgbs", q, kh, preferred_element_type=f32)
-    s_h = jnp.where(hist_valid[None, None, None, :], s_h, _NEG)
-    s_n = jnp.einsum("kgbd,knd->kgbn", q, kn, preferred_element_type=f32)
-    s_n = jnp.where(causal[None, None, :, :], s_n, _NEG)
-    m = jnp.maximum(s_h.max(axis=-1, initial=_NEG), s_n.max(axis=-1, initial=_NEG))[..., None]
-    p_h = jnp.exp(s_h - m)
-    p_n = jnp.exp(s_n - m)
-    denom = p_h.sum(axis=-1) + p_n.sum(axis=-1)
-    out = jnp.einsum("kgbs,ksd->kgbd", p_h.astype(vh.dtype), vh, preferred_element_type=f32)
-    out = out + jnp.einsum("kgbn,knd->kgbd", p_n.astype(vn.dtype), vn, preferred_element_type=f32)
+    scores = []
+    for k, v, mask in parts:
+        sc = jnp.einsum("kgbd,knd->kgbn", q, k, preferred_element_type=f32)
+        scores.append(sc if mask is None else jnp.where(mask, sc, _NEG))
+    m = scores[0].max(axis=-1, initial=_NEG)
+    for sc in scores[1:]:
+        m = jnp.maximum(m, sc.max(axis=-1, initial=_NEG))
+    m = m[..., None]
+    denom, out = 0.0, 0.0
+    for sc, (_, v, _) in zip(scores, parts):
+        p = jnp.exp(sc - m)
+        denom = denom + p.sum(axis=-1)
+        out = out + jnp.einsum("kgbn,knd->kgbd", p.astype(v.dtype), v, preferred_element_type=f32)
     return out / denom[..., None]
 
 
@@ -58,13 +61,15 @@ def attention(
     k_new: jnp.ndarray,
     v_new: jnp.ndarray,
     history_len: jnp.ndarray,
-    block_q: int = 512,
+    block_q: int = 256,
 ) -> jnp.ndarray:
     """Blocked causal grouped-query attention, heads-major.
 
-    q ``[T, H, Dh]`` and k_hist/k_new already rotated. Query block ``i`` attends to every valid
-    history key and to the new keys up to the end of its block: no ``T x T`` score matrix is
-    materialised beyond the causal staircase. Returns ``[T, H, Dh]`` in q's dtype.
+    q ``[T, H, Dh]`` and k_hist/k_new already rotated. Query block ``[s, e)`` attends to three key
+    ranges, softmaxed together without concatenation: the valid history (a padding mask), the new
+    keys before the block (no mask at all) and the block's own keys (the causal triangle). No
+    ``T x T`` score matrix is materialised beyond the causal staircase, and only the diagonal
+    blocks pay for masking. Returns ``[T, H, Dh]`` in q's dtype.
     """
     T, H, Dh = q.shape
     K = k_new.shape[1]
@@ -74,12 +79,18 @@ def attention(
     qh = (q.astype(jnp.float32) * scale).astype(q.dtype).reshape(T, K, G, Dh).transpose(1, 2, 0, 3)  # [K,G,T,Dh]
     kh, vh = k_hist.transpose(1, 0, 2), v_hist.transpose(1, 0, 2)  # [K,S,Dh]
     kn, vn = k_new.transpose(1, 0, 2), v_new.transpose(1, 0, 2)  # [K,T,Dh]
-    hist_valid = jnp.arange(S) < history_len
+    hist_mask = (jnp.arange(S) < history_len)[None, None, None, :]
     outs = []
     for start in range(0, T, block_q):  # static loop; the last block may be shorter
         end = min(start + block_q, T)
-        causal = jnp.arange(start, end)[:, None] >= jnp.arange(end)[None, :]  # [B, end]
-        outs.append(_attend_block(qh[:, :, start:end], kh, vh, kn[:, :end], vn[:, :end], hist_valid, causal))
+        parts = []
+        if S:
+            parts.append((kh, vh, hist_mask))
+        if start:
+            parts.append((kn[:, :start], vn[:, :start], None))
+        causal = jnp.arange(start, end)[:, None] >= jnp.arange(start, end)[None, :]  # [B, B]
+        parts.append((kn[:, start:end], vn[:, start:end], causal[None, None]))
+        outs.append(_attend_parts(qh[:, :, start:end], parts))
     out = jnp.concatenate(outs, axis=2)  # [K,G,T,Dh]
     return out.transpose(2, 0, 1, 3).reshape(T, H, Dh).astype(q.dtype)
 
@@ -109,7 +120,7 @@ def layer_step(
     history_len: jnp.ndarray,
     positions: jnp.ndarray,
     config: ModelConfig,
-    block_q: int = 512,
+    block_q: int = 256,
     naive_rope: bool = False,
 ) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]:
     """One decoder block over new tokens against a cached history.
