@@ -774,7 +774,7 @@ class TieredStore:
             else:
                 self.stats.add("hits", tier="host")
             self.stats.add("bytes_read", len(hblocks) * self.block_bytes, tier="host")
-            blocks = [jax.device_put(b, self._dev) for b in hblocks]
+            blocks = jax.device_put(list(hblocks), self._dev)  # one batched transfer call
             self.policy.touch(sid, "host")
             if self.budget["device"] > 0 and self._reserve("device", len(blocks) * self.block_bytes, s, required=False):
                 with self._lock:
