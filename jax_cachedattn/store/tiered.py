@@ -23,6 +23,7 @@ except short TensorStore metadata calls.
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures as cf
 import dataclasses
 import functools
@@ -97,6 +98,10 @@ class _Done(cf.Future):
 class TieredStore:
     """Session KV store over device, host and disk tiers. See the module docstring."""
 
+    READ_AHEAD_BYTES = 256 << 20  # disk reads issued ahead of verification (promotion)
+    WRITE_INFLIGHT_BYTES = 256 << 20  # disk writes not yet committed before the save worker waits
+    VERIFY_THREADS = 2
+
     def __init__(self, cfg: StoreConfig, layout: KVLayout, policy: EvictionPolicy | None = None, *, device=None):
         self.cfg, self.layout = cfg, layout
         self.policy: EvictionPolicy = policy or LRUPolicy()
@@ -120,9 +125,12 @@ class TieredStore:
         self._closed = False
         self._errors: list[BaseException] = []
         self.disk = DiskTier(cfg, layout)
+        self._verify_pool = cf.ThreadPoolExecutor(self.VERIFY_THREADS, thread_name_prefix="kvstore-verify")
         self._check_store_meta()
         self._recover()
         self._worker = cf.ThreadPoolExecutor(1, thread_name_prefix="kvstore-save")
+        self._inflight: collections.deque = collections.deque()  # (bytes, commit future), save worker only
+        self._inflight_bytes = 0
         self._committer = cf.ThreadPoolExecutor(1, thread_name_prefix="kvstore-commit")
         self._io = cf.ThreadPoolExecutor(2, thread_name_prefix="kvstore-io")
 
@@ -338,37 +346,72 @@ class TieredStore:
     def _read_verified(self, s: _Session, publish=None) -> list[list[Any]]:
         """Read all committed blocks of ``s`` from disk, check crcs, return host blocks [layer][block].
 
-        Every layer's read is issued at once (TensorStore runs them concurrently); layers are then
-        verified in order and handed to ``publish(layer, blocks)`` as soon as each is ready, so a
-        load of layer 0 does not wait for layer L-1.
+        One TensorStore read per (layer, block) chunk, each returning a contiguous ``[2, B, K, D]``
+        array that is checksummed and copied to ``pinned_host`` as is (no re-packing). Reads are
+        issued a bounded number of bytes ahead of verification; crc + host copy of different layers
+        run on a small thread pool (zlib.crc32 and the copy release the GIL), and layers are handed
+        to ``publish(layer, blocks)`` in layer order, so a load of layer 0 does not wait for layer L-1.
         """
         B, L = self.cfg.token_block, self.layout.num_layers
         f, nb = s.offset // B, _ceil_div(s.end, B)
         blocks: list[list[Any]] = [[None] * nb for _ in range(L)]
         if nb <= f:
             return blocks
+
+        def lost(e):
+            self._mark_lost(s, write=True)
+            return KVLost(f"session {s.sid!r}: KV unreadable ({e}); recompute from its token ids")
+
         try:
             arr = self.disk.array(s.sid)
-            futs = [arr[layer, :, f * B : nb * B].read() for layer in range(L)]
         except Exception as e:  # noqa: BLE001 - missing/undecodable array = damaged
-            self._mark_lost(s, write=True)
-            raise KVLost(f"session {s.sid!r}: KV unreadable ({e}); recompute from its token ids") from e
-        for layer in range(L):
-            try:
-                data = futs[layer].result()
-            except Exception as e:  # noqa: BLE001 - undecodable chunk = damaged
-                self._mark_lost(s, write=True)
-                raise KVLost(f"session {s.sid!r}: KV unreadable ({e}); recompute from its token ids") from e
-            self.stats.add("bytes_read", data.nbytes, tier="disk")
-            for b in range(f, nb):
-                blk = data[:, (b - f) * B : (b - f + 1) * B]
-                rows = min(B, s.end - b * B)
-                if block_crc(blk, rows) != s.crc[layer][b]:
+            raise lost(e) from e
+        crc = s.crc
+        end = s.end
+
+        def issue(layer):
+            return [arr[layer, :, b * B : (b + 1) * B].read() for b in range(f, nb)]
+
+        def verify(layer, futs):
+            out = []
+            for b, fu in zip(range(f, nb), futs):
+                try:
+                    data = fu.result()
+                except Exception as e:  # noqa: BLE001 - undecodable chunk = damaged
+                    return ("unreadable", e)
+                rows = min(B, end - b * B)
+                if block_crc(data, rows) != crc[layer][b]:
+                    return ("crc", b)
+                out.append(jax.device_put(data, self._host))
+            return ("ok", out)
+
+        layer_bytes = (nb - f) * self.block_bytes
+        ahead = max(2, min(L, self.READ_AHEAD_BYTES // max(1, layer_bytes)))
+        pool = self._verify_pool
+        pending: list = []
+        nxt = 0
+        try:
+            for layer in range(L):
+                while nxt < L and nxt < layer + ahead:
+                    futs = issue(nxt)
+                    pending.append(pool.submit(verify, nxt, futs))
+                    nxt += 1
+                kind, val = pending[layer].result()
+                pending[layer] = None
+                if kind == "unreadable":
+                    raise lost(val) from val
+                if kind == "crc":
                     self._mark_lost(s, write=True)
-                    raise KVLost(f"session {s.sid!r}: checksum mismatch at layer {layer} block {b}; recompute")
-                blocks[layer][b] = jax.device_put(np.ascontiguousarray(blk), self._host)
-            if publish is not None:
-                publish(layer, blocks[layer])
+                    raise KVLost(f"session {s.sid!r}: checksum mismatch at layer {layer} block {val}; recompute")
+                self.stats.add("bytes_read", len(val) * self.block_bytes, tier="disk")
+                blocks[layer][f:nb] = val
+                if publish is not None:
+                    publish(layer, blocks[layer])
+        except BaseException:
+            for p in pending:
+                if p is not None:
+                    p.cancel()
+            raise
         return blocks
 
     def _claim_promotion(self, s: _Session) -> tuple[bool, cf.Future | None]:
@@ -541,26 +584,44 @@ class TieredStore:
         B = self.cfg.token_block
         try:
             x = np.asarray(kv_new)  # waits for the device -> host copy
+            if not x.flags.c_contiguous:
+                x = np.ascontiguousarray(x)
             b0, b1 = a0 // B, _ceil_div(a1, B)
+            # Whole blocks stay views of ``x`` (each of x[0, rows] / x[1, rows] is contiguous, so the crc
+            # needs no copy); a partial block (a turn's first or last) is merged with the host copy.
             new_blocks = []
+            segs: list[tuple[int, np.ndarray]] = []  # (first block, [2, nb*B, K, D]) disk writes
+            run0 = None
             for b in range(b0, b1):
                 lo, hi = max(a0, b * B), min(a1, (b + 1) * B)
                 if lo == b * B and hi == (b + 1) * B:
-                    blk = np.ascontiguousarray(x[:, lo - a0 : hi - a0])
+                    blk = x[:, lo - a0 : hi - a0]
+                    if run0 is None:
+                        run0 = b
                 else:
+                    if run0 is not None:
+                        segs.append((run0, x[:, run0 * B - a0 : b * B - a0]))
+                        run0 = None
                     with self._lock:
                         old = s.host[layer][b] if b < len(s.host[layer]) else None
                     blk = np.array(old) if old is not None else np.zeros((2, B) + x.shape[2:], x.dtype)
                     blk[:, lo - b * B : hi - b * B] = x[:, lo - a0 : hi - a0]
+                    segs.append((b, blk))
                 new_blocks.append(blk)
                 pcrc[b] = block_crc(blk, hi - b * B)
-            data = new_blocks[0] if len(new_blocks) == 1 else np.concatenate(new_blocks, axis=1)
+            if run0 is not None:
+                segs.append((run0, x[:, run0 * B - a0 : b1 * B - a0]))
             prev = s.tailw.get(layer)
             if prev is not None and prev[0] >= b0:
                 prev[1].result()  # two writes of one chunk in flight may land out of order: serialize
-            w = self.disk.write_blocks(s.sid, layer, b0, data)  # data is freed once w.copy resolves
+            ws = []
+            for sb, data in segs:
+                w = self.disk.write_blocks(s.sid, layer, sb, data)  # data is referenced until w.copy resolves
+                ws.append(w)
+                self.stats.add("bytes_written", data.nbytes, tier="disk")
+                self._inflight.append((data.nbytes, w.commit))
+                self._inflight_bytes += data.nbytes
             self.stats.add("bytes_written", x.nbytes, tier="host")
-            self.stats.add("bytes_written", data.nbytes, tier="disk")
             hblocks = [jax.device_put(blk, self._host) for blk in new_blocks]
             with self._lock:
                 if s.host is not None:
@@ -578,8 +639,18 @@ class TieredStore:
                             dl[b] = d
                         else:
                             dl.append(d)
-                s.writes.append(w.commit)
-                s.tailw[layer] = (b1 - 1, w.commit)
+                s.writes.extend(w.commit for w in ws)
+                s.tailw[layer] = (b1 - 1, ws[-1].commit)
+            # Bound the bytes of writes issued but not committed (each holds TensorStore chunk buffers).
+            while self._inflight and self._inflight[0][1].done():
+                self._inflight_bytes -= self._inflight.popleft()[0]
+            while self._inflight and self._inflight_bytes > self.WRITE_INFLIGHT_BYTES:
+                nbytes, c = self._inflight.popleft()
+                self._inflight_bytes -= nbytes
+                try:
+                    c.result()
+                except Exception:  # noqa: BLE001 - reported by the commit future
+                    pass
         except BaseException as e:
             with self._lock:
                 self._errors.append(e)
@@ -883,7 +954,7 @@ class TieredStore:
             self.flush()
         finally:
             self._closed = True
-            for ex in (self._worker, self._committer, self._io):
+            for ex in (self._worker, self._committer, self._io, self._verify_pool):
                 ex.shutdown(wait=True)
 
     def __enter__(self) -> "TieredStore":
