@@ -24,10 +24,10 @@ demo: $(VENV)/.installed
 	$(VENV)/bin/cachedattn demo
 
 test: $(VENV)/.test-installed
-	$(PY) -m pytest -q -m "not slow" tests
+	$(PY) -m pytest -q -m "not slow" --durations=10 tests
 
 test-all: $(VENV)/.test-installed
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=10 tests
 
 clean:
 	rm -rf $(VENV) build *.egg-info
