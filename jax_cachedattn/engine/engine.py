@@ -258,7 +258,8 @@ class Engine:
         L, K, Dh = mc.num_layers, mc.num_kv_heads, mc.head_dim
         naive = ec.rope_mode == "naive"
         n_comp = len(compute_ids)
-        S, T = bucket_length(cached_len), bucket_length(n_comp)
+        # New tokens bucket finer (128) than history capacity (256): padding is compute, capacity is a copy.
+        S, T = bucket_length(cached_len), bucket_length(n_comp, step=128)
         padded = np.zeros(T, np.int32)
         padded[:n_comp] = compute_ids
         positions = jnp.arange(cached_len, cached_len + T, dtype=jnp.int32)

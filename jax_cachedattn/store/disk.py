@@ -182,8 +182,18 @@ class DiskTier:
         return arr.shape[2] // self.cfg.token_block
 
     def resize(self, sid: str, blocks: int) -> None:
-        arr = self.array(sid, create=True)
-        new = arr.resize(exclusive_max=[None, None, blocks * self.cfg.token_block, None, None]).result()
+        shape = [None, None, blocks * self.cfg.token_block, None, None]
+        try:
+            new = self.array(sid, create=True).resize(exclusive_max=shape).result()
+        except ValueError as e:
+            if "does not exist" not in str(e):
+                raise
+            # A handle opened before the session's data was deleted: open (create) afresh.
+            self.forget(sid)
+            spec = self._spec(sid)
+            spec.update(create=True, open=True, recheck_cached_metadata=True)
+            arr = ts.open(spec, context=self.context).result()
+            new = arr.resize(exclusive_max=shape).result()
         self._arrays[sid] = new
 
     def write_blocks(self, sid: str, layer: int, b0: int, data: np.ndarray):

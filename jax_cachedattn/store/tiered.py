@@ -358,7 +358,19 @@ class TieredStore:
         if nb <= f:
             return blocks
 
+        pending: list = []
+
+        def quiesce():
+            # Reads still in flight keep TensorStore's handle (and cached metadata) of the array
+            # alive; let them finish before the damaged data is deleted, or a re-save of the session
+            # can open the deleted array through that stale handle.
+            for p in pending:
+                if p is not None:
+                    p.cancel()
+            cf.wait([p for p in pending if p is not None])
+
         def lost(e):
+            quiesce()
             self._mark_lost(s, write=True)
             return KVLost(f"session {s.sid!r}: KV unreadable ({e}); recompute from its token ids")
 
@@ -388,7 +400,6 @@ class TieredStore:
         layer_bytes = (nb - f) * self.block_bytes
         ahead = max(2, min(L, self.READ_AHEAD_BYTES // max(1, layer_bytes)))
         pool = self._verify_pool
-        pending: list = []
         nxt = 0
         try:
             for layer in range(L):
@@ -401,6 +412,7 @@ class TieredStore:
                 if kind == "unreadable":
                     raise lost(val) from val
                 if kind == "crc":
+                    quiesce()
                     self._mark_lost(s, write=True)
                     raise KVLost(f"session {s.sid!r}: checksum mismatch at layer {layer} block {val}; recompute")
                 self.stats.add("bytes_read", len(val) * self.block_bytes, tier="disk")
