@@ -50,12 +50,13 @@ def _check_turn(cfg, params, conversation, msg, res):
     return full, gen
 
 
-@pytest.mark.parametrize("where", ["host", "disk", "device", "reopen"])
+@pytest.mark.parametrize("where", ["host", "disk", "device", "reopen", "disk-in-program", "host-in-program"])
 def test_multi_turn_equals_recompute(tiny, tmp_path, where):
     cfg, params = tiny
+    where, _, mode = where.partition("-")
     dev = 1 << 24 if where == "device" else 0
     store = _store(cfg, tmp_path, device_bytes=dev)
-    ec = EngineConfig(max_new_tokens=12, return_logits=True, save_every=5)
+    ec = EngineConfig(max_new_tokens=12, return_logits=True, save_every=5, preload=mode.replace("-", "_") or "layerwise")
     eng = Engine(cfg, params, store, None, ec)
     conversation = []
     sources = []
@@ -98,12 +99,12 @@ def test_no_cache_recomputes_with_same_answer(tiny):
     assert out[True][2].reused_tokens > 0 and out[False][2].reused_tokens == 0
 
 
-def test_upfront_and_layerwise_agree(tiny):
+def test_preload_modes_agree(tiny):
     cfg, params = tiny
     msgs = _messages(cfg, 3, seed=4)
     replies = {}
-    for mode in ("layerwise", "upfront"):
-        for ra in (None, 1, 3):
+    for mode in ("layerwise", "in_program", "upfront"):
+        for ra in (None, 1, 3) if mode == "layerwise" else (None,):
             eng = Engine(cfg, params, _store(cfg), None, EngineConfig(max_new_tokens=6, preload=mode, read_ahead=ra,
                                                                        return_logits=True))
             rs = [eng.turn("s", m) for m in msgs]

@@ -20,8 +20,11 @@ class EngineConfig:
       and always at least what the overflow needs; whole turns are preferred.
     rope_mode: ``decoupled`` stores keys before RoPE (truncation keeps the cache valid); ``naive``
       stores them after RoPE, the usual engine, kept only to show that truncating it is wrong.
-    preload: ``layerwise`` overlaps loading layer ``l + read_ahead`` with computing layer ``l``;
-      ``upfront`` loads every layer before prefill starts (the comparison).
+    preload: ``layerwise`` overlaps loading layer ``l + read_ahead`` with computing layer ``l``
+      (one jitted step per layer, loads issued through async dispatch); ``in_program`` hands every
+      layer's ``pinned_host`` blocks to one jitted program that moves them to the device itself
+      and lets XLA schedule the copies against compute; ``upfront`` loads every layer before
+      prefill starts (the comparison).
     read_ahead: layers in flight ahead of compute; ``None`` sizes it from measured load and compute
       times (the paper's read buffer): more layers ahead when loading a layer is slower than
       computing one.
@@ -54,8 +57,8 @@ class EngineConfig:
             raise ValueError(f"truncation_ratio must be in (0, 1), got {self.truncation_ratio}")
         if self.rope_mode not in ("decoupled", "naive"):
             raise ValueError(f"rope_mode must be 'decoupled' or 'naive', got {self.rope_mode!r}")
-        if self.preload not in ("layerwise", "upfront"):
-            raise ValueError(f"preload must be 'layerwise' or 'upfront', got {self.preload!r}")
+        if self.preload not in ("layerwise", "in_program", "upfront"):
+            raise ValueError(f"preload must be 'layerwise', 'in_program' or 'upfront', got {self.preload!r}")
         if self.read_ahead is not None and self.read_ahead < 1:
             raise ValueError(f"read_ahead must be None or >= 1, got {self.read_ahead}")
         if self.save_every < 1:

@@ -80,6 +80,32 @@ def _all_logits(params, config: ModelConfig, x):
     return unembed(params, config, x)
 
 
+@functools.partial(jax.jit, static_argnames=("config", "cap", "naive"))
+def _prefill_in_program(params, config: ModelConfig, tokens, blocks, off, hist_len, positions, cap: int, naive: bool):
+    """Prefill in one program: every layer's history blocks come in as they are (``pinned_host`` or
+    device), are moved to the device inside the program and assembled there, so XLA can overlap
+    the copies of later layers with the compute of earlier ones.
+
+    blocks: ``L`` tuples of ``[2, B, K, Dh]`` blocks. Returns ``(x [T, D], hists, news)`` with
+    ``hists`` ``L x [2, cap, K, Dh]`` and ``news`` ``L x [2, T, K, Dh]`` (pre-RoPE keys).
+    """
+    from jax_cachedattn.model import embed, layer_step
+    from jax_cachedattn.store import assemble_blocks
+
+    TRACE_COUNTS["prefill_in_program"] += 1
+    T = tokens.shape[0]
+    x = embed(params, tokens)
+    hists, news = [], []
+    for layer in range(config.num_layers):
+        lb = tuple(jax.device_put(b, jax.memory.Space.Device) for b in blocks[layer])
+        hist = assemble_blocks(lb, off, hist_len, cap)
+        lp = jax.tree.map(lambda a: a[layer], params["layers"])
+        x, k, v = layer_step(lp, x, hist[0], hist[1], hist_len, positions, config, T if T <= 256 else 256, naive)
+        hists.append(hist)
+        news.append(jnp.stack([k, v]))
+    return x, tuple(hists), tuple(news)
+
+
 @functools.partial(jax.jit, static_argnames=("cap",))
 def _assemble(hists, news, hist_len, cap: int):
     """Decode cache ``[L, 2, cap, K, Dh]``: history rows then the new rows at ``hist_len``."""
@@ -268,7 +294,17 @@ class Engine:
         # ---- layer-wise pre-loading: loads run ahead of compute ----------------------------------
         loads: dict[int, jax.Array] = {}
         empty = jnp.zeros((2, 0, K, Dh), mc.jnp_dtype)
-        if cached_len:
+        if cached_len and ec.preload == "in_program":
+            parts = [store.layer_blocks(sid, layer) for layer in range(L)]
+            ahead, preloaded = L, 0
+            x, hists, news = _prefill_in_program(
+                self.params, mc, jnp.asarray(padded), tuple(p[0] for p in parts), jnp.int32(parts[0][1]),
+                hist_len_arr, positions, S, naive)
+            hists, news = list(hists), list(news)
+            if store is not None:
+                for layer in range(L):
+                    store.save_layer(sid, layer, _Rows(news[layer], 0, n_comp), start=save_from)
+        elif cached_len:
             loads.update(self._take_preloaded(sid, info.num_tokens, info.turn, S))
             preloaded = len(loads)
             if source == "disk":
@@ -298,22 +334,23 @@ class Engine:
                                                       max(1, cached_len * store.layout.bytes_per_token_layer))
         else:
             ahead = preloaded = 0
-        x = embed_jit(self.params, mc, jnp.asarray(padded))
-        hists, news = [], []
-        for layer in range(L):
-            for j in range(layer + 1, min(L, layer + 1 + ahead)):
-                if j not in loads:
-                    loads[j] = store.load_layer(sid, j, pad_to=S)
-            hist = loads.pop(layer) if cached_len else empty
-            t_c = time.perf_counter() if layer == 0 else None
-            x, new_kv = layer_step_jit(self.layers[layer], x, hist, hist_len_arr, positions, mc, naive)
-            if t_c is not None and cached_len:
-                x.block_until_ready()
-                self._t_layer[(S, T)] = self._ema(self._t_layer.get((S, T)), time.perf_counter() - t_c)
-            if store is not None and n_comp > save_from - cached_len:
-                store.save_layer(sid, layer, _Rows(new_kv, save_from - cached_len, n_comp), start=save_from)
-            hists.append(hist)
-            news.append(new_kv)
+        if not (cached_len and ec.preload == "in_program"):
+            x = embed_jit(self.params, mc, jnp.asarray(padded))
+            hists, news = [], []
+            for layer in range(L):
+                for j in range(layer + 1, min(L, layer + 1 + ahead)):
+                    if j not in loads:
+                        loads[j] = store.load_layer(sid, j, pad_to=S)
+                hist = loads.pop(layer) if cached_len else empty
+                t_c = time.perf_counter() if layer == 0 else None
+                x, new_kv = layer_step_jit(self.layers[layer], x, hist, hist_len_arr, positions, mc, naive)
+                if t_c is not None and cached_len:
+                    x.block_until_ready()
+                    self._t_layer[(S, T)] = self._ema(self._t_layer.get((S, T)), time.perf_counter() - t_c)
+                if store is not None and n_comp > save_from - cached_len:
+                    store.save_layer(sid, layer, _Rows(new_kv, save_from - cached_len, n_comp), start=save_from)
+                hists.append(hist)
+                news.append(new_kv)
         prompt_logits = np.asarray(_all_logits(self.params, mc, x)[:n_comp]) if ec.return_logits else None
         logits = _logits_at(self.params, mc, x, jnp.int32(n_comp - 1))
         tok = int(self._sample(logits))

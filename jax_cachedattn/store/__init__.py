@@ -16,10 +16,10 @@ from .errors import (
 from .layout import KVLayout, SessionInfo, StoreConfig, validate_session_id
 from .policy import EvictionPolicy, LRUPolicy
 from .stats import StoreStats
-from .tiered import TieredStore
+from .tiered import TieredStore, assemble_blocks
 
 __all__ = [
     "BudgetError", "DiskFull", "EvictionPolicy", "FingerprintMismatch", "InvalidSessionId", "KVLayout",
     "KVLost", "LRUPolicy", "LayoutMismatch", "SessionInfo", "StoreConfig", "StoreError", "StoreStats",
-    "TieredStore", "UnknownSession", "validate_session_id",
+    "TieredStore", "UnknownSession", "assemble_blocks", "validate_session_id",
 ]

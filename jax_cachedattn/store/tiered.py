@@ -43,14 +43,18 @@ from .stats import StoreStats
 TIERS = ("device", "host", "disk")
 
 
-@functools.partial(jax.jit, static_argnames=("pad_to",))
-def _assemble(blocks: tuple[jax.Array, ...], off: jax.Array, n: jax.Array, pad_to: int) -> jax.Array:
-    """blocks: nb x [2, B, K, D] -> [2, pad_to, K, D]: rows off..off+n of the concatenation, zeros after."""
+def assemble_blocks(blocks: tuple[jax.Array, ...], off: jax.Array, n: jax.Array, pad_to: int) -> jax.Array:
+    """blocks: nb x [2, B, K, D] -> [2, pad_to, K, D]: rows off..off+n of the concatenation, zeros after.
+
+    Traceable: usable inside another jitted program (all blocks in one memory space)."""
     zeros = jnp.zeros((2, pad_to) + blocks[0].shape[2:], blocks[0].dtype)
     x = jnp.concatenate(list(blocks) + [zeros], axis=1)
     y = jax.lax.dynamic_slice_in_dim(x, off, pad_to, axis=1)
     keep = jnp.arange(pad_to) < n
     return jnp.where(keep[None, :, None, None], y, jnp.zeros_like(y))
+
+
+_assemble = jax.jit(assemble_blocks, static_argnames=("pad_to",))
 
 
 def _ceil_div(a: int, b: int) -> int:
@@ -787,14 +791,9 @@ class TieredStore:
             s.durable = body
         return snap["turn"]
 
-    def load_layer(self, sid: str, layer: int, pad_to: int | None = None) -> jax.Array:
-        """``[2, pad_to or num_tokens, K, D]`` on the device; rows >= num_tokens are zeros.
-
-        From the device or host tier the transfer is dispatched asynchronously. From disk, the first
-        load starts a background promotion that reads every layer concurrently and verifies them in
-        order; a load waits for its own layer only, and raises `KVLost` at the first layer whose
-        checksum fails (layers verified before it were correct).
-        """
+    def _resolve_layer(self, sid: str, layer: int, pad_to: int | None):
+        """Find ``layer`` of ``sid``: ``(s, src, blocks, off, n, pad, f)``; src is "device" (device
+        blocks), "host"/"disk" (pinned_host blocks; "disk" = just promoted) or "empty"."""
         s = self._get(sid)
         if not 0 <= layer < self.layout.num_layers:
             raise LayoutMismatch(f"layer {layer} out of range [0, {self.layout.num_layers})")
@@ -817,48 +816,64 @@ class TieredStore:
                 self.stats.add("prefetches_in_time")
         B = self.cfg.token_block
         f, nb = s.offset // B, _ceil_div(s.end, B)
+        off = s.offset - f * B
         if nb <= f:
-            return jnp.zeros((2, pad, self.layout.kv_heads, self.layout.head_dim), self.layout.np_dtype, device=self.device)
+            return s, "empty", (), off, n, pad, f
         with self._lock:
             dl = s.device[layer] if s.device is not None else None
             if dl is not None and len(dl) >= nb:
-                src, blocks = "device", dl[f:nb]
-            else:
-                src, blocks = None, None
-        if src is None:
-            hblocks = None
+                return s, "device", dl[f:nb], off, n, pad, f
+        hblocks = None
+        with self._lock:
+            on_disk = s.host is None
+        if on_disk:
+            # Disk -> host runs in the background layer by layer; wait for this layer only.
+            self.prefetch(sid)
             with self._lock:
-                on_disk = s.host is None
-            if on_disk:
-                # Disk -> host runs in the background layer by layer; wait for this layer only.
-                self.prefetch(sid)
+                part, evs, err = s.partial, s.partial_ev, s.partial_err
+            if evs is not None:
+                evs[layer].wait()
+                if err[0] is not None:
+                    if isinstance(err[0], (KVLost, StoreError)):
+                        raise err[0]
+                    raise StoreError(f"session {sid!r}: reading from disk failed: {err[0]}") from err[0]
+                if part[layer] is not None:
+                    hblocks, came = part[layer][f:nb], "disk"
+        if hblocks is None:
+            for attempt in range(3):
+                came = self._ensure_host(s) if s.host is None else ("disk" if on_disk else "host")
                 with self._lock:
-                    part, evs, err, promo = s.partial, s.partial_ev, s.partial_err, s.promoting
-                if evs is not None:
-                    evs[layer].wait()
-                    if err[0] is not None:
-                        if isinstance(err[0], (KVLost, StoreError)):
-                            raise err[0]
-                        raise StoreError(f"session {sid!r}: reading from disk failed: {err[0]}") from err[0]
-                    if part[layer] is not None:
-                        hblocks, came = part[layer][f:nb], "disk"
-            if hblocks is None:
-                for attempt in range(3):
-                    came = self._ensure_host(s) if s.host is None else ("disk" if on_disk else "host")
-                    with self._lock:
-                        if s.host is not None:
-                            hblocks = s.host[layer][f:nb]
-                            break
-                else:
-                    raise StoreError(f"session {sid!r} kept leaving the host tier while loading")
-            if came == "disk":
-                self.stats.add("misses", tier="host")
-                self.stats.add("hits", tier="disk")
+                    if s.host is not None:
+                        hblocks = s.host[layer][f:nb]
+                        break
             else:
-                self.stats.add("hits", tier="host")
-            self.stats.add("bytes_read", len(hblocks) * self.block_bytes, tier="host")
-            blocks = jax.device_put(list(hblocks), self._dev)  # one batched transfer call
-            self.policy.touch(sid, "host")
+                raise StoreError(f"session {sid!r} kept leaving the host tier while loading")
+        if came == "disk":
+            self.stats.add("misses", tier="host")
+            self.stats.add("hits", tier="disk")
+        else:
+            self.stats.add("hits", tier="host")
+        self.stats.add("bytes_read", len(hblocks) * self.block_bytes, tier="host")
+        self.policy.touch(sid, "host")
+        return s, came, hblocks, off, n, pad, f
+
+    def load_layer(self, sid: str, layer: int, pad_to: int | None = None) -> jax.Array:
+        """``[2, pad_to or num_tokens, K, D]`` on the device; rows >= num_tokens are zeros.
+
+        From the device or host tier the transfer is dispatched asynchronously. From disk, the first
+        load starts a background promotion that reads every layer concurrently and verifies them in
+        order; a load waits for its own layer only, and raises `KVLost` at the first layer whose
+        checksum fails (layers verified before it were correct).
+        """
+        s, src, blocks, off, n, pad, f = self._resolve_layer(sid, layer, pad_to)
+        if src == "empty":
+            return jnp.zeros((2, pad, self.layout.kv_heads, self.layout.head_dim), self.layout.np_dtype, device=self.device)
+        if src == "device":
+            self.stats.add("hits", tier="device")
+            self.stats.add("bytes_read", len(blocks) * self.block_bytes, tier="device")
+            self.policy.touch(sid, "device")
+        else:
+            blocks = jax.device_put(list(blocks), self._dev)  # one batched transfer call
             if self.budget["device"] > 0 and self._reserve("device", len(blocks) * self.block_bytes, s, required=False):
                 with self._lock:
                     if s.device is None:
@@ -871,11 +886,19 @@ class TieredStore:
                     s.device_bytes += len(blocks) * self.block_bytes
                     self.stats.add("bytes_written", len(blocks) * self.block_bytes, tier="device")
                 self.policy.touch(sid, "device")
-        else:
+        return _assemble(tuple(blocks), jnp.int32(off), jnp.int32(n), pad)
+
+    def layer_blocks(self, sid: str, layer: int) -> tuple[tuple[jax.Array, ...], int, int, str]:
+        """``(blocks, offset, num_tokens, tier)``: the blocks ``[2, B, K, D]`` that hold ``layer``,
+        where they are (``device`` or ``pinned_host`` memory for "host"/"disk"), the row of the first
+        kept token in their concatenation, and the token count — for a jitted program that moves
+        host blocks to the device itself (``store.assemble_blocks`` pads them). Waits like
+        `load_layer` (own layer only); the device tier is not filled by this path."""
+        s, src, blocks, off, n, pad, f = self._resolve_layer(sid, layer, None)
+        if src == "device":
             self.stats.add("hits", tier="device")
-            self.stats.add("bytes_read", len(blocks) * self.block_bytes, tier="device")
             self.policy.touch(sid, "device")
-        return _assemble(tuple(blocks), jnp.int32(s.offset - f * B), jnp.int32(n), pad)
+        return tuple(blocks), off, n, src
 
     def prefetch(self, sid: str) -> cf.Future:
         """Start reading the session disk -> host; returns a future at once."""
