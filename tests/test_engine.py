@@ -110,6 +110,13 @@ def test_preload_modes_agree(tiny):
             rs = [eng.turn("s", m) for m in msgs]
             replies[(mode, ra)] = ([r.reply_tokens for r in rs], rs[-1].prompt_logits)
             eng.close()
+    # auto: in-program for the big prefills (thresholds lowered to this test's sizes), layer-wise otherwise.
+    eng = Engine(cfg, params, _store(cfg), None, EngineConfig(max_new_tokens=6, return_logits=True,
+                                                               in_program_min_new=90, in_program_min_history=150))
+    rs = [eng.turn("s", m) for m in msgs]
+    assert [r.preload for r in rs] == ["none", "layerwise", "in_program"]
+    replies[("auto", None)] = ([r.reply_tokens for r in rs], rs[-1].prompt_logits)
+    eng.close()
     base_tokens, base_logits = replies[("layerwise", None)]
     for toks, lg in replies.values():
         assert toks == base_tokens

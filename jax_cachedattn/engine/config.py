@@ -24,7 +24,11 @@ class EngineConfig:
       (one jitted step per layer, loads issued through async dispatch); ``in_program`` hands every
       layer's ``pinned_host`` blocks to one jitted program that moves them to the device itself
       and lets XLA schedule the copies against compute; ``upfront`` loads every layer before
-      prefill starts (the comparison).
+      prefill starts (the comparison); ``auto`` (default) picks ``in_program`` for large prefills
+      (at least ``in_program_min_new`` new tokens against at least ``in_program_min_history``
+      history tokens) and ``layerwise`` otherwise — the faster of the two for each shape class in
+      ``scripts/bench_overlap.py`` on the CPU (see README).
+    in_program_min_new, in_program_min_history: the thresholds of ``auto``.
     read_ahead: layers in flight ahead of compute; ``None`` sizes it from measured load and compute
       times (the paper's read buffer): more layers ahead when loading a layer is slower than
       computing one.
@@ -40,7 +44,9 @@ class EngineConfig:
     seed: int = 0
     truncation_ratio: float = 0.5
     rope_mode: str = "decoupled"
-    preload: str = "layerwise"
+    preload: str = "auto"
+    in_program_min_new: int = 512
+    in_program_min_history: int = 1024
     read_ahead: int | None = None
     save_every: int = 16
     use_cache: bool = True
@@ -57,8 +63,8 @@ class EngineConfig:
             raise ValueError(f"truncation_ratio must be in (0, 1), got {self.truncation_ratio}")
         if self.rope_mode not in ("decoupled", "naive"):
             raise ValueError(f"rope_mode must be 'decoupled' or 'naive', got {self.rope_mode!r}")
-        if self.preload not in ("layerwise", "in_program", "upfront"):
-            raise ValueError(f"preload must be 'layerwise', 'in_program' or 'upfront', got {self.preload!r}")
+        if self.preload not in ("auto", "layerwise", "in_program", "upfront"):
+            raise ValueError(f"preload must be 'auto', 'layerwise', 'in_program' or 'upfront', got {self.preload!r}")
         if self.read_ahead is not None and self.read_ahead < 1:
             raise ValueError(f"read_ahead must be None or >= 1, got {self.read_ahead}")
         if self.save_every < 1:
@@ -87,6 +93,8 @@ class TurnResult:
     """History tokens whose KV was loaded instead of recomputed."""
     read_ahead: int = 0
     """Layers kept in flight ahead of compute during this turn's prefill."""
+    preload: str = "none"
+    """How the history was brought to the device: ``layerwise``, ``in_program``, ``upfront`` or ``none``."""
     preloaded_layers: int = 0
     """Layers found already loaded in the read buffer (preloaded while the previous job decoded)."""
     prompt_logits: np.ndarray | None = None

@@ -280,7 +280,11 @@ class Engine:
 
     def _run(self, sid, info, compute_ids, cached_len, save_from, hist_ids, new_ids, max_new, source, t0, n_drop,
              next_session, chat) -> TurnResult:
-        mc, ec, store = self.model_config, self.config, self.store
+        mc, store = self.model_config, self.store
+        ec = self.config
+        if ec.preload == "auto":
+            big = len(compute_ids) >= ec.in_program_min_new and cached_len >= ec.in_program_min_history
+            ec = ec.replace(preload="in_program" if big else "layerwise")
         L, K, Dh = mc.num_layers, mc.num_kv_heads, mc.head_dim
         naive = ec.rope_mode == "naive"
         n_comp = len(compute_ids)
@@ -405,6 +409,7 @@ class Engine:
             prompt_tokens=len(new_ids), generated_tokens=len(generated), truncated_tokens=n_drop,
             ttft_s=ttft, total_s=time.perf_counter() - t0, source=source,
             reused_tokens=cached_len, read_ahead=ahead, preloaded_layers=preloaded,
+            preload=ec.preload if cached_len else "none",
             prompt_logits=None if prompt_logits is None else prompt_logits[len(compute_ids) - len(new_ids):],
             decode_logits=decode_logits,
         )
