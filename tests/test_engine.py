@@ -104,17 +104,22 @@ def test_preload_modes_agree(tiny):
     msgs = _messages(cfg, 3, seed=4)
     replies = {}
     for mode in ("layerwise", "in_program", "upfront"):
-        for ra in (None, 1, 3) if mode == "layerwise" else (None,):
-            eng = Engine(cfg, params, _store(cfg), None, EngineConfig(max_new_tokens=6, preload=mode, read_ahead=ra,
-                                                                       return_logits=True))
+        # layerwise: read_ahead; in_program: how many programs the layers are split into.
+        for ra in (None, 1, 3) if mode != "upfront" else (None,):
+            extra = {"read_ahead": ra} if mode == "layerwise" else {"program_groups": ra}
+            eng = Engine(cfg, params, _store(cfg), None, EngineConfig(max_new_tokens=6, preload=mode, return_logits=True,
+                                                                       **extra))
             rs = [eng.turn("s", m) for m in msgs]
             replies[(mode, ra)] = ([r.reply_tokens for r in rs], rs[-1].prompt_logits)
             eng.close()
-    # auto: in-program for the big prefills (thresholds lowered to this test's sizes), layer-wise otherwise.
-    eng = Engine(cfg, params, _store(cfg), None, EngineConfig(max_new_tokens=6, return_logits=True,
-                                                               in_program_min_new=90, in_program_min_history=150))
-    rs = [eng.turn("s", m) for m in msgs]
-    assert [r.preload for r in rs] == ["none", "layerwise", "in_program"]
+    # auto: in-program, as one program from host memory and as several from disk.
+    store = _store(cfg)
+    eng = Engine(cfg, params, store, None, EngineConfig(max_new_tokens=6, return_logits=True))
+    rs = [eng.turn("s", msgs[0]), eng.turn("s", msgs[1])]
+    eng.flush()
+    store.evict("s", "host")
+    rs.append(eng.turn("s", msgs[2]))
+    assert [(r.source, r.preload) for r in rs] == [("new", "none"), ("host", "in_program"), ("disk", "in_program")]
     replies[("auto", None)] = ([r.reply_tokens for r in rs], rs[-1].prompt_logits)
     eng.close()
     base_tokens, base_logits = replies[("layerwise", None)]

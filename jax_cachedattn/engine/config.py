@@ -23,12 +23,14 @@ class EngineConfig:
     preload: ``layerwise`` overlaps loading layer ``l + read_ahead`` with computing layer ``l``
       (one jitted step per layer, loads issued through async dispatch); ``in_program`` hands every
       layer's ``pinned_host`` blocks to one jitted program that moves them to the device itself
-      and lets XLA schedule the copies against compute; ``upfront`` loads every layer before
-      prefill starts (the comparison); ``auto`` (default) picks ``in_program`` for large prefills
-      (at least ``in_program_min_new`` new tokens against at least ``in_program_min_history``
-      history tokens) and ``layerwise`` otherwise — the faster of the two for each shape class in
-      ``scripts/bench_overlap.py`` on the CPU (see README).
-    in_program_min_new, in_program_min_history: the thresholds of ``auto``.
+      and lets XLA schedule the copies against compute (a turn with no cached history runs as one
+      scanned program); ``upfront`` loads every layer before prefill starts (the comparison);
+      ``auto`` (default) is ``in_program``, which was the faster at every size measured in
+      ``scripts/bench_overlap.py`` on the CPU (see README); the other modes stay for comparison.
+    program_groups: how many jitted programs ``in_program`` splits the layers into (each group's
+      history is waited for before its program is dispatched); ``None``: 1 for a history in host or
+      device memory, 3 for one read from disk, so later layers are still being read while the first
+      groups compute.
     read_ahead: layers in flight ahead of compute; ``None`` sizes it from measured load and compute
       times (the paper's read buffer): more layers ahead when loading a layer is slower than
       computing one.
@@ -45,8 +47,7 @@ class EngineConfig:
     truncation_ratio: float = 0.5
     rope_mode: str = "decoupled"
     preload: str = "auto"
-    in_program_min_new: int = 512
-    in_program_min_history: int = 1024
+    program_groups: int | None = None
     read_ahead: int | None = None
     save_every: int = 16
     use_cache: bool = True
@@ -65,6 +66,8 @@ class EngineConfig:
             raise ValueError(f"rope_mode must be 'decoupled' or 'naive', got {self.rope_mode!r}")
         if self.preload not in ("auto", "layerwise", "in_program", "upfront"):
             raise ValueError(f"preload must be 'auto', 'layerwise', 'in_program' or 'upfront', got {self.preload!r}")
+        if self.program_groups is not None and self.program_groups < 1:
+            raise ValueError(f"program_groups must be None or >= 1, got {self.program_groups}")
         if self.read_ahead is not None and self.read_ahead < 1:
             raise ValueError(f"read_ahead must be None or >= 1, got {self.read_ahead}")
         if self.save_every < 1:

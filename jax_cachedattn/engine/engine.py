@@ -81,29 +81,50 @@ def _all_logits(params, config: ModelConfig, x):
 
 
 @functools.partial(jax.jit, static_argnames=("config", "cap", "naive"))
-def _prefill_in_program(params, config: ModelConfig, tokens, blocks, off, hist_len, positions, cap: int, naive: bool):
-    """Prefill in one program: every layer's history blocks come in as they are (``pinned_host`` or
-    device), are moved to the device inside the program and assembled there, so XLA can overlap
-    the copies of later layers with the compute of earlier ones.
+def _layers_in_program(layers, config: ModelConfig, x, blocks, offs, hist_len, positions, cap: int, naive: bool):
+    """Consecutive layers in one program: each layer's history blocks come in as they are
+    (``pinned_host`` or device), are moved to the device inside the program and assembled there, so
+    XLA can overlap the copies of later layers with the compute of earlier ones.
 
-    blocks: ``L`` tuples of ``[2, B, K, Dh]`` blocks. Returns ``(x [T, D], hists, news)`` with
-    ``hists`` ``L x [2, cap, K, Dh]`` and ``news`` ``L x [2, T, K, Dh]`` (pre-RoPE keys).
+    layers: the group's per-layer params (unstacked: slicing the stacked ``params["layers"]`` inside
+    an unrolled program copies every layer's weights). x ``[T, D]``. blocks: per layer a tuple of
+    ``[2, B, K, Dh]`` blocks (a layer already in the read buffer comes as one ``[2, cap, K, Dh]``
+    block); offs ``[len(layers)]``: the row of each layer's first kept token in its concatenation.
+    Returns ``(x, hists, news)``: ``hists`` per layer ``[2, cap, K, Dh]``, ``news`` per layer
+    ``[2, T, K, Dh]`` (pre-RoPE keys). Compiled once per (group size, block counts, T, cap).
     """
-    from jax_cachedattn.model import embed, layer_step
+    from jax_cachedattn.model import layer_step
     from jax_cachedattn.store import assemble_blocks
 
-    TRACE_COUNTS["prefill_in_program"] += 1
-    T = tokens.shape[0]
-    x = embed(params, tokens)
+    TRACE_COUNTS["layers_in_program"] += 1
+    T = x.shape[0]
     hists, news = [], []
-    for layer in range(config.num_layers):
-        lb = tuple(jax.device_put(b, jax.memory.Space.Device) for b in blocks[layer])
-        hist = assemble_blocks(lb, off, hist_len, cap)
-        lp = jax.tree.map(lambda a: a[layer], params["layers"])
+    for i, lp in enumerate(layers):
+        lb = tuple(jax.device_put(b, jax.memory.Space.Device) for b in blocks[i])
+        hist = assemble_blocks(lb, offs[i], hist_len, cap)
         x, k, v = layer_step(lp, x, hist[0], hist[1], hist_len, positions, config, T if T <= 256 else 256, naive)
         hists.append(hist)
         news.append(jnp.stack([k, v]))
     return x, tuple(hists), tuple(news)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "naive"))
+def _prefill_scan(params, config: ModelConfig, tokens, naive: bool):
+    """A turn with no cached history (a new session or a recompute) as one scanned program over the
+    layers. Returns ``(x [T, D], news)``, ``news`` ``L x [2, T, K, Dh]`` (pre-RoPE keys)."""
+    from jax_cachedattn.model import embed, layer_step
+
+    TRACE_COUNTS["prefill_scan"] += 1
+    T = tokens.shape[0]
+    empty = jnp.zeros((0, config.num_kv_heads, config.head_dim), config.jnp_dtype)
+    positions = jnp.arange(T, dtype=jnp.int32)
+
+    def body(x, lp):
+        x, k, v = layer_step(lp, x, empty, empty, jnp.int32(0), positions, config, T if T <= 256 else 256, naive)
+        return x, jnp.stack([k, v])
+
+    x, new_kv = jax.lax.scan(body, embed(params, tokens), params["layers"])
+    return x, tuple(new_kv[i] for i in range(config.num_layers))
 
 
 @functools.partial(jax.jit, static_argnames=("cap",))
@@ -283,8 +304,10 @@ class Engine:
         mc, store = self.model_config, self.store
         ec = self.config
         if ec.preload == "auto":
-            big = len(compute_ids) >= ec.in_program_min_new and cached_len >= ec.in_program_min_history
-            ec = ec.replace(preload="in_program" if big else "layerwise")
+            # In-program was the faster at every size measured (scripts/bench_overlap.py, CPU): from
+            # host/device memory as one program, from disk as `program_groups` programs so that the
+            # first groups compute while later layers are still being read.
+            ec = ec.replace(preload="in_program")
         L, K, Dh = mc.num_layers, mc.num_kv_heads, mc.head_dim
         naive = ec.rope_mode == "naive"
         n_comp = len(compute_ids)
@@ -299,15 +322,31 @@ class Engine:
         loads: dict[int, jax.Array] = {}
         empty = jnp.zeros((2, 0, K, Dh), mc.jnp_dtype)
         if cached_len and ec.preload == "in_program":
-            parts = [store.layer_blocks(sid, layer) for layer in range(L)]
-            ahead, preloaded = L, 0
-            x, hists, news = _prefill_in_program(
-                self.params, mc, jnp.asarray(padded), tuple(p[0] for p in parts), jnp.int32(parts[0][1]),
-                hist_len_arr, positions, S, naive)
-            hists, news = list(hists), list(news)
-            if store is not None:
+            ready = self._take_preloaded(sid, info.num_tokens, info.turn, S)  # already [2, S, K, Dh] on device
+            preloaded = len(ready)
+            groups = ec.program_groups or (3 if source == "disk" else 1)
+            ahead = size = -(-L // min(groups, L))
+            if source == "disk":
+                store.prefetch(sid)  # every layer's read in flight at once; each group waits for its own
+            x = embed_jit(self.params, mc, jnp.asarray(padded))
+            hists, news = [], []
+            for g0 in range(0, L, size):
+                idx = range(g0, min(L, g0 + size))
+                parts = [((ready[i],), 0) if i in ready else store.layer_blocks(sid, i)[:2] for i in idx]
+                x, h, n = _layers_in_program(
+                    tuple(self.layers[i] for i in idx), mc, x, tuple(p[0] for p in parts),
+                    jnp.asarray([p[1] for p in parts], jnp.int32), hist_len_arr, positions, S, naive)
+                hists += h
+                news += n
+                for i, layer in enumerate(idx):
+                    store.save_layer(sid, layer, _Rows(n[i], 0, n_comp), start=save_from)
+        elif not cached_len and ec.preload == "in_program":
+            ahead = preloaded = 0
+            x, news = _prefill_scan(self.params, mc, jnp.asarray(padded), naive)
+            hists, news = [empty] * L, list(news)
+            if store is not None and n_comp > save_from:
                 for layer in range(L):
-                    store.save_layer(sid, layer, _Rows(news[layer], 0, n_comp), start=save_from)
+                    store.save_layer(sid, layer, _Rows(news[layer], save_from, n_comp), start=save_from)
         elif cached_len:
             loads.update(self._take_preloaded(sid, info.num_tokens, info.turn, S))
             preloaded = len(loads)
@@ -338,7 +377,7 @@ class Engine:
                                                       max(1, cached_len * store.layout.bytes_per_token_layer))
         else:
             ahead = preloaded = 0
-        if not (cached_len and ec.preload == "in_program"):
+        if ec.preload != "in_program":
             x = embed_jit(self.params, mc, jnp.asarray(padded))
             hists, news = [], []
             for layer in range(L):

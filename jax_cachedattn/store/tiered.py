@@ -538,7 +538,10 @@ class TieredStore:
                 s.host, s.host_bytes = [[] for _ in range(L)], 0
             elif not s.kv_valid and s.pend is None:
                 if start != 0:
-                    raise LayoutMismatch(f"session {sid!r} lost its KV: save it again from start=0")
+                    # KVLost, not LayoutMismatch: a reader may find the damage between a caller's
+                    # successful load of an earlier layer and its save; either way: recompute, save from 0.
+                    raise KVLost(f"session {sid!r} lost its KV (a chunk failed its checksum): recompute it from "
+                                 f"its token ids and save it again from start=0")
                 s.offset, s.end, s.kv_valid, s.crc = 0, 0, True, [[] for _ in range(L)]
                 s.host, s.host_bytes = [[] for _ in range(L)], 0
             need_host = s.host is None
