@@ -8,7 +8,7 @@ the first token (TTFT):
   * transformers reuse: a forward over the new tokens against an in-memory ``DynamicCache`` of the
     history (the cache is built untimed, then copied for each repetition);
   * cachedattn recompute: the engine with ``use_cache=False`` (history recomputed from token ids);
-  * cachedattn reuse (host): the engine with the history's KV in the host tier, loaded layer by layer.
+  * cachedattn reuse (host): the engine with the history's KV in the host tier (its default preload).
 
     python scripts/bench_peer.py --history 2048 --new 100 --out runs/peer.json
 """
