@@ -53,6 +53,22 @@ def test_blocked_attention_matches_reference(block_q, hist, cap):
     np.testing.assert_allclose(np.asarray(got2), np.asarray(got), atol=1e-6)
 
 
+@pytest.mark.parametrize("hist", [0, 700, 1024])
+def test_key_chunked_online_softmax_matches_reference(monkeypatch, hist):
+    """Long key ranges go through the chunked (flash-style) scan: force small chunks so it runs."""
+    import jax_cachedattn.model.layers as layers
+
+    monkeypatch.setattr(layers, "SCORE_BLOCK_BYTES", 1)  # -> 256-key chunks
+    r = np.random.RandomState(hist)
+    T, H, K, Dh, cap = 600, 6, 2, 16, 1024
+    q = jnp.asarray(r.randn(T, H, Dh), jnp.float32)
+    kh, vh = (jnp.asarray(r.randn(cap, K, Dh) * 3, jnp.float32) for _ in range(2))
+    kn, vn = (jnp.asarray(r.randn(T, K, Dh) * 3, jnp.float32) for _ in range(2))
+    got = attention(q, kh, vh, kn, vn, jnp.int32(hist), block_q=256)  # past keys of 256 and 512: chunked too
+    want = attention_reference(q, kh, vh, kn, vn, jnp.int32(hist))
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("split", [1, 255, 512, SEQ - 1])
 def test_cached_equals_uncached(model, split):
     cfg, params, toks, full = model
