@@ -155,6 +155,8 @@ def test_corrupt_chunk_and_truncated_manifest_detected(tmp_path):
     assert not info.kv_valid and info.tier is None
     np.testing.assert_array_equal(info.token_ids, np.arange(20))  # token ids survive
     assert st.stats.checksum_failures == 2
+    with pytest.raises(KVLost):  # appending to lost KV (a turn that loaded earlier layers first): recompute
+        st.save_layer("c", 0, rand(lay, 4, 7)[0], 20)
     full = rand(lay, 20, 6)  # recompute and save again from 0
     save_turn(st, "c", full, 0, 20).result()
     np.testing.assert_array_equal(np.asarray(st.load_layer("c", 2)), full[2])
