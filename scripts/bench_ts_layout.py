@@ -1,0 +1,98 @@
+#!/usr/bin/env python
+"""What the disk layout alone costs: TensorStore reading one session-shaped zarr3 array, chunked as the
+store chunks it (one file per (layer, token block)) and as a sharded alternative (one file per layer),
+beside a raw sequential read of the same bytes from the same folder, page cache dropped each time.
+
+No store code runs here: the gap between these ratios and ``bench_store.py``'s is the store's own
+read path (per-block reads, crc32 checks, copies into the host tier).
+
+    python scripts/bench_ts_layout.py --dir runs/tslayout             # SmolLM2 shape, 4K tokens
+    python scripts/bench_ts_layout.py --shape 32,2,4096,32,128 --dtype bfloat16   # Llama-2-7B shape
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import time
+
+import numpy as np
+import tensorstore as ts
+
+
+def drop(path: str) -> None:
+    paths = [path] if os.path.isfile(path) else [os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs]
+    for p in paths:
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def spec(root: str, name: str, shape: list[int], dtype: str, block: int, sharded: bool) -> dict:
+    chunk = [1, 2, block] + shape[3:]
+    if sharded:
+        codecs = [{"name": "sharding_indexed", "configuration": {
+            "chunk_shape": chunk, "codecs": [{"name": "bytes", "configuration": {"endian": "little"}}],
+            "index_codecs": [{"name": "bytes", "configuration": {"endian": "little"}}, {"name": "crc32c"}]}}]
+        grid = [1] + shape[1:]
+    else:
+        codecs, grid = [{"name": "bytes", "configuration": {"endian": "little"}}], chunk
+    return {"driver": "zarr3", "kvstore": {"driver": "file", "path": os.path.join(root, name)},
+            "metadata": {"shape": shape, "data_type": dtype, "codecs": codecs,
+                         "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": grid}}}}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--dir", default="runs/tslayout", help="scratch folder (deleted afterwards)")
+    ap.add_argument("--shape", default="30,2,4096,3,64", help="L,2,T,K,D (default: SmolLM2-135M, 4K tokens)")
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--block", type=int, default=256, help="token block (the store's token_block)")
+    ap.add_argument("--repeat", type=int, default=3)
+    args = ap.parse_args(argv)
+    shape = [int(x) for x in args.shape.split(",")]
+    root = args.dir
+    shutil.rmtree(root, ignore_errors=True)
+    os.makedirs(root)
+    np_dtype = np.dtype(args.dtype) if args.dtype != "bfloat16" else np.dtype("uint16")
+    data = np.random.default_rng(0).integers(0, 1 << 15, size=shape).astype(np_dtype)
+    ts_dtype = args.dtype if args.dtype != "bfloat16" else "uint16"
+    ctx = ts.Context({"file_io_concurrency": {"limit": 16}, "data_copy_concurrency": {"limit": os.cpu_count()}})
+    raw = os.path.join(root, "raw.bin")
+    with open(raw, "wb") as f:
+        f.write(data.tobytes())
+        f.flush()
+        os.fsync(f.fileno())
+    for name, sharded in (("plain", False), ("sharded", True)):
+        a = ts.open(spec(root, name, shape, ts_dtype, args.block, sharded), create=True, context=ctx).result()
+        a.write(data).result()
+    try:
+        print(f"shape {shape} {args.dtype}, {data.nbytes / 2**20:.0f} MiB; GB/s (ratio to raw read in the same round)")
+        for _ in range(args.repeat):
+            drop(raw)
+            t = time.perf_counter()
+            with open(raw, "rb", buffering=0) as f:
+                while f.read(64 << 20):
+                    pass
+            r = data.nbytes / (time.perf_counter() - t) / 1e9
+            row = [f"raw {r:.2f}"]
+            for name, sharded in (("plain", False), ("sharded", True)):
+                drop(os.path.join(root, name))
+                a = ts.open(spec(root, name, shape, ts_dtype, args.block, sharded), context=ctx).result()
+                t = time.perf_counter()
+                x = a.read().result()
+                g = data.nbytes / (time.perf_counter() - t) / 1e9
+                if not np.array_equal(x, data):
+                    raise SystemExit(f"{name}: data read back differs")
+                row.append(f"{name} {g:.2f} ({g / r:.2f})")
+            print(" | ".join(row), flush=True)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
