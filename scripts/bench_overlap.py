@@ -9,7 +9,8 @@ For each (history, new tokens) pair it measures the time to first token with the
       (b') the same history loaded by per-layer dispatch (one jitted step per layer, the load of
       layer l+k issued through async dispatch before layer l computes),
   (c) in host memory, loaded completely before prefill starts,
-  (d) on disk only (page cache dropped), the engine's default (per-layer dispatch from disk),
+  (d) on disk only (page cache dropped), the engine's default (from disk: three such programs,
+      each dispatched when its layers are read and verified),
   (e) recomputed from its token ids (no cache; the engine's default: one scanned program),
 and reports the hidden fraction ``1 - (b - a)/(c - a)``, ``b/a``, ``b'/a``, ``d/a`` and ``e/b``.
 (a), (b), (d) and (e) run exactly what ``Engine.turn`` runs by default, so each ratio compares

@@ -25,7 +25,7 @@ class EngineConfig:
       layer's ``pinned_host`` blocks to one jitted program that moves them to the device itself
       and lets XLA schedule the copies against compute (a turn with no cached history runs as one
       scanned program); ``upfront`` loads every layer before prefill starts (the comparison);
-      ``auto`` (default) is ``in_program``, which was the faster at every size measured in
+      ``auto`` (default) is ``in_program``, which was the faster at most shapes in
       ``scripts/bench_overlap.py`` on the CPU (see README); the other modes stay for comparison.
     program_groups: how many jitted programs ``in_program`` splits the layers into (each group's
       history is waited for before its program is dispatched); ``None``: 1 for a history in host or

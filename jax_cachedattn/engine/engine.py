@@ -93,7 +93,7 @@ def _layers_in_program(layers, config: ModelConfig, x, blocks, offs, hist_len, p
     Returns ``(x, hists, news)``: ``hists`` per layer ``[2, cap, K, Dh]``, ``news`` per layer
     ``[2, T, K, Dh]`` (pre-RoPE keys). Compiled once per (group size, block counts, T, cap).
     """
-    from jax_cachedattn.model import layer_step
+    from jax_cachedattn.model import layer_step, query_block
     from jax_cachedattn.store import assemble_blocks
 
     TRACE_COUNTS["layers_in_program"] += 1
@@ -102,7 +102,7 @@ def _layers_in_program(layers, config: ModelConfig, x, blocks, offs, hist_len, p
     for i, lp in enumerate(layers):
         lb = tuple(jax.device_put(b, jax.memory.Space.Device) for b in blocks[i])
         hist = assemble_blocks(lb, offs[i], hist_len, cap)
-        x, k, v = layer_step(lp, x, hist[0], hist[1], hist_len, positions, config, T if T <= 256 else 256, naive)
+        x, k, v = layer_step(lp, x, hist[0], hist[1], hist_len, positions, config, query_block(T), naive)
         hists.append(hist)
         news.append(jnp.stack([k, v]))
     return x, tuple(hists), tuple(news)
@@ -112,7 +112,7 @@ def _layers_in_program(layers, config: ModelConfig, x, blocks, offs, hist_len, p
 def _prefill_scan(params, config: ModelConfig, tokens, naive: bool):
     """A turn with no cached history (a new session or a recompute) as one scanned program over the
     layers. Returns ``(x [T, D], news)``, ``news`` ``L x [2, T, K, Dh]`` (pre-RoPE keys)."""
-    from jax_cachedattn.model import embed, layer_step
+    from jax_cachedattn.model import embed, layer_step, query_block
 
     TRACE_COUNTS["prefill_scan"] += 1
     T = tokens.shape[0]
@@ -120,7 +120,7 @@ def _prefill_scan(params, config: ModelConfig, tokens, naive: bool):
     positions = jnp.arange(T, dtype=jnp.int32)
 
     def body(x, lp):
-        x, k, v = layer_step(lp, x, empty, empty, jnp.int32(0), positions, config, T if T <= 256 else 256, naive)
+        x, k, v = layer_step(lp, x, empty, empty, jnp.int32(0), positions, config, query_block(T), naive)
         return x, jnp.stack([k, v])
 
     x, new_kv = jax.lax.scan(body, embed(params, tokens), params["layers"])
@@ -304,9 +304,9 @@ class Engine:
         mc, store = self.model_config, self.store
         ec = self.config
         if ec.preload == "auto":
-            # In-program was the faster at every size measured (scripts/bench_overlap.py, CPU): from
-            # host/device memory as one program, from disk as `program_groups` programs so that the
-            # first groups compute while later layers are still being read.
+            # In-program was the faster at most shapes in scripts/bench_overlap.py on the CPU (see
+            # README): from host/device memory as one program, from disk as `program_groups` programs
+            # so that the first groups compute while later layers are still being read.
             ec = ec.replace(preload="in_program")
         L, K, Dh = mc.num_layers, mc.num_kv_heads, mc.head_dim
         naive = ec.rope_mode == "naive"

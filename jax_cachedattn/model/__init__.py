@@ -13,6 +13,7 @@ from jax_cachedattn.model.forward import (
     init_params,
     layer_slice,
     prefill,
+    query_block,
     unembed,
     unstack_layers,
     validate_tokens,
@@ -23,6 +24,6 @@ from jax_cachedattn.model.sampling import sample
 
 __all__ = [
     "ModelConfig", "configs_dir", "bucket_length", "embed_jit", "layer_step_jit", "unembed_jit", "TokenError", "decode_step", "embed", "forward", "init_params", "layer_slice",
-    "prefill", "unembed", "unstack_layers", "validate_tokens", "TRACE_COUNTS", "attention", "attention_reference",
+    "prefill", "query_block", "unembed", "unstack_layers", "validate_tokens", "TRACE_COUNTS", "attention", "attention_reference",
     "layer_step", "mlp", "rms_norm", "apply_rope", "rope_tables", "sample",
 ]

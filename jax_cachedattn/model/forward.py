@@ -103,7 +103,7 @@ def _forward(params, config: ModelConfig, tokens):
     positions = jnp.arange(T, dtype=jnp.int32)
 
     def body(x, lp):
-        x, _, _ = layer_step(lp, x, empty, empty, jnp.int32(0), positions, config, block_q=_block(T))
+        x, _, _ = layer_step(lp, x, empty, empty, jnp.int32(0), positions, config, block_q=query_block(T))
         return x, None
 
     x, _ = jax.lax.scan(body, embed(params, tokens), params["layers"])
@@ -118,7 +118,7 @@ def forward(params: dict, config: ModelConfig, tokens) -> jnp.ndarray:
     return _forward(params, config, jnp.asarray(toks))
 
 
-def _block(T: int) -> int:
+def query_block(T: int) -> int:
     """Query block of the causal attention: 256 was fastest on CPU for 1K-8K tokens (scripts/)."""
     return T if T <= 256 else 256
 
@@ -136,7 +136,7 @@ def prefill(params, config: ModelConfig, tokens, cache, history_len, naive_rope:
 
     def body(x, inputs):
         lp, kv = inputs
-        x, k, v = layer_step(lp, x, kv[0], kv[1], history_len, positions, config, _block(T), naive_rope)
+        x, k, v = layer_step(lp, x, kv[0], kv[1], history_len, positions, config, query_block(T), naive_rope)
         return x, jnp.stack([k, v])
 
     x, new_kv = jax.lax.scan(body, embed(params, tokens), (params["layers"], cache))
@@ -183,7 +183,7 @@ def layer_step_jit(lp, x, hist_kv, history_len, positions, config: ModelConfig, 
     Returns ``(x [T, D], new_kv [2, T, K, Dh])``. Compiled once per (T, S) bucket pair.
     """
     TRACE_COUNTS["layer_step"] += 1
-    x, k, v = layer_step(lp, x, hist_kv[0], hist_kv[1], history_len, positions, config, _block(x.shape[0]), naive_rope)
+    x, k, v = layer_step(lp, x, hist_kv[0], hist_kv[1], history_len, positions, config, query_block(x.shape[0]), naive_rope)
     return x, jnp.stack([k, v])
 
 
