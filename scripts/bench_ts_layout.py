@@ -8,6 +8,11 @@ read path (per-block reads, crc32 checks, copies into the host tier).
 
     python scripts/bench_ts_layout.py --dir runs/tslayout             # SmolLM2 shape, 4K tokens
     python scripts/bench_ts_layout.py --shape 32,2,4096,32,128 --dtype bfloat16   # Llama-2-7B shape
+    python scripts/bench_ts_layout.py --breakdown    # + the store's per-byte passes, one at a time
+
+``--breakdown`` adds, serially on the plain layout: one read per (layer, block) as the store issues
+them, then with ``zlib.crc32`` of every block (the store's checksum), then also with the block's
+copy into ``pinned_host`` memory (the store's host tier).
 """
 
 from __future__ import annotations
@@ -16,6 +21,8 @@ import argparse
 import os
 import shutil
 import time
+
+import zlib
 
 import numpy as np
 import tensorstore as ts
@@ -45,6 +52,28 @@ def spec(root: str, name: str, shape: list[int], dtype: str, block: int, sharded
                          "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": grid}}}}
 
 
+def read_blocks(a, shape: list[int], block: int, nbytes: int, crc: bool, copy: bool) -> float:
+    """One read per (layer, block), all issued at once, consumed in order; GB/s."""
+    host = None
+    if copy:
+        import jax
+
+        host = jax.sharding.SingleDeviceSharding(jax.devices()[0], memory_kind="pinned_host")
+    held = []
+    t = time.perf_counter()
+    futs = [[a[layer, :, b : b + block].read() for b in range(0, shape[2], block)] for layer in range(shape[0])]
+    for layer_futs in futs:
+        for f in layer_futs:
+            x = f.result()
+            if crc:
+                zlib.crc32(x)
+            if copy:
+                held.append(jax.device_put(x, host))
+    if copy:
+        jax.block_until_ready(held)
+    return nbytes / (time.perf_counter() - t) / 1e9
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dir", default="runs/tslayout", help="scratch folder (deleted afterwards)")
@@ -52,6 +81,7 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--block", type=int, default=256, help="token block (the store's token_block)")
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--breakdown", action="store_true", help="also time per-block reads, + crc32, + pinned_host copy")
     args = ap.parse_args(argv)
     shape = [int(x) for x in args.shape.split(",")]
     root = args.dir
@@ -70,7 +100,8 @@ def main(argv=None) -> int:
         a = ts.open(spec(root, name, shape, ts_dtype, args.block, sharded), create=True, context=ctx).result()
         a.write(data).result()
     try:
-        print(f"shape {shape} {args.dtype}, {data.nbytes / 2**20:.0f} MiB; GB/s (ratio to raw read in the same round)")
+        print(f"shape {shape} {args.dtype}, {data.nbytes / 2**20:.0f} MiB; GB/s (ratio to raw read in the same round)"
+              + ("; breakdown ratios are to 'plain' (TensorStore alone) in the same round" if args.breakdown else ""))
         for _ in range(args.repeat):
             drop(raw)
             t = time.perf_counter()
@@ -88,6 +119,15 @@ def main(argv=None) -> int:
                 if not np.array_equal(x, data):
                     raise SystemExit(f"{name}: data read back differs")
                 row.append(f"{name} {g:.2f} ({g / r:.2f})")
+                if name == "plain":
+                    g_plain = g
+            if args.breakdown:
+                plain = g_plain
+                for extra in ("blocks", "blocks+crc", "blocks+crc+copy"):
+                    drop(os.path.join(root, "plain"))
+                    a = ts.open(spec(root, "plain", shape, ts_dtype, args.block, False), context=ctx).result()
+                    g = read_blocks(a, shape, args.block, data.nbytes, crc="crc" in extra, copy="copy" in extra)
+                    row.append(f"{extra} {g:.2f} ({g / plain:.2f})")
             print(" | ".join(row), flush=True)
     finally:
         shutil.rmtree(root, ignore_errors=True)
