@@ -80,6 +80,14 @@ def _all_logits(params, config: ModelConfig, x):
     return unembed(params, config, x)
 
 
+@functools.partial(jax.jit, static_argnames=("config", "S", "naive"))
+def _rope_tables(config: ModelConfig, S: int, positions, naive: bool):
+    """A turn's RoPE tables, computed once for the per-layer steps of ``preload="layerwise"``."""
+    from jax_cachedattn.model import layer_rope_tables
+
+    return layer_rope_tables(config, S, positions, with_history=not naive)
+
+
 @functools.partial(jax.jit, static_argnames=("config", "cap", "naive"))
 def _layers_in_program(layers, config: ModelConfig, x, blocks, offs, hist_len, positions, cap: int, naive: bool):
     """Consecutive layers in one program: each layer's history blocks come in as they are
@@ -93,16 +101,17 @@ def _layers_in_program(layers, config: ModelConfig, x, blocks, offs, hist_len, p
     Returns ``(x, hists, news)``: ``hists`` per layer ``[2, cap, K, Dh]``, ``news`` per layer
     ``[2, T, K, Dh]`` (pre-RoPE keys). Compiled once per (group size, block counts, T, cap).
     """
-    from jax_cachedattn.model import layer_step, query_block
+    from jax_cachedattn.model import layer_rope_tables, layer_step, query_block
     from jax_cachedattn.store import assemble_blocks
 
     TRACE_COUNTS["layers_in_program"] += 1
     T = x.shape[0]
+    rope = layer_rope_tables(config, cap, positions, with_history=not naive)  # once for all layers
     hists, news = [], []
     for i, lp in enumerate(layers):
         lb = tuple(jax.device_put(b, jax.memory.Space.Device) for b in blocks[i])
         hist = assemble_blocks(lb, offs[i], hist_len, cap)
-        x, k, v = layer_step(lp, x, hist[0], hist[1], hist_len, positions, config, query_block(T), naive)
+        x, k, v = layer_step(lp, x, hist[0], hist[1], hist_len, positions, config, query_block(T), naive, rope)
         hists.append(hist)
         news.append(jnp.stack([k, v]))
     return x, tuple(hists), tuple(news)
@@ -112,15 +121,16 @@ def _layers_in_program(layers, config: ModelConfig, x, blocks, offs, hist_len, p
 def _prefill_scan(params, config: ModelConfig, tokens, naive: bool):
     """A turn with no cached history (a new session or a recompute) as one scanned program over the
     layers. Returns ``(x [T, D], news)``, ``news`` ``L x [2, T, K, Dh]`` (pre-RoPE keys)."""
-    from jax_cachedattn.model import embed, layer_step, query_block
+    from jax_cachedattn.model import embed, layer_rope_tables, layer_step, query_block
 
     TRACE_COUNTS["prefill_scan"] += 1
     T = tokens.shape[0]
     empty = jnp.zeros((0, config.num_kv_heads, config.head_dim), config.jnp_dtype)
     positions = jnp.arange(T, dtype=jnp.int32)
+    rope = layer_rope_tables(config, 0, positions)  # once, not once per layer
 
     def body(x, lp):
-        x, k, v = layer_step(lp, x, empty, empty, jnp.int32(0), positions, config, query_block(T), naive)
+        x, k, v = layer_step(lp, x, empty, empty, jnp.int32(0), positions, config, query_block(T), naive, rope)
         return x, jnp.stack([k, v])
 
     x, new_kv = jax.lax.scan(body, embed(params, tokens), params["layers"])
@@ -379,6 +389,7 @@ class Engine:
             ahead = preloaded = 0
         if ec.preload != "in_program":
             x = embed_jit(self.params, mc, jnp.asarray(padded))
+            rope = _rope_tables(mc, S, positions, naive)
             hists, news = [], []
             for layer in range(L):
                 for j in range(layer + 1, min(L, layer + 1 + ahead)):
@@ -386,7 +397,7 @@ class Engine:
                         loads[j] = store.load_layer(sid, j, pad_to=S)
                 hist = loads.pop(layer) if cached_len else empty
                 t_c = time.perf_counter() if layer == 0 else None
-                x, new_kv = layer_step_jit(self.layers[layer], x, hist, hist_len_arr, positions, mc, naive)
+                x, new_kv = layer_step_jit(self.layers[layer], x, hist, hist_len_arr, positions, mc, naive, rope)
                 if t_c is not None and cached_len:
                     x.block_until_ready()
                     self._t_layer[(S, T)] = self._ema(self._t_layer.get((S, T)), time.perf_counter() - t_c)

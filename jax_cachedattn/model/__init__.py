@@ -18,12 +18,14 @@ from jax_cachedattn.model.forward import (
     unstack_layers,
     validate_tokens,
 )
-from jax_cachedattn.model.layers import TRACE_COUNTS, attention, attention_reference, layer_step, mlp, rms_norm
+from jax_cachedattn.model.layers import (
+    TRACE_COUNTS, attention, attention_reference, layer_rope_tables, layer_step, mlp, rms_norm,
+)
 from jax_cachedattn.model.rope import apply_rope, rope_tables
 from jax_cachedattn.model.sampling import sample
 
 __all__ = [
     "ModelConfig", "configs_dir", "bucket_length", "embed_jit", "layer_step_jit", "unembed_jit", "TokenError", "decode_step", "embed", "forward", "init_params", "layer_slice",
     "prefill", "query_block", "unembed", "unstack_layers", "validate_tokens", "TRACE_COUNTS", "attention", "attention_reference",
-    "layer_step", "mlp", "rms_norm", "apply_rope", "rope_tables", "sample",
+    "layer_rope_tables", "layer_step", "mlp", "rms_norm", "apply_rope", "rope_tables", "sample",
 ]

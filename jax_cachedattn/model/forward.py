@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jax_cachedattn.model.config import ModelConfig
-from jax_cachedattn.model.layers import TRACE_COUNTS, layer_step, rms_norm
+from jax_cachedattn.model.layers import TRACE_COUNTS, layer_rope_tables, layer_step, rms_norm
 
 
 class TokenError(ValueError):
@@ -101,9 +101,10 @@ def _forward(params, config: ModelConfig, tokens):
     K, Dh = config.num_kv_heads, config.head_dim
     empty = jnp.zeros((0, K, Dh), config.jnp_dtype)
     positions = jnp.arange(T, dtype=jnp.int32)
+    rope = layer_rope_tables(config, 0, positions)  # once, not once per layer
 
     def body(x, lp):
-        x, _, _ = layer_step(lp, x, empty, empty, jnp.int32(0), positions, config, block_q=query_block(T))
+        x, _, _ = layer_step(lp, x, empty, empty, jnp.int32(0), positions, config, block_q=query_block(T), rope=rope)
         return x, None
 
     x, _ = jax.lax.scan(body, embed(params, tokens), params["layers"])
@@ -133,10 +134,11 @@ def prefill(params, config: ModelConfig, tokens, cache, history_len, naive_rope:
     TRACE_COUNTS["prefill"] += 1
     T = tokens.shape[0]
     positions = history_len + jnp.arange(T, dtype=jnp.int32)
+    rope = layer_rope_tables(config, cache.shape[2], positions, with_history=not naive_rope)
 
     def body(x, inputs):
         lp, kv = inputs
-        x, k, v = layer_step(lp, x, kv[0], kv[1], history_len, positions, config, query_block(T), naive_rope)
+        x, k, v = layer_step(lp, x, kv[0], kv[1], history_len, positions, config, query_block(T), naive_rope, rope)
         return x, jnp.stack([k, v])
 
     x, new_kv = jax.lax.scan(body, embed(params, tokens), (params["layers"], cache))
@@ -152,10 +154,11 @@ def decode_step(params, config: ModelConfig, token, cache, length, naive_rope: b
     """
     TRACE_COUNTS["decode_step"] += 1
     positions = jnp.reshape(length, (1,)).astype(jnp.int32)
+    rope = layer_rope_tables(config, cache.shape[2], positions, with_history=not naive_rope)
 
     def body(x, inputs):
         lp, kv = inputs
-        x, k, v = layer_step(lp, x, kv[0], kv[1], length, positions, config, naive_rope=naive_rope)
+        x, k, v = layer_step(lp, x, kv[0], kv[1], length, positions, config, naive_rope=naive_rope, rope=rope)
         kv = jax.lax.dynamic_update_slice(kv, jnp.stack([k, v]), (0, length, 0, 0))
         return x, kv
 
@@ -177,13 +180,16 @@ def bucket_length(n: int, minimum: int = 16, step: int = 256) -> int:
 
 
 @functools.partial(jax.jit, static_argnames=("config", "naive_rope"))
-def layer_step_jit(lp, x, hist_kv, history_len, positions, config: ModelConfig, naive_rope: bool = False):
+def layer_step_jit(lp, x, hist_kv, history_len, positions, config: ModelConfig, naive_rope: bool = False, rope=None):
     """Jitted :func:`layer_step` over the store's layout: ``hist_kv [2, S, K, Dh]``.
 
-    Returns ``(x [T, D], new_kv [2, T, K, Dh])``. Compiled once per (T, S) bucket pair.
+    ``rope``: the turn's :func:`layer_rope_tables`, computed once by a caller that steps through
+    every layer (None: computed here). Returns ``(x [T, D], new_kv [2, T, K, Dh])``. Compiled once
+    per (T, S) bucket pair.
     """
     TRACE_COUNTS["layer_step"] += 1
-    x, k, v = layer_step(lp, x, hist_kv[0], hist_kv[1], history_len, positions, config, query_block(x.shape[0]), naive_rope)
+    x, k, v = layer_step(lp, x, hist_kv[0], hist_kv[1], history_len, positions, config, query_block(x.shape[0]),
+                         naive_rope, rope)
     return x, jnp.stack([k, v])
 
 

@@ -142,6 +142,13 @@ def attention_reference(q, k_hist, v_hist, k_new, v_new, history_len):
     return jnp.einsum("hts,shd->thd", p, v).astype(q.dtype)
 
 
+def layer_rope_tables(config: ModelConfig, S: int, positions: jnp.ndarray, with_history: bool = True) -> tuple:
+    """The RoPE tables of one :func:`layer_step`: ``(cos, sin)`` of history rows ``0..S-1`` (None
+    when ``with_history`` is False: the naive cache is already rotated), then of ``positions``."""
+    hist = rope_tables(jnp.arange(S), config.head_dim, config.rope_theta) if with_history else (None, None)
+    return (*hist, *rope_tables(positions, config.head_dim, config.rope_theta))
+
+
 def layer_step(
     lp: dict,
     x: jnp.ndarray,
@@ -152,6 +159,7 @@ def layer_step(
     config: ModelConfig,
     block_q: int = 256,
     naive_rope: bool = False,
+    rope: tuple | None = None,
 ) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]:
     """One decoder block over new tokens against a cached history.
 
@@ -160,6 +168,9 @@ def layer_step(
     history's *pre-RoPE* keys and values; rows ``>= history_len`` are ignored. History token ``i``
     sits at position ``i`` of the current context. positions ``[T]``: positions of the new tokens
     (normally ``history_len + arange(T)``).
+    rope: optional ``rope_tables(arange(S)) + rope_tables(positions)`` (four ``[*, Dh]`` arrays),
+    computed once by a caller that runs many layers in one program: the tables cost more than
+    rotating with them, and XLA does not merge the per-layer copies.
     Returns ``(x [T, D], new_k [T, K, Dh], new_v [T, K, Dh])`` with ``new_k`` pre-RoPE.
 
     ``naive_rope=True`` is the usual engine, kept only for comparison: the cache holds keys
@@ -173,13 +184,11 @@ def layer_step(
     q = (h @ lp["wq"]).reshape(T, H, Dh)
     k = (h @ lp["wk"]).reshape(T, K, Dh)
     v = (h @ lp["wv"]).reshape(T, K, Dh)
-    cos_n, sin_n = rope_tables(positions, Dh, config.rope_theta)
+    if rope is None:
+        rope = layer_rope_tables(config, S, positions, with_history=not naive_rope)
+    cos_h, sin_h, cos_n, sin_n = rope
     k_rot = apply_rope(k, cos_n, sin_n)
-    if naive_rope:
-        k_hist = cached_k
-    else:
-        cos_h, sin_h = rope_tables(jnp.arange(S), Dh, config.rope_theta)
-        k_hist = apply_rope(cached_k, cos_h, sin_h)
+    k_hist = cached_k if naive_rope else apply_rope(cached_k, cos_h, sin_h)
     a = attention(apply_rope(q, cos_n, sin_n), k_hist, cached_v, k_rot, v, history_len, block_q=block_q)
     x = x + a.reshape(T, H * Dh) @ lp["wo"]
     x = x + mlp(lp, rms_norm(x, lp["mlp_norm"], config.rms_eps))

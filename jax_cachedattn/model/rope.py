@@ -14,8 +14,8 @@ def rope_tables(positions: jnp.ndarray, head_dim: int, theta: float) -> tuple[jn
     """cos, sin tables ``[T, Dh]`` (float32) for integer ``positions`` ``[T]``."""
     inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))  # [Dh/2]
     angles = positions.astype(jnp.float32)[:, None] * inv_freq[None, :]  # [T, Dh/2]
-    angles = jnp.concatenate([angles, angles], axis=-1)  # [T, Dh]
-    return jnp.cos(angles), jnp.sin(angles)
+    cos, sin = jnp.cos(angles), jnp.sin(angles)  # each pair's two halves share an angle: half the work
+    return jnp.concatenate([cos, cos], axis=-1), jnp.concatenate([sin, sin], axis=-1)
 
 
 def apply_rope(x: jnp.ndarray, cos: jnp.ndarray, sin: jnp.ndarray) -> jnp.ndarray:
