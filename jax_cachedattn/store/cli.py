@@ -9,7 +9,8 @@ import argparse
 import json
 import sys
 
-from .disk import DiskTier, ManifestCorrupt, block_crc
+from .disk import STORE_FORMAT, DiskTier, ManifestCorrupt
+from .errors import FingerprintMismatch
 from .layout import KVLayout, StoreConfig
 
 
@@ -20,6 +21,10 @@ def _open(path: str) -> tuple[DiskTier, KVLayout | None, int]:
     if raw is None:
         return probe, None, cfg0.token_block
     meta = json.loads(raw)
+    if meta.get("format", 1) != STORE_FORMAT:
+        raise FingerprintMismatch(
+            f"{path} is a store of format {meta.get('format', 1)}; this version reads format {STORE_FORMAT} "
+            "(open it with StoreConfig(keep_tokens_on_mismatch=True) to keep its conversations and recompute their KV)")
     layout = KVLayout(**meta["layout"])
     cfg = StoreConfig(root=path, token_block=meta["token_block"])
     return DiskTier(cfg, layout), layout, meta["token_block"]
@@ -51,18 +56,17 @@ def _scan(disk: DiskTier, layout: KVLayout | None, B: int, verify: bool) -> list
         else:
             row["state"] = "committed" if cap == -(-m["end"] // B) else "uncommitted_tail"
         if verify and row["state"] in ("committed", "uncommitted_tail"):
+            # Reading a chunk checks its crc32c (TensorStore raises on a missing, short or damaged one).
             f, nb = m["offset"] // B, -(-m["end"] // B)
+            futs = [(layer, b, disk.read_block(sid, layer, b)) for layer in range(layout.num_layers) for b in range(f, nb)]
             bad = 0
-            try:
-                data = disk.read_blocks(sid, f, nb) if nb > f else None
-                for layer in range(layout.num_layers):
-                    for b in range(f, nb):
-                        blk = data[layer, :, (b - f) * B : (b - f + 1) * B]
-                        bad += block_crc(blk, min(B, m["end"] - b * B)) != m["crc"][layer][b]
-            except Exception as e:  # noqa: BLE001 - unreadable chunk
-                row["error"] = str(e)
-                bad += 1
-            row["bad_chunks"] = int(bad)
+            for layer, b, fu in futs:
+                try:
+                    fu.result()
+                except Exception as e:  # noqa: BLE001 - unreadable chunk
+                    row.setdefault("error", f"layer {layer} block {b}: {e}")
+                    bad += 1
+            row["bad_chunks"] = bad
             if bad:
                 row["state"] = "bad_checksum"
         rows.append(row)
@@ -106,8 +110,9 @@ def cmd_gc(args) -> int:
         elif state in ("bad_checksum", "missing_data"):
             # keep the token ids: rewrite the manifest as kv_lost, then drop the data
             m = disk.read_manifest(sid)
-            m.update(kv_valid=False, crc=[])
+            m.update(kv_valid=False)
             m.pop("version", None)
+            m.pop("crc", None)
             disk.write_manifest(sid, m).result()
             disk.delete_data(sid)
             removed.append(sid + " (kv)")

@@ -1,12 +1,18 @@
 """Disk tier: one TensorStore zarr3 array per session plus a JSON manifest written last.
 
 Keys under the store's kvstore:
-  store.json                  layout and model fingerprint of the whole store
-  s/<sid>/kv/...              zarr3 array [layers, 2, tokens, kv_heads, head_dim], chunks
-                              [1, 2, token_block, kv_heads, head_dim]; tokens grows by resize
-  s/<sid>/manifest.json       committed state: offset, end, turn, token ids, crc32 per
-                              (layer, block) over the committed rows; the last line is the crc32
-                              of the body, so a truncated or damaged manifest is detected.
+  store.json                  format, layout and model fingerprint of the whole store
+  s/<sid>/kv/zarr.json        zarr3 array [layers, 2, tokens, kv_heads, head_dim], chunks
+  s/<sid>/kv/c.<l>.0.<b>.0.0  [1, 2, token_block, kv_heads, head_dim] (flat keys: one folder per
+                              session); tokens grows by resize
+  s/<sid>/manifest.json       committed state: offset, end, turn, token ids; the last line is the
+                              crc32 of the body, so a truncated or damaged manifest is detected.
+Integrity of the data: every chunk ends with its crc32c (the zarr3 ``crc32c`` codec), computed and
+checked by TensorStore while it encodes and decodes (hardware crc32c, in its own threads); a chunk
+that is missing, short or fails its digest makes the read raise (``fill_missing_data_reads`` is off,
+so a lost chunk is never read as zeros). Chunk files are replaced whole (TensorStore's file driver
+writes a lock file and renames it), so committed rows of a partial last block rewritten by a turn
+that never committed are still the committed values.
 Session ids are validated before they reach here, so ``s/<sid>/`` never escapes the store.
 """
 
@@ -24,7 +30,10 @@ import tensorstore as ts
 from .errors import DiskFull, StoreError
 from .layout import KVLayout, StoreConfig
 
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2
+#: On-disk format of the whole store (store.json): 2 = crc32c codec + flat chunk keys, no per-block
+#: crcs in the manifest. A folder of another format is handled like another model's store.
+STORE_FORMAT = 2
 
 
 class ManifestCorrupt(StoreError):
@@ -49,17 +58,11 @@ def decode_manifest(raw: bytes) -> dict:
         if not tail.startswith("#crc32=") or int(tail[7:], 16) != zlib.crc32(text.encode()):
             raise ValueError("crc mismatch")
         body = json.loads(text)
-        if body.get("version") != MANIFEST_VERSION:
+        if body.get("version") not in (1, MANIFEST_VERSION):  # 1: read only to keep token ids (adoption)
             raise ValueError(f"unknown manifest version {body.get('version')!r}")
         return body
     except Exception as e:  # noqa: BLE001 - any damage is the same error
         raise ManifestCorrupt(f"damaged manifest: {e}") from e
-
-
-def block_crc(block: np.ndarray, rows: int) -> int:
-    """crc32 of the first ``rows`` token rows of a ``[2, B, K, D]`` block (k rows then v rows)."""
-    c = zlib.crc32(np.ascontiguousarray(block[0, :rows]).view(np.uint8))
-    return zlib.crc32(np.ascontiguousarray(block[1, :rows]).view(np.uint8), c)
 
 
 class DiskTier:
@@ -144,9 +147,11 @@ class DiskTier:
         codecs: list[dict] = [{"name": "bytes", "configuration": {"endian": "little"}}]
         if self.cfg.compression == "zstd":
             codecs.append({"name": "zstd", "configuration": {"level": self.cfg.compression_level}})
+        codecs.append({"name": "crc32c"})
         return {
             "driver": "zarr3",
             "kvstore": self._sub(f"s/{sid}/kv/"),
+            "fill_missing_data_reads": False,
             "metadata": {
                 "shape": [lay.num_layers, 2, 0, lay.kv_heads, lay.head_dim],
                 "data_type": lay.dtype,
@@ -154,7 +159,7 @@ class DiskTier:
                     "name": "regular",
                     "configuration": {"chunk_shape": [1, 2, B, lay.kv_heads, lay.head_dim]},
                 },
-                "chunk_key_encoding": {"name": "default"},
+                "chunk_key_encoding": {"name": "default", "configuration": {"separator": "."}},
                 "codecs": codecs,
                 "fill_value": 0,
             },
@@ -196,15 +201,17 @@ class DiskTier:
             new = arr.resize(exclusive_max=shape).result()
         self._arrays[sid] = new
 
-    def write_blocks(self, sid: str, layer: int, b0: int, data: np.ndarray):
-        """Write ``data`` [2, nb*B, K, D] at blocks [b0, b0+nb) of ``layer``; a WriteFutures."""
+    def write_block(self, sid: str, layer: int, b: int, block: np.ndarray):
+        """Write ``block`` [2, B, K, D] (never modified afterwards: TensorStore may keep referencing
+        it instead of copying it) as chunk (layer, b); a WriteFutures."""
         B = self.cfg.token_block
-        arr = self._arrays[sid]
-        return arr[layer, :, b0 * B : b0 * B + data.shape[1]].write(data)
+        return self._arrays[sid][layer, :, b * B : (b + 1) * B].write(block, can_reference_source_data_indefinitely=True)
 
-    def read_blocks(self, sid: str, b0: int, b1: int) -> np.ndarray:
+    def read_block(self, sid: str, layer: int, b: int):
+        """Future of chunk (layer, b) as a ``[2, B, K, D]`` array; TensorStore checks its crc32c and
+        raises on a missing, short or damaged chunk."""
         B = self.cfg.token_block
-        return self.array(sid)[:, :, b0 * B : b1 * B].read().result()
+        return self.array(sid)[layer, :, b * B : (b + 1) * B].read()
 
     def forget(self, sid: str) -> None:
         self._arrays.pop(sid, None)

@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .disk import DiskTier, ManifestCorrupt, block_crc, wrap_disk_error
+from .disk import STORE_FORMAT, DiskTier, ManifestCorrupt, wrap_disk_error
 from .errors import BudgetError, DiskFull, FingerprintMismatch, KVLost, LayoutMismatch, StoreError, UnknownSession
 from .layout import KVLayout, SessionInfo, StoreConfig, validate_session_id
 from .policy import EvictionPolicy, LRUPolicy
@@ -61,6 +61,19 @@ def _ceil_div(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def _aligned_empty(shape: tuple, dtype, align: int = 64) -> np.ndarray:
+    """An uninitialised C-contiguous array whose data starts on an ``align``-byte boundary.
+
+    On the CPU a ``pinned_host`` (or device) array made from an aligned NumPy buffer aliases it
+    instead of copying it (``jax.device_put(..., may_alias=True)``); on a GPU the copy into pinned
+    memory happens either way."""
+    dtype = np.dtype(dtype)
+    nbytes = int(np.prod(shape)) * dtype.itemsize
+    raw = np.empty(nbytes + align, np.uint8)
+    start = (-raw.ctypes.data) % align
+    return raw[start : start + nbytes].view(dtype).reshape(shape)
+
+
 @dataclasses.dataclass
 class _Session:
     sid: str
@@ -69,11 +82,9 @@ class _Session:
     turn: int = 0
     token_ids: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.int32))
     kv_valid: bool = True
-    crc: list[list[int]] = dataclasses.field(default_factory=list)  # [layer][block], committed rows
     # durable state (last manifest on disk): used to roll back after a failed commit
     durable: dict | None = None
     pend: list[int] | None = None  # per-layer absolute end of saved (maybe uncommitted) data
-    pcrc: list[dict[int, int]] | None = None  # per-layer crc of blocks rewritten this turn
     host: list[list[Any]] | None = None  # [layer][block] pinned_host arrays (None: dropped front)
     host_bytes: int = 0
     device: list[list[Any] | None] | None = None  # [layer] -> blocks on device or None
@@ -104,7 +115,6 @@ class TieredStore:
 
     READ_AHEAD_BYTES = 256 << 20  # disk reads issued ahead of verification (promotion)
     WRITE_INFLIGHT_BYTES = 256 << 20  # disk writes not yet committed before the save worker waits
-    VERIFY_THREADS = 2
 
     def __init__(self, cfg: StoreConfig, layout: KVLayout, policy: EvictionPolicy | None = None, *, device=None):
         self.cfg, self.layout = cfg, layout
@@ -129,7 +139,6 @@ class TieredStore:
         self._closed = False
         self._errors: list[BaseException] = []
         self.disk = DiskTier(cfg, layout)
-        self._verify_pool = cf.ThreadPoolExecutor(self.VERIFY_THREADS, thread_name_prefix="kvstore-verify")
         self._check_store_meta()
         self._recover()
         self._worker = cf.ThreadPoolExecutor(1, thread_name_prefix="kvstore-save")
@@ -142,7 +151,7 @@ class TieredStore:
     def _check_store_meta(self) -> None:
         import json
 
-        want = {"layout": self.layout.to_json(), "token_block": self.cfg.token_block}
+        want = {"format": STORE_FORMAT, "layout": self.layout.to_json(), "token_block": self.cfg.token_block}
         raw = self.disk.read_key("store.json")
         if raw is not None:
             try:
@@ -154,7 +163,7 @@ class TieredStore:
                     self._adopting = True  # _recover keeps every session's token ids, drops its KV
                 elif not self.cfg.wipe_on_mismatch:
                     raise FingerprintMismatch(
-                        f"the store holds KV of another model or layout: {have!r} != {want!r} "
+                        f"the store holds KV of another model, layout or store format: {have!r} != {want!r} "
                         "(set StoreConfig.wipe_on_mismatch=True to delete it, or keep_tokens_on_mismatch=True "
                         "to keep the conversations and recompute their KV)"
                     )
@@ -175,12 +184,16 @@ class TieredStore:
                 self.stats.add("checksum_failures")
                 self.disk.delete_session(sid)
                 continue
+            adopting = getattr(self, "_adopting", False)
             foreign = m.get("fingerprint") != self.layout.fingerprint or m.get("dtype", self.layout.dtype) != self.layout.dtype
-            if foreign and not getattr(self, "_adopting", False):
+            if foreign and not adopting:
                 raise FingerprintMismatch(f"session {sid!r} was made by model {m.get('fingerprint')!r}")
+            # Adopting a folder of another model, layout, token block or format: keep the token ids
+            # of every session, never its KV.
+            foreign = foreign or adopting
             s = _Session(
                 sid, offset=m["offset"], end=m["end"], turn=m["turn"],
-                token_ids=np.asarray(m["token_ids"], np.int32), kv_valid=m["kv_valid"], crc=m["crc"],
+                token_ids=np.asarray(m["token_ids"], np.int32), kv_valid=m["kv_valid"],
             )
             s.durable = m
             if foreign:
@@ -192,7 +205,7 @@ class TieredStore:
             if s.kv_valid:
                 cap = self.disk.capacity_blocks(sid)
                 need = _ceil_div(s.end, B)
-                if cap is None or cap < need or len(s.crc) != L:
+                if cap is None or cap < need:
                     self._mark_lost(s, write=True)
                 else:
                     s.disk_blocks = cap
@@ -222,7 +235,7 @@ class TieredStore:
         snap = snap or self._snap(s)
         return {
             "fingerprint": self.layout.fingerprint, **snap, "kv_valid": s.kv_valid,
-            "crc": [list(r) for r in s.crc], "token_block": self.cfg.token_block, "dtype": self.layout.dtype,
+            "token_block": self.cfg.token_block, "dtype": self.layout.dtype,
         }
 
     @staticmethod
@@ -234,7 +247,6 @@ class TieredStore:
         self.stats.add("checksum_failures")
         with self._lock:
             s.kv_valid = False
-            s.crc = []
             self._drop_copy(s, "device")
             self._drop_copy(s, "host")
             self.used["disk"] -= self.layout.num_layers * s.disk_blocks * self.block_bytes
@@ -348,12 +360,13 @@ class TieredStore:
 
     # ================================================================ disk -> host
     def _read_verified(self, s: _Session, publish=None) -> list[list[Any]]:
-        """Read all committed blocks of ``s`` from disk, check crcs, return host blocks [layer][block].
+        """Read all committed blocks of ``s`` from disk into host blocks [layer][block].
 
-        One TensorStore read per (layer, block) chunk, each returning a contiguous ``[2, B, K, D]``
-        array that is checksummed and copied to ``pinned_host`` as is (no re-packing). Reads are
-        issued a bounded number of bytes ahead of verification; crc + host copy of different layers
-        run on a small thread pool (zlib.crc32 and the copy release the GIL), and layers are handed
+        One TensorStore read per (layer, block) chunk, each a contiguous ``[2, B, K, D]`` array that
+        TensorStore has already checked against the chunk's crc32c while decoding it (in its own
+        threads; a missing, short or damaged chunk raises); it goes to ``pinned_host`` as is (one
+        batched ``device_put`` per layer, no copy on the CPU when the array is 64-byte aligned).
+        Reads are issued a bounded number of bytes ahead of their consumption and layers are handed
         to ``publish(layer, blocks)`` in layer order, so a load of layer 0 does not wait for layer L-1.
         """
         B, L = self.cfg.token_block, self.layout.num_layers
@@ -362,71 +375,57 @@ class TieredStore:
         if nb <= f:
             return blocks
 
-        pending: list = []
+        pending: list = []  # [layer] -> list of TensorStore read futures, None once consumed
 
         def quiesce():
             # Reads still in flight keep TensorStore's handle (and cached metadata) of the array
             # alive; let them finish before the damaged data is deleted, or a re-save of the session
             # can open the deleted array through that stale handle.
-            for p in pending:
-                if p is not None:
-                    p.cancel()
-            cf.wait([p for p in pending if p is not None])
+            futs = [fu for p in pending if p is not None for fu in p]
+            for fu in futs:
+                fu.cancel()
+            for fu in futs:
+                try:
+                    fu.result()
+                except BaseException:  # noqa: BLE001 - cancelled or failed: either way finished
+                    pass
 
         def lost(e):
             quiesce()
             self._mark_lost(s, write=True)
-            return KVLost(f"session {s.sid!r}: KV unreadable ({e}); recompute from its token ids")
+            return KVLost(f"session {s.sid!r}: KV unreadable or damaged on disk ({e}); recompute from its token ids")
 
         try:
             arr = self.disk.array(s.sid)
         except Exception as e:  # noqa: BLE001 - missing/undecodable array = damaged
             raise lost(e) from e
-        crc = s.crc
-        end = s.end
 
         def issue(layer):
             return [arr[layer, :, b * B : (b + 1) * B].read() for b in range(f, nb)]
 
-        def verify(layer, futs):
-            out = []
-            for b, fu in zip(range(f, nb), futs):
-                try:
-                    data = fu.result()
-                except Exception as e:  # noqa: BLE001 - undecodable chunk = damaged
-                    return ("unreadable", e)
-                rows = min(B, end - b * B)
-                if block_crc(data, rows) != crc[layer][b]:
-                    return ("crc", b)
-                out.append(jax.device_put(data, self._host))
-            return ("ok", out)
-
         layer_bytes = (nb - f) * self.block_bytes
         ahead = max(2, min(L, self.READ_AHEAD_BYTES // max(1, layer_bytes)))
-        pool = self._verify_pool
         nxt = 0
         try:
             for layer in range(L):
                 while nxt < L and nxt < layer + ahead:
-                    futs = issue(nxt)
-                    pending.append(pool.submit(verify, nxt, futs))
+                    pending.append(issue(nxt))
                     nxt += 1
-                kind, val = pending[layer].result()
-                pending[layer] = None
-                if kind == "unreadable":
-                    raise lost(val) from val
-                if kind == "crc":
-                    quiesce()
-                    self._mark_lost(s, write=True)
-                    raise KVLost(f"session {s.sid!r}: checksum mismatch at layer {layer} block {val}; recompute")
+                futs, pending[layer] = pending[layer], None
+                try:
+                    data = [fu.result() for fu in futs]
+                except Exception as e:  # noqa: BLE001 - missing, short or damaged chunk
+                    pending[layer] = futs
+                    raise lost(e) from e
+                val = jax.device_put(data, self._host, may_alias=True)
                 self.stats.add("bytes_read", len(val) * self.block_bytes, tier="disk")
                 blocks[layer][f:nb] = val
                 if publish is not None:
                     publish(layer, blocks[layer])
         except BaseException:
             for p in pending:
-                if p is not None:
-                    p.cancel()
+                for fu in p or ():
+                    fu.cancel()
             raise
         return blocks
 
@@ -534,7 +533,7 @@ class TieredStore:
             if s is None:
                 if start != 0:
                     raise UnknownSession(f"unknown session {sid!r} (a new session starts at 0, got {start})")
-                s = self._sessions[sid] = _Session(sid, crc=[[] for _ in range(L)])
+                s = self._sessions[sid] = _Session(sid)
                 s.host, s.host_bytes = [[] for _ in range(L)], 0
             elif not s.kv_valid and s.pend is None:
                 if start != 0:
@@ -542,14 +541,14 @@ class TieredStore:
                     # successful load of an earlier layer and its save; either way: recompute, save from 0.
                     raise KVLost(f"session {sid!r} lost its KV (a chunk failed its checksum): recompute it from "
                                  f"its token ids and save it again from start=0")
-                s.offset, s.end, s.kv_valid, s.crc = 0, 0, True, [[] for _ in range(L)]
+                s.offset, s.end, s.kv_valid = 0, 0, True
                 s.host, s.host_bytes = [[] for _ in range(L)], 0
             need_host = s.host is None
         if need_host:
             self._ensure_host(s)  # saving on a session that left host: read it back first (blocking)
         with self._lock:
             if s.pend is None:
-                s.pend, s.pcrc = [s.end] * L, [dict() for _ in range(L)]
+                s.pend = [s.end] * L
             a0 = s.offset + start
             if a0 != s.pend[layer]:
                 raise LayoutMismatch(
@@ -595,53 +594,42 @@ class TieredStore:
                     self._sessions.pop(s.sid, None)
             raise
         with self._lock:
-            s.last_task = s.layer_task[layer] = self._worker.submit(self._do_save, s, layer, kv_new, a0, a1,
-                                                                    s.pcrc[layer])
+            s.last_task = s.layer_task[layer] = self._worker.submit(self._do_save, s, layer, kv_new, a0, a1)
         self.policy.touch(sid, "host")
 
-    def _do_save(self, s: _Session, layer: int, kv_new, a0: int, a1: int, pcrc: dict) -> None:
+    def _do_save(self, s: _Session, layer: int, kv_new, a0: int, a1: int) -> None:
         B = self.cfg.token_block
         try:
             x = np.asarray(kv_new)  # waits for the device -> host copy
-            if not x.flags.c_contiguous:
-                x = np.ascontiguousarray(x)
             b0, b1 = a0 // B, _ceil_div(a1, B)
-            # Whole blocks stay views of ``x`` (each of x[0, rows] / x[1, rows] is contiguous, so the crc
-            # needs no copy); a partial block (a turn's first or last) is merged with the host copy.
-            new_blocks = []
-            segs: list[tuple[int, np.ndarray]] = []  # (first block, [2, nb*B, K, D]) disk writes
-            run0 = None
-            for b in range(b0, b1):
+            # The touched blocks packed once into one 64-byte aligned buffer [nb, 2, B, K, D]: every block
+            # is then contiguous, TensorStore encodes it without copying it first, and on the CPU its
+            # pinned_host array aliases it. A partial block (a turn's first or last) is merged with
+            # what the host tier holds; rows past the new tokens are zeros (or the old block's).
+            new_blocks = _aligned_empty((b1 - b0, 2, B) + x.shape[2:], x.dtype)
+            for i, b in enumerate(range(b0, b1)):
                 lo, hi = max(a0, b * B), min(a1, (b + 1) * B)
-                if lo == b * B and hi == (b + 1) * B:
-                    blk = x[:, lo - a0 : hi - a0]
-                    if run0 is None:
-                        run0 = b
-                else:
-                    if run0 is not None:
-                        segs.append((run0, x[:, run0 * B - a0 : b * B - a0]))
-                        run0 = None
+                if lo > b * B or hi < (b + 1) * B:
                     with self._lock:
-                        old = s.host[layer][b] if b < len(s.host[layer]) else None
-                    blk = np.array(old) if old is not None else np.zeros((2, B) + x.shape[2:], x.dtype)
-                    blk[:, lo - b * B : hi - b * B] = x[:, lo - a0 : hi - a0]
-                    segs.append((b, blk))
-                new_blocks.append(blk)
-                pcrc[b] = block_crc(blk, hi - b * B)
-            if run0 is not None:
-                segs.append((run0, x[:, run0 * B - a0 : b1 * B - a0]))
+                        hl = s.host[layer] if s.host is not None else []
+                        old = hl[b] if b < len(hl) else None
+                    if old is not None:
+                        new_blocks[i] = np.asarray(old)
+                    else:
+                        new_blocks[i] = 0
+                new_blocks[i, :, lo - b * B : hi - b * B] = x[:, lo - a0 : hi - a0]
             prev = s.tailw.get(layer)
             if prev is not None and prev[0] >= b0:
                 prev[1].result()  # two writes of one chunk in flight may land out of order: serialize
             ws = []
-            for sb, data in segs:
-                w = self.disk.write_blocks(s.sid, layer, sb, data)  # data is referenced until w.copy resolves
+            for i, b in enumerate(range(b0, b1)):
+                w = self.disk.write_block(s.sid, layer, b, new_blocks[i])
                 ws.append(w)
-                self.stats.add("bytes_written", data.nbytes, tier="disk")
-                self._inflight.append((data.nbytes, w.commit))
-                self._inflight_bytes += data.nbytes
+                self._inflight.append((self.block_bytes, w.commit))
+                self._inflight_bytes += self.block_bytes
+            self.stats.add("bytes_written", new_blocks.nbytes, tier="disk")
             self.stats.add("bytes_written", x.nbytes, tier="host")
-            hblocks = [jax.device_put(blk, self._host) for blk in new_blocks]
+            hblocks = jax.device_put(list(new_blocks), self._host, may_alias=True)  # one batched call
             with self._lock:
                 if s.host is not None:
                     hl = s.host[layer]
@@ -699,12 +687,11 @@ class TieredStore:
                 )
             task = s.last_task
             s.end, s.turn, s.token_ids = want, s.turn + 1, tok
-            pend, pcrc = s.pend, s.pcrc
-            s.pend = s.pcrc = None
-            s.last_commit = fut = self._committer.submit(self._do_commit, s, task, pcrc, self._snap(s))
+            s.pend = None
+            s.last_commit = fut = self._committer.submit(self._do_commit, s, task, self._snap(s))
         return fut
 
-    def _do_commit(self, s: _Session, task, pcrc, snap: dict) -> int:
+    def _do_commit(self, s: _Session, task, snap: dict) -> int:
         try:
             if task is not None:
                 task.result()
@@ -713,11 +700,6 @@ class TieredStore:
             for w in writes:
                 w.result()
             with self._lock:
-                for layer, d in enumerate(pcrc):
-                    row = s.crc[layer]
-                    for b, c in sorted(d.items()):
-                        row.extend([0] * (b + 1 - len(row)))
-                        row[b] = c
                 body = self._manifest_body(s, snap)
             self.disk.write_manifest(s.sid, body).result()
             with self._lock:
@@ -734,7 +716,7 @@ class TieredStore:
         with self._lock:
             self._drop_copy(s, "device")
             self._drop_copy(s, "host")
-            s.writes, s.pend, s.pcrc = [], None, None
+            s.writes, s.pend = [], None
             m = s.durable
             if m is None:
                 self.used["disk"] -= self.layout.num_layers * s.disk_blocks * self.block_bytes
@@ -747,7 +729,7 @@ class TieredStore:
                     pass
                 return
             s.offset, s.end, s.turn = m["offset"], m["end"], m["turn"]
-            s.token_ids, s.kv_valid, s.crc = np.asarray(m["token_ids"], np.int32), m["kv_valid"], m["crc"]
+            s.token_ids, s.kv_valid = np.asarray(m["token_ids"], np.int32), m["kv_valid"]
 
     def truncate_front(self, sid: str, n_drop: int) -> cf.Future:
         """Drop the oldest ``n_drop`` tokens; the rest stays bit-identical. Returns a future (manifest)."""
@@ -992,7 +974,7 @@ class TieredStore:
             self.flush()
         finally:
             self._closed = True
-            for ex in (self._worker, self._committer, self._io, self._verify_pool):
+            for ex in (self._worker, self._committer, self._io):
                 ex.shutdown(wait=True)
 
     def __enter__(self) -> "TieredStore":

@@ -138,7 +138,7 @@ def test_corrupt_chunk_and_truncated_manifest_detected(tmp_path):
     save_turn(st, "m", rand(lay, 20, 5), 0, 20).result()
     st.close()
     root = tmp_path / "st" / "s"
-    chunk = root / "c" / "kv" / "c" / "1" / "0" / "1" / "0" / "0"
+    chunk = root / "c" / "kv" / "c.1.0.1.0.0"  # layer 1, token block 1 (flat zarr3 chunk keys)
     raw = bytearray(chunk.read_bytes())
     raw[10] ^= 0xFF
     chunk.write_bytes(bytes(raw))
@@ -160,6 +160,52 @@ def test_corrupt_chunk_and_truncated_manifest_detected(tmp_path):
     full = rand(lay, 20, 6)  # recompute and save again from 0
     save_turn(st, "c", full, 0, 20).result()
     np.testing.assert_array_equal(np.asarray(st.load_layer("c", 2)), full[2])
+    st.close()
+
+
+def test_missing_or_short_chunk_is_never_read_as_zeros(tmp_path):
+    """zarr3 reads a missing chunk as the fill value unless told not to: the store must raise KVLost."""
+    lay = layout()
+    full = rand(lay, 3 * B, 11)
+    st = TieredStore(cfg(tmp_path), lay)
+    save_turn(st, "gone", full, 0, 3 * B).result()
+    save_turn(st, "short", full, 0, 3 * B).result()
+    st.close()
+    kv = tmp_path / "st" / "s"
+    (kv / "gone" / "kv" / "c.2.0.1.0.0").unlink()
+    short = kv / "short" / "kv" / "c.0.0.2.0.0"
+    short.write_bytes(short.read_bytes()[:-4])  # the crc32c trailer cut off
+    assert cli.main(["store", "verify", "--store", str(tmp_path / "st")]) == 1
+    st = TieredStore(cfg(tmp_path), lay)
+    for sid in ("gone", "short"):
+        with pytest.raises(KVLost):
+            for layer in range(L):
+                st.load_layer(sid, layer)
+        assert not st.lookup(sid).kv_valid
+    assert st.stats.checksum_failures == 2
+    st.close()
+
+
+def test_store_of_another_format_is_refused_or_adopted(tmp_path):
+    """A folder written by an older on-disk format (store.json without format 2) is handled like another
+    model's: refused with a clear error, or adopted keeping the conversations' token ids only."""
+    lay = layout()
+    st = TieredStore(cfg(tmp_path), lay)
+    save_turn(st, "old", rand(lay, 12, 12), 0, 12).result()
+    st.close()
+    meta_path = tmp_path / "st" / "store.json"
+    meta = json.loads(meta_path.read_text())
+    assert meta["format"] == 2
+    del meta["format"]  # what format 1 wrote
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(FingerprintMismatch, match="format"):
+        TieredStore(cfg(tmp_path), lay)
+    with pytest.raises(FingerprintMismatch, match="format"):
+        cli.main(["store", "ls", "--store", str(tmp_path / "st")])
+    st = TieredStore(cfg(tmp_path, keep_tokens_on_mismatch=True), lay)
+    info = st.lookup("old")
+    assert not info.kv_valid and info.tier is None
+    np.testing.assert_array_equal(info.token_ids, np.arange(12))
     st.close()
 
 
