@@ -68,7 +68,8 @@ def write_history(store: TieredStore, sid: str, n: int, cfg: ModelConfig, rng: n
     return ids
 
 
-def measure(params, cfg, root: Path, mode: str, hist: int, new: int, reps: int, rng, default: str = "auto") -> list[float]:
+def measure(params, cfg, root: Path, mode: str, hist: int, new: int, reps: int, rng, default: str = "auto",
+            overrides: dict | None = None) -> list[float]:
     dev_bytes = 0
     if mode == "device":
         dev_bytes = 4 * (hist + new + 64) * cfg.kv_bytes_per_token
@@ -80,7 +81,7 @@ def measure(params, cfg, root: Path, mode: str, hist: int, new: int, reps: int, 
                                         token_block=256), KVLayout(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim,
                                                                    cfg.dtype, "bench"))
         preload = {"host_upfront": "upfront", "host_layerwise": "layerwise"}.get(mode, default)
-        ec = EngineConfig(max_new_tokens=1, use_cache=mode != "recompute", preload=preload)
+        ec = EngineConfig(max_new_tokens=1, use_cache=mode != "recompute", preload=preload, **(overrides or {}))
         eng = Engine(cfg, params, store, None, ec)
         write_history(store, "s", hist, cfg, rng)
         store.flush()
@@ -116,6 +117,9 @@ def main(argv=None) -> int:
     ap.add_argument("--dir", default=None, help="folder for the disk tier (default: a temp folder here)")
     ap.add_argument("--preload", default="auto", choices=("auto", "layerwise", "in_program"),
                     help="how (a), (b), (d) and (e) load the history (default: the engine's default, auto)")
+    ap.add_argument("--program-groups", type=int, default=None, help="EngineConfig.program_groups (default: the engine's)")
+    ap.add_argument("--group-growth", type=float, default=None, help="EngineConfig.group_growth (default: the engine's)")
+    ap.add_argument("--prompt-bucket", type=int, default=None, help="EngineConfig.prompt_bucket (default: the engine's)")
     ap.add_argument("--quick", action="store_true", help="history 512,2048 and new 100 only, 2 reps")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     args = ap.parse_args(argv)
@@ -135,6 +139,8 @@ def main(argv=None) -> int:
     root = Path(args.dir or tempfile.mkdtemp(prefix="bench-overlap-", dir="."))
     machine = {"platform": platform.platform(), "python": sys.version.split()[0], "jax": jax.__version__,
                "device": str(jax.devices()[0]), "device_kind": jax.devices()[0].device_kind, "cpus": os.cpu_count()}
+    overrides = {k: v for k, v in (("program_groups", args.program_groups), ("group_growth", args.group_growth),
+                                   ("prompt_bucket", args.prompt_bucket)) if v is not None}
     rows = []
     print(f"model {cfg.name} ({cfg.dtype}) on {machine['device_kind']}; TTFT median in ms", flush=True)
     print(f"{'hist':>6} {'new':>5} " + " ".join(f"{m:>15}" for m in modes) + "  hidden   b/a  b'/a   d/a   e/b", flush=True)
@@ -143,7 +149,7 @@ def main(argv=None) -> int:
             cell = {"history": h, "new": n}
             for m in modes:
                 t = measure(params, cfg, root, m, h, n, args.recompute_reps if m == "recompute" else reps, rng,
-                            args.preload)
+                            args.preload, overrides)
                 cell[m] = statistics.median(t)
                 cell[m + "_all"] = t
             a, b, c = cell.get("device"), cell.get("host"), cell.get("host_upfront")
@@ -165,6 +171,7 @@ def main(argv=None) -> int:
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps({"model": cfg.to_dict(), "machine": machine, "preload": args.preload,
+                                               "engine_overrides": overrides, "command": sys.argv,
                                                "rows": rows}, indent=1))
     if not args.dir:
         shutil.rmtree(root, ignore_errors=True)

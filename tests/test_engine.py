@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from jax_cachedattn.engine import ContextOverflow, Engine, EngineConfig, InputError, plan_truncation
+from jax_cachedattn.engine.engine import group_sizes, prompt_bucket_length
 from jax_cachedattn.model import ModelConfig, TokenError, forward, init_params, prefill
 from jax_cachedattn.store import InvalidSessionId, KVLayout, StoreConfig, TieredStore, UnknownSession
 
@@ -97,6 +98,43 @@ def test_no_cache_recomputes_with_same_answer(tiny):
         assert a.reply_tokens == b.reply_tokens
         np.testing.assert_allclose(a.prompt_logits, b.prompt_logits, atol=TOL)
     assert out[True][2].reused_tokens > 0 and out[False][2].reused_tokens == 0
+
+
+def test_group_sizes_and_prompt_buckets():
+    assert group_sizes(30, 4, 2.0) == [2, 4, 8, 16]
+    assert group_sizes(30, 3, 1.0) == [10, 10, 10]
+    assert group_sizes(30, 3, 2.0) == [4, 9, 17]
+    assert group_sizes(2, 4, 2.0) == [1, 1]
+    for L, g, r in [(7, 4, 2.0), (5, 5, 3.0), (30, 6, 1.5), (1, 3, 2.0)]:
+        sz = group_sizes(L, g, r)
+        assert sum(sz) == L and min(sz) >= 1 and sz == sorted(sz)
+    assert [prompt_bucket_length(n) for n in (1, 16, 17, 100, 256, 257, 2148)] == [16, 16, 32, 112, 256, 384, 2176]
+    assert prompt_bucket_length(100, 128) == 128 and prompt_bucket_length(0) == 0
+
+
+def test_growing_program_groups_from_disk_equal_layerwise(tmp_path):
+    """From disk the in-program path runs the layers as several programs of growing size; on a model
+    with enough layers for uneven groups it computes exactly what per-layer dispatch computes."""
+    cfg = ModelConfig.preset("tiny", num_layers=7, max_context=1024)
+    params = init_params(cfg, jax.random.key(3), norm_noise=0.3)
+    msgs = _messages(cfg, 3, seed=21)
+    out = {}
+    for name, extra in (("layerwise", {"preload": "layerwise"}), ("4x2", {}), ("3x1", {"program_groups": 3, "group_growth": 1.0}),
+                        ("7x1.5", {"program_groups": 7, "group_growth": 1.5})):
+        store = _store(cfg, tmp_path / name)
+        eng = Engine(cfg, params, store, None, EngineConfig(max_new_tokens=5, return_logits=True, **extra))
+        rs = []
+        for m in msgs:
+            rs.append(eng.turn("g", m))
+            eng.flush()
+            store.evict("g", "host")
+        assert [r.source for r in rs] == ["new", "disk", "disk"]
+        out[name] = ([r.reply_tokens for r in rs], rs[-1].prompt_logits, rs[-1].read_ahead)
+        eng.close()
+    assert out["4x2"][2] == 1 and out["3x1"][2] == 2  # the first program's size: [1, 1, 2, 3] and [2, 2, 3]
+    for name in ("4x2", "3x1", "7x1.5"):
+        assert out[name][0] == out["layerwise"][0]
+        np.testing.assert_array_equal(out[name][1], out["layerwise"][1])
 
 
 def test_preload_modes_agree(tiny):

@@ -29,8 +29,13 @@ class EngineConfig:
       ``scripts/bench_overlap.py`` on the CPU (see README); the other modes stay for comparison.
     program_groups: how many jitted programs ``in_program`` splits the layers into (each group's
       history is waited for before its program is dispatched); ``None``: 1 for a history in host or
-      device memory, 3 for one read from disk, so later layers are still being read while the first
+      device memory, 4 for one read from disk, so later layers are still being read while the first
       groups compute.
+    group_growth: each group of ``program_groups`` holds this many times the layers of the one
+      before (1: equal groups; 2, the default: 2, 4, 8, 16 of 30 layers), so the first program starts
+      after only a few layers are read.
+    prompt_bucket: new tokens are padded to a multiple of this up to 256 tokens (beyond: a multiple
+      of 128). A padded token costs the compute of a real one; each bucket compiles its programs once.
     read_ahead: layers in flight ahead of compute; ``None`` sizes it from measured load and compute
       times (the paper's read buffer): more layers ahead when loading a layer is slower than
       computing one.
@@ -48,6 +53,8 @@ class EngineConfig:
     rope_mode: str = "decoupled"
     preload: str = "auto"
     program_groups: int | None = None
+    group_growth: float = 2.0
+    prompt_bucket: int = 16
     read_ahead: int | None = None
     save_every: int = 16
     use_cache: bool = True
@@ -68,6 +75,10 @@ class EngineConfig:
             raise ValueError(f"preload must be 'auto', 'layerwise', 'in_program' or 'upfront', got {self.preload!r}")
         if self.program_groups is not None and self.program_groups < 1:
             raise ValueError(f"program_groups must be None or >= 1, got {self.program_groups}")
+        if not self.group_growth >= 1:
+            raise ValueError(f"group_growth must be >= 1, got {self.group_growth}")
+        if not isinstance(self.prompt_bucket, int) or not 1 <= self.prompt_bucket <= 256:
+            raise ValueError(f"prompt_bucket must be an int in [1, 256], got {self.prompt_bucket!r}")
         if self.read_ahead is not None and self.read_ahead < 1:
             raise ValueError(f"read_ahead must be None or >= 1, got {self.read_ahead}")
         if self.save_every < 1:

@@ -156,6 +156,29 @@ def _rows_of(cache, start, size: int):
     return tuple(part[i] for i in range(cache.shape[0]))
 
 
+def prompt_bucket_length(n: int, step: int = 16) -> int:
+    """Bucket of ``n`` new tokens: a multiple of ``step`` up to 256 tokens, of 128 beyond (0 for 0)."""
+    if n <= 0:
+        return 0
+    if n <= 256:
+        return -(-n // step) * step
+    return -(-n // 128) * 128
+
+
+def group_sizes(num_layers: int, groups: int, growth: float) -> list[int]:
+    """Split ``num_layers`` into ``groups`` consecutive groups, each ``growth`` times the one before
+    (rounded; every group non-empty)."""
+    groups = max(1, min(groups, num_layers))
+    w = [growth**i for i in range(groups)]
+    sizes = [max(1, round(num_layers * x / sum(w))) for x in w]
+    sizes[-1] += num_layers - sum(sizes)
+    while sizes[-1] < 1:  # rounding gave the earlier groups too much
+        i = max(range(groups - 1), key=lambda j: sizes[j])
+        sizes[i] -= 1
+        sizes[-1] += 1
+    return sizes
+
+
 @dataclasses.dataclass
 class _Preloaded:
     """The read buffer: a queued job's first layers, loaded while the current job decodes."""
@@ -316,13 +339,14 @@ class Engine:
         if ec.preload == "auto":
             # In-program was the faster at most shapes in scripts/bench_overlap.py on the CPU (see
             # README): from host/device memory as one program, from disk as `program_groups` programs
-            # so that the first groups compute while later layers are still being read.
+            # of growing size, so that the first (small) group computes while later layers are still
+            # being read.
             ec = ec.replace(preload="in_program")
         L, K, Dh = mc.num_layers, mc.num_kv_heads, mc.head_dim
         naive = ec.rope_mode == "naive"
         n_comp = len(compute_ids)
         # New tokens bucket finer (128) than history capacity (256): padding is compute, capacity is a copy.
-        S, T = bucket_length(cached_len), bucket_length(n_comp, step=128)
+        S, T = bucket_length(cached_len), prompt_bucket_length(n_comp, ec.prompt_bucket)
         padded = np.zeros(T, np.int32)
         padded[:n_comp] = compute_ids
         positions = jnp.arange(cached_len, cached_len + T, dtype=jnp.int32)
@@ -334,14 +358,15 @@ class Engine:
         if cached_len and ec.preload == "in_program":
             ready = self._take_preloaded(sid, info.num_tokens, info.turn, S)  # already [2, S, K, Dh] on device
             preloaded = len(ready)
-            groups = ec.program_groups or (3 if source == "disk" else 1)
-            ahead = size = -(-L // min(groups, L))
+            groups = ec.program_groups or (4 if source == "disk" else 1)
+            sizes = group_sizes(L, groups, ec.group_growth)
+            ahead = sizes[0]
             if source == "disk":
                 store.prefetch(sid)  # every layer's read in flight at once; each group waits for its own
             x = embed_jit(self.params, mc, jnp.asarray(padded))
             hists, news = [], []
-            for g0 in range(0, L, size):
-                idx = range(g0, min(L, g0 + size))
+            for g0, size in zip(np.cumsum([0] + sizes[:-1]).tolist(), sizes):
+                idx = range(g0, g0 + size)
                 parts = [((ready[i],), 0) if i in ready else store.layer_blocks(sid, i)[:2] for i in idx]
                 x, h, n = _layers_in_program(
                     tuple(self.layers[i] for i in idx), mc, x, tuple(p[0] for p in parts),

@@ -113,7 +113,8 @@ class _Done(cf.Future):
 class TieredStore:
     """Session KV store over device, host and disk tiers. See the module docstring."""
 
-    READ_AHEAD_BYTES = 256 << 20  # disk reads issued ahead of verification (promotion)
+    READ_AHEAD_BYTES = 32 << 20  # disk reads in flight ahead of the layer being consumed (at least 2 layers):
+    # a small window makes the first layers land first (layer-wise loading from disk) at no cost in throughput
     WRITE_INFLIGHT_BYTES = 256 << 20  # disk writes not yet committed before the save worker waits
 
     def __init__(self, cfg: StoreConfig, layout: KVLayout, policy: EvictionPolicy | None = None, *, device=None):
