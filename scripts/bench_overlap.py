@@ -9,15 +9,17 @@ For each (history, new tokens) pair it measures the time to first token with the
       (b') the same history loaded by per-layer dispatch (one jitted step per layer, the load of
       layer l+k issued through async dispatch before layer l computes),
   (c) in host memory, loaded completely before prefill starts,
-  (d) on disk only (page cache dropped), the engine's default (from disk: three such programs,
-      each dispatched when its layers are read and verified),
+  (d) on disk only (page cache dropped), the engine's default (from disk: four such programs of
+      growing size, each dispatched when its layers are read and verified),
   (e) recomputed from its token ids (no cache; the engine's default: one scanned program),
 and reports the hidden fraction ``1 - (b - a)/(c - a)``, ``b/a``, ``b'/a``, ``d/a`` and ``e/b``.
 (a), (b), (d) and (e) run exactly what ``Engine.turn`` runs by default, so each ratio compares
 the best path for each case; ``--preload`` forces one for all of them.
 
 The history's KV is synthetic (random values written through the store): speed does not
-depend on the values. Every shape is run once untimed first so compilation is excluded.
+depend on the values. Every shape and mode is run once untimed first so compilation is excluded;
+then the modes take turns, one timed turn each per round, so that drift in a shared machine's speed
+hits them alike; ratios are medians of the per-round ratios.
 
     python scripts/bench_overlap.py --out runs/overlap.json            # SmolLM2 shape, CPU
     python scripts/bench_overlap.py --model llama2-7b --dtype bfloat16  # on a GPU
@@ -69,13 +71,15 @@ def write_history(store: TieredStore, sid: str, n: int, cfg: ModelConfig, rng: n
 
 
 def measure(params, cfg, root: Path, mode: str, hist: int, new: int, reps: int, rng, default: str = "auto",
-            overrides: dict | None = None) -> list[float]:
+            overrides: dict | None = None, warmup: bool = True) -> list[float]:
+    """TTFT of ``reps`` turns of one mode, each on a fresh store (``warmup``: one untimed turn first,
+    which compiles)."""
     dev_bytes = 0
     if mode == "device":
         dev_bytes = 4 * (hist + new + 64) * cfg.kv_bytes_per_token
     host_bytes = 4 * (hist + new + 1024) * cfg.kv_bytes_per_token
     times = []
-    for rep in range(reps + 1):  # the first run compiles and is not counted
+    for rep in range(reps + int(warmup)):
         folder = root / f"{mode}-{hist}-{new}-{rep}"
         store = TieredStore(StoreConfig(root=str(folder), device_bytes=dev_bytes, host_bytes=host_bytes,
                                         token_block=256), KVLayout(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim,
@@ -98,7 +102,7 @@ def measure(params, cfg, root: Path, mode: str, hist: int, new: int, reps: int, 
         expected = {"device": "device", "host": "host", "host_layerwise": "host", "host_upfront": "host",
                     "disk": "disk", "recompute": "recompute"}[mode]
         assert res.source == expected, (mode, res.source)
-        if rep:
+        if rep or not warmup:
             times.append(res.ttft_s)
         eng.close()
         shutil.rmtree(folder, ignore_errors=True)  # an 8K-token cell writes GBs: keep the disk free
@@ -147,23 +151,32 @@ def main(argv=None) -> int:
     for h in hists:
         for n in news:
             cell = {"history": h, "new": n}
+            # Modes interleave round by round (after one untimed, compiling turn each), so that drift
+            # in the machine's speed hits every mode alike; ratios are medians of per-round ratios.
             for m in modes:
-                t = measure(params, cfg, root, m, h, n, args.recompute_reps if m == "recompute" else reps, rng,
-                            args.preload, overrides)
-                cell[m] = statistics.median(t)
-                cell[m + "_all"] = t
-            a, b, c = cell.get("device"), cell.get("host"), cell.get("host_upfront")
-            d, e = cell.get("disk"), cell.get("recompute")
+                measure(params, cfg, root, m, h, n, 0, rng, args.preload, overrides)
+            times = {m: [] for m in modes}
+            for r in range(max(reps, args.recompute_reps)):
+                for m in modes:
+                    if r < (args.recompute_reps if m == "recompute" else reps):
+                        times[m] += measure(params, cfg, root, m, h, n, 1, rng, args.preload, overrides, warmup=False)
+            for m in modes:
+                cell[m] = statistics.median(times[m])
+                cell[m + "_all"] = times[m]
+
+            def ratio(x: str, y: str) -> float | None:
+                pairs = list(zip(times.get(x, []), times.get(y, [])))
+                return statistics.median(p / q for p, q in pairs) if pairs else None
+
+            a, c = cell.get("device"), cell.get("host_upfront")
+            b = cell.get("host")
             if None not in (a, b, c):
                 cell["hidden_fraction"] = 1 - (b - a) / (c - a) if c > a else float("nan")
-                cell["b_over_a"] = b / a
-            bp = cell.get("host_layerwise")
-            if None not in (a, bp):
-                cell["layerwise_over_a"] = bp / a
-            if None not in (a, d):
-                cell["d_over_a"] = d / a
-            if None not in (b, e):
-                cell["e_over_b"] = e / b
+            for key, (x, y) in {"b_over_a": ("host", "device"), "layerwise_over_a": ("host_layerwise", "device"),
+                                "d_over_a": ("disk", "device"), "e_over_b": ("recompute", "host")}.items():
+                v = ratio(x, y)
+                if v is not None:
+                    cell[key] = v
             rows.append(cell)
             fmt = lambda k: f"{cell[k]:6.2f}" if k in cell else "     -"  # noqa: E731
             print(f"{h:>6} {n:>5} " + " ".join(f"{cell[m] * 1000:15.1f}" for m in modes)
