@@ -30,6 +30,7 @@ import json
 import os
 import platform
 import re
+import resource
 import shutil
 import statistics
 import subprocess
@@ -83,14 +84,21 @@ def raw_write(path: str, nbytes: int, buf: memoryview) -> float:
     return time.perf_counter() - t0
 
 
-def raw_read(path: str, buf: bytearray) -> float:
+def cpu_seconds() -> float:
+    """User + system CPU seconds of this process so far (all threads, TensorStore's included)."""
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return ru.ru_utime + ru.ru_stime
+
+
+def raw_read(path: str, buf: bytearray) -> tuple[float, float]:
+    """(wall seconds, CPU seconds) of reading ``path`` cold into ``buf``."""
     drop_cache(path)
     mv = memoryview(buf)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), cpu_seconds()
     with open(path, "rb", buffering=0) as f:
         while f.readinto(mv):
             pass
-    return time.perf_counter() - t0
+    return time.perf_counter() - t0, cpu_seconds() - c0
 
 
 def dd_run(args: list[str]) -> float | None:
@@ -117,7 +125,9 @@ def fmt(x, spec=".2f"):
 def raw_once(folder: str, nbytes: int, wbuf: memoryview, rbuf: bytearray, use_dd: bool) -> dict:
     """One raw write + read (and dd write + read) of ``nbytes`` in ``folder``; bytes/s."""
     path = os.path.join(folder, "raw.bin")
-    out = {"write": nbytes / raw_write(path, nbytes, wbuf), "read": nbytes / raw_read(path, rbuf)}
+    write_s = raw_write(path, nbytes, wbuf)
+    read_s, read_cpu = raw_read(path, rbuf)
+    out = {"write": nbytes / write_s, "read": nbytes / read_s, "read_cpu": read_cpu / nbytes * 1e9}
     os.unlink(path)
     if use_dd:
         bs = CHUNK if nbytes % CHUNK == 0 else 1 << 20
@@ -166,9 +176,10 @@ def store_once(folder: str, model: str, tokens: int, layer_np, layer, cfg_kw: di
         store.evict(sid, "host")
         assert store.lookup(sid).tier == "disk"
         drop_tree(os.path.join(root, "s", sid))
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), cpu_seconds()
         store.prefetch(sid).result()
         r = nbytes / (time.perf_counter() - t0)
+        r_cpu = (cpu_seconds() - c0) / nbytes * 1e9
         assert store.lookup(sid).tier == "host"
         if check:
             for li in (0, L - 1):
@@ -177,7 +188,7 @@ def store_once(folder: str, model: str, tokens: int, layer_np, layer, cfg_kw: di
     finally:
         store.close()
         shutil.rmtree(root, ignore_errors=True)
-    return {"write": w, "read": r}
+    return {"write": w, "read": r, "read_cpu": r_cpu}
 
 
 def bench_case(folder: str, model: str, tokens: int, repeat: int, cfg_kw: dict, use_dd: bool, check: bool) -> dict:
@@ -262,6 +273,7 @@ def main(argv=None) -> int:
                     "raw_write_GBps": g("raw_write"), "raw_read_GBps": g("raw_read"),
                     "dd_write_GBps": g("raw_dd_write"), "dd_read_GBps": g("raw_dd_read"),
                     "store_write_GBps": g("store_write"), "store_read_GBps": g("store_read"),
+                    "raw_read_cpu_s_per_GB": m["raw_read_cpu"], "store_read_cpu_s_per_GB": m["store_read_cpu"],
                     "loadavg": m["loadavg"], "runs": res["runs"],
                 }
                 row["write_ratio"] = row["store_write_GBps"] / row["raw_write_GBps"]
@@ -274,11 +286,11 @@ def main(argv=None) -> int:
         shutil.rmtree(folder, ignore_errors=True)
 
     cols = ["model", "tokens", "MiB", "raw write", "store h→d", "ratio", "raw read", "store d→h", "ratio",
-            "dd write", "dd read", "load"]
+            "dd write", "dd read", "CPU s/GB raw read", "CPU s/GB d→h", "load"]
     table = [[r["model"], str(r["tokens"]), f"{r['bytes'] / (1 << 20):.0f}", fmt(r["raw_write_GBps"]),
               fmt(r["store_write_GBps"]), fmt(r["write_ratio"]), fmt(r["raw_read_GBps"]),
               fmt(r["store_read_GBps"]), fmt(r["read_ratio"]), fmt(r["dd_write_GBps"]), fmt(r["dd_read_GBps"]),
-              fmt(r["loadavg"], ".1f")]
+              fmt(r["raw_read_cpu_s_per_GB"]), fmt(r["store_read_cpu_s_per_GB"]), fmt(r["loadavg"], ".1f")]
              for r in rows]
     try:
         from rich.console import Console

@@ -207,6 +207,12 @@ class DiskTier:
         B = self.cfg.token_block
         return self._arrays[sid][layer, :, b * B : (b + 1) * B].write(block, can_reference_source_data_indefinitely=True)
 
+    def read_block_into(self, arr, layer: int, b: int, out: np.ndarray):
+        """Copy chunk (layer, b) of the open array ``arr`` into ``out`` [2, B, K, D] (TensorStore decodes it
+        straight into ``out``: no intermediate array); a future. Raises like `read_block`."""
+        B = self.cfg.token_block
+        return ts.array(out, context=self.context, copy=False, write=True).write(arr[layer, :, b * B : (b + 1) * B])
+
     def read_block(self, sid: str, layer: int, b: int):
         """Future of chunk (layer, b) as a ``[2, B, K, D]`` array; TensorStore checks its crc32c and
         raises on a missing, short or damaged chunk."""

@@ -363,10 +363,10 @@ class TieredStore:
     def _read_verified(self, s: _Session, publish=None) -> list[list[Any]]:
         """Read all committed blocks of ``s`` from disk into host blocks [layer][block].
 
-        One TensorStore read per (layer, block) chunk, each a contiguous ``[2, B, K, D]`` array that
-        TensorStore has already checked against the chunk's crc32c while decoding it (in its own
-        threads; a missing, short or damaged chunk raises); it goes to ``pinned_host`` as is (one
-        batched ``device_put`` per layer, no copy on the CPU when the array is 64-byte aligned).
+        Each layer's chunks are decoded by TensorStore straight into one 64-byte aligned buffer
+        ``[nb, 2, B, K, D]`` (one copy: TensorStore checks each chunk's crc32c while decoding it, in its
+        own threads; a missing, short or damaged chunk raises), whose blocks then go to ``pinned_host``
+        in one batched ``device_put`` (on the CPU the arrays alias the buffer: no second copy).
         Reads are issued a bounded number of bytes ahead of their consumption and layers are handed
         to ``publish(layer, blocks)`` in layer order, so a load of layer 0 does not wait for layer L-1.
         """
@@ -376,13 +376,13 @@ class TieredStore:
         if nb <= f:
             return blocks
 
-        pending: list = []  # [layer] -> list of TensorStore read futures, None once consumed
+        pending: list = []  # [layer] -> (buffer, TensorStore futures), None once consumed
 
         def quiesce():
             # Reads still in flight keep TensorStore's handle (and cached metadata) of the array
             # alive; let them finish before the damaged data is deleted, or a re-save of the session
             # can open the deleted array through that stale handle.
-            futs = [fu for p in pending if p is not None for fu in p]
+            futs = [fu for p in pending if p is not None for fu in p[1]]
             for fu in futs:
                 fu.cancel()
             for fu in futs:
@@ -401,8 +401,11 @@ class TieredStore:
         except Exception as e:  # noqa: BLE001 - missing/undecodable array = damaged
             raise lost(e) from e
 
+        lay = self.layout
+
         def issue(layer):
-            return [arr[layer, :, b * B : (b + 1) * B].read() for b in range(f, nb)]
+            buf = _aligned_empty((nb - f, 2, B, lay.kv_heads, lay.head_dim), lay.np_dtype)
+            return buf, [self.disk.read_block_into(arr, layer, b, buf[i]) for i, b in enumerate(range(f, nb))]
 
         layer_bytes = (nb - f) * self.block_bytes
         ahead = max(2, min(L, self.READ_AHEAD_BYTES // max(1, layer_bytes)))
@@ -412,20 +415,21 @@ class TieredStore:
                 while nxt < L and nxt < layer + ahead:
                     pending.append(issue(nxt))
                     nxt += 1
-                futs, pending[layer] = pending[layer], None
+                (buf, futs), pending[layer] = pending[layer], None
                 try:
-                    data = [fu.result() for fu in futs]
+                    for fu in futs:
+                        fu.result()
                 except Exception as e:  # noqa: BLE001 - missing, short or damaged chunk
-                    pending[layer] = futs
+                    pending[layer] = (buf, futs)
                     raise lost(e) from e
-                val = jax.device_put(data, self._host, may_alias=True)
+                val = jax.device_put(list(buf), self._host, may_alias=True)
                 self.stats.add("bytes_read", len(val) * self.block_bytes, tier="disk")
                 blocks[layer][f:nb] = val
                 if publish is not None:
                     publish(layer, blocks[layer])
         except BaseException:
             for p in pending:
-                for fu in p or ():
+                for fu in (p[1] if p is not None else ()):
                     fu.cancel()
             raise
         return blocks
