@@ -9,6 +9,8 @@ the first token (TTFT):
     history (the cache is built untimed, then copied for each repetition);
   * cachedattn recompute: the engine with ``use_cache=False`` (history recomputed from token ids);
   * cachedattn reuse (host): the engine with the history's KV in the host tier (its default preload).
+It also reports, for scale, how far each system's reuse logits (last position) are from its own
+recompute's: fp32 sums taken in another order (other matmul shapes) differ in the last bits.
 
     python scripts/bench_peer.py --history 2048 --new 100 --out runs/peer.json
 """
@@ -47,6 +49,7 @@ def bench_hf(gguf: Path, ids: np.ndarray, n_hist: int, reps: int, threads: int) 
             int(torch.argmax(logits))
             t.append(time.perf_counter() - t0)
         out["hf_recompute_s"] = statistics.median(t)
+        recomputed = logits.numpy().copy()
         cache = model(full[:, :n_hist], use_cache=True).past_key_values
         t = []
         for _ in range(reps):
@@ -56,6 +59,8 @@ def bench_hf(gguf: Path, ids: np.ndarray, n_hist: int, reps: int, threads: int) 
             int(torch.argmax(logits))
             t.append(time.perf_counter() - t0)
         out["hf_reuse_s"] = statistics.median(t)
+        # The reference's own cached-vs-recomputed difference (fp32 reassociation), for scale.
+        out["hf_reuse_vs_recompute_max_logit_diff"] = float(np.abs(logits.numpy() - recomputed).max())
     return out
 
 
@@ -65,23 +70,30 @@ def bench_ours(ids: np.ndarray, n_hist: int, reps: int) -> dict:
     from jax_cachedattn.store import StoreConfig, TieredStore
 
     m = load_model("smollm2")
-    out = {}
+    out, last = {}, {}
     for label, use_cache in (("ours_recompute_s", False), ("ours_reuse_host_s", True)):
         t = []
-        for rep in range(reps + 1):  # the first repetition compiles
+        # The first repetition compiles; the last, untimed, keeps the logits (computing every prompt
+        # position's logits would add to the TTFT).
+        for rep in range(reps + 2):
             with tempfile.TemporaryDirectory() as d:
                 store = TieredStore(StoreConfig(root=d, host_bytes=1 << 30), kv_layout(m.config, m.fingerprint))
-                eng = Engine(m.config, m.params, store, None, EngineConfig(max_new_tokens=1, use_cache=use_cache))
+                keep = rep == reps + 1
+                eng = Engine(m.config, m.params, store, None, EngineConfig(max_new_tokens=1, use_cache=use_cache,
+                                                                           return_logits=keep))
                 eng.turn("s", ids[:n_hist])  # builds the history (untimed)
                 eng.flush()
                 hist = store.lookup("s").token_ids
                 new = ids[len(hist):]
                 res = eng.turn("s", new)
                 assert res.source == ("host" if use_cache else "recompute"), res.source
-                if rep:
+                if keep:
+                    last[label] = res.prompt_logits[-1]
+                elif rep:
                     t.append(res.ttft_s)
                 eng.close()
         out[label] = statistics.median(t)
+    out["ours_reuse_vs_recompute_max_logit_diff"] = float(np.abs(last["ours_reuse_host_s"] - last["ours_recompute_s"]).max())
     return out
 
 
@@ -112,7 +124,7 @@ def main(argv=None) -> int:
     res["ours_recompute_over_reuse"] = res["ours_recompute_s"] / res["ours_reuse_host_s"]
     for k, v in res.items():
         if k != "machine":
-            print(f"{k:28s} {v:.3f}" if isinstance(v, float) else f"{k:28s} {v}")
+            print(f"{k:28s} {v:.4g}" if isinstance(v, float) else f"{k:28s} {v}")
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(res, indent=1))

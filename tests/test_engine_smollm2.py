@@ -55,25 +55,38 @@ def test_six_turns_from_disk_equal_recompute(smol, recomputed, tmp_path):
     layout = kv_layout(smol.config, smol.fingerprint)
     store = TieredStore(StoreConfig(root=str(tmp_path), host_bytes=1 << 28), layout)
     eng = Engine(smol.config, smol.params, store, smol.tokenizer, EngineConfig(max_new_tokens=MAX_NEW, return_logits=True))
-    worst = 0.0
+    worst = worst_rel = 0.0
     for i, text in enumerate(TURNS):
         res = eng.turn("chat", text)
         ref = recomputed[i]
         assert res.source == ("new" if i == 0 else "disk")
         assert res.reused_tokens == res.history_tokens == ref.history_tokens
         assert res.reply_tokens == ref.reply_tokens and res.reply == ref.reply
-        worst = max(worst, float(np.abs(res.prompt_logits - ref.prompt_logits).max()))
-        for a, b in zip(res.decode_logits, ref.decode_logits):
-            worst = max(worst, float(np.abs(a - b).max()))
+        assert len(res.decode_logits) == len(ref.decode_logits)
+        steps = [(res.prompt_logits, ref.prompt_logits), *zip(res.decode_logits, ref.decode_logits)]
+        for got, want in steps:
+            # Per position: the largest logit difference, absolute and relative to that position's
+            # largest logit magnitude.
+            diff = np.abs(np.asarray(got) - np.asarray(want)).reshape(-1, np.shape(want)[-1]).max(axis=-1)
+            scale = np.abs(np.asarray(want)).reshape(-1, np.shape(want)[-1]).max(axis=-1)
+            worst = max(worst, float(diff.max()))
+            worst_rel = max(worst_rel, float((diff / scale).max()))
         # Force the next turn to find its history on disk only.
         eng.flush()
         store.evict("chat", "host")
     eng.close()
-    print(f"\nSmolLM2 6-turn cached-from-disk vs recompute: max |logit diff| = {worst:.2e}")
-    # Same tokens at every step. The logits differ only by fp32 reassociation: recompute runs the
-    # history through matmuls of other shapes (600-token blocks instead of 16-token ones), and
-    # over 30 layers that moves logits of magnitude ~20 by ~1e-4 (relative ~5e-6). The tiny-model
-    # tests hold 1e-5; the check below that isolates the cache (disk vs never-evicted) is exact.
+    print(f"\nSmolLM2 6-turn cached-from-disk vs recompute: max |logit diff| = {worst:.2e}, "
+          f"relative to the position's largest logit {worst_rel:.2e}")
+    # Same tokens at every step (above). The logits differ only by fp32 reassociation: recompute
+    # runs the history through matmuls and attention blocks of other shapes (a 560-token prefill
+    # instead of 16-token prefills and single-token decode steps; XLA:CPU's dot kernels sum in
+    # another order for 2..60 rows than for 1 or >60), and over 30 layers that moves logits of
+    # magnitude ~20-40 by ~1e-4. Hugging Face transformers on the same weights is no closer to
+    # itself: its cached vs recomputed logits differ by 3.2e-5 after one 2048+100-token turn
+    # (scripts/bench_peer.py). So the 1e-5 bound is held relative to each position's logit scale
+    # (measured 3.6e-6); absolute differences stay under 2e-4 (measured 1.3e-4). The tiny-model tests
+    # hold 1e-5 absolute; the check below that isolates the cache (disk vs never-evicted) is exact.
+    assert worst_rel <= 1e-5
     assert worst <= 2e-4
     assert recomputed[-1].history_tokens > 500
 
