@@ -118,7 +118,7 @@ def main(argv=None) -> int:
     ap.add_argument("--reps", type=int, default=3, help="timed repetitions per cell (median reported)")
     ap.add_argument("--recompute-reps", type=int, default=1, help="timed repetitions of the slow recompute mode")
     ap.add_argument("--modes", default=",".join(MODES), help=f"subset of {','.join(MODES)}")
-    ap.add_argument("--dir", default=None, help="folder for the disk tier (default: a temp folder here)")
+    ap.add_argument("--dir", default=None, help="folder for the disk tier (default: a temp folder under runs/, which git ignores)")
     ap.add_argument("--preload", default="auto", choices=("auto", "layerwise", "in_program"),
                     help="how (a), (b), (d) and (e) load the history (default: the engine's default, auto)")
     ap.add_argument("--program-groups", type=int, default=None, help="EngineConfig.program_groups (default: the engine's)")
@@ -140,7 +140,9 @@ def main(argv=None) -> int:
     cfg = cfg.replace(max_context=max(cfg.max_context, max(hists) + max(news) + 64))
     params = init_params(cfg, jax.random.key(0))
     rng = np.random.default_rng(0)
-    root = Path(args.dir or tempfile.mkdtemp(prefix="bench-overlap-", dir="."))
+    if args.dir is None:
+        Path("runs").mkdir(exist_ok=True)
+    root = Path(args.dir or tempfile.mkdtemp(prefix="bench-overlap-", dir="runs"))
     machine = {"platform": platform.platform(), "python": sys.version.split()[0], "jax": jax.__version__,
                "device": str(jax.devices()[0]), "device_kind": jax.devices()[0].device_kind, "cpus": os.cpu_count()}
     overrides = {k: v for k, v in (("program_groups", args.program_groups), ("group_growth", args.group_growth),
