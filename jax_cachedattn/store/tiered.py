@@ -140,6 +140,7 @@ class TieredStore:
         self._closed = False
         self._errors: list[BaseException] = []
         self.disk = DiskTier(cfg, layout)
+        self._adopting = False  # set by _check_store_meta: keep token ids, drop the KV of every session
         self._check_store_meta()
         self._recover()
         self._worker = cf.ThreadPoolExecutor(1, thread_name_prefix="kvstore-save")
@@ -161,7 +162,7 @@ class TieredStore:
                 have = None
             if have != want:
                 if self.cfg.keep_tokens_on_mismatch:
-                    self._adopting = True  # _recover keeps every session's token ids, drops its KV
+                    self._adopting = True
                 elif not self.cfg.wipe_on_mismatch:
                     raise FingerprintMismatch(
                         f"the store holds KV of another model, layout or store format: {have!r} != {want!r} "
@@ -185,13 +186,12 @@ class TieredStore:
                 self.stats.add("checksum_failures")
                 self.disk.delete_session(sid)
                 continue
-            adopting = getattr(self, "_adopting", False)
             foreign = m.get("fingerprint") != self.layout.fingerprint or m.get("dtype", self.layout.dtype) != self.layout.dtype
-            if foreign and not adopting:
+            if foreign and not self._adopting:
                 raise FingerprintMismatch(f"session {sid!r} was made by model {m.get('fingerprint')!r}")
             # Adopting a folder of another model, layout, token block or format: keep the token ids
             # of every session, never its KV.
-            foreign = foreign or adopting
+            foreign = foreign or self._adopting
             s = _Session(
                 sid, offset=m["offset"], end=m["end"], turn=m["turn"],
                 token_ids=np.asarray(m["token_ids"], np.int32), kv_valid=m["kv_valid"],
