@@ -79,8 +79,8 @@ def test_six_turns_from_disk_equal_recompute(smol, recomputed, tmp_path):
           f"relative to the position's largest logit {worst_rel:.2e}")
     # Same tokens at every step (above). The logits differ only by fp32 reassociation: recompute
     # runs the history through matmuls and attention blocks of other shapes (a 560-token prefill
-    # instead of 16-token prefills and single-token decode steps; XLA:CPU's dot kernels sum in
-    # another order for 2..60 rows than for 1 or >60), and over 30 layers that moves logits of
+    # instead of 16-token prefills and single-token decode steps; XLA:CPU picks its dot kernel, and
+    # so the order of the sums, by the number of rows), and over 30 layers that moves logits of
     # magnitude ~20-40 by ~1e-4. Hugging Face transformers on the same weights is no closer to
     # itself: its cached vs recomputed logits differ by 3.2e-5 after one 2048+100-token turn
     # (scripts/bench_peer.py). So the 1e-5 bound is held relative to each position's logit scale
