@@ -102,6 +102,16 @@ class _Session:
     partial_ev: list | None = None  # [layer] -> threading.Event
     partial_err: list | None = None  # [error or None], shared with waiters
     prefetch: cf.Future | None = None
+    open_turn: "_Turn | None" = None  # the turn being saved (since the last commit_turn)
+
+
+class _Turn:
+    """A turn's saves carry it; once ``dead`` (aborted), queued saves of the turn do nothing."""
+
+    __slots__ = ("dead",)
+
+    def __init__(self) -> None:
+        self.dead = False
 
 
 class _Done(cf.Future):
@@ -554,6 +564,8 @@ class TieredStore:
         with self._lock:
             if s.pend is None:
                 s.pend = [s.end] * L
+                s.open_turn = _Turn()
+            turn = s.open_turn
             a0 = s.offset + start
             if a0 != s.pend[layer]:
                 raise LayoutMismatch(
@@ -599,12 +611,14 @@ class TieredStore:
                     self._sessions.pop(s.sid, None)
             raise
         with self._lock:
-            s.last_task = s.layer_task[layer] = self._worker.submit(self._do_save, s, layer, kv_new, a0, a1)
+            s.last_task = s.layer_task[layer] = self._worker.submit(self._do_save, s, layer, kv_new, a0, a1, turn)
         self.policy.touch(sid, "host")
 
-    def _do_save(self, s: _Session, layer: int, kv_new, a0: int, a1: int) -> None:
+    def _do_save(self, s: _Session, layer: int, kv_new, a0: int, a1: int, turn: _Turn) -> None:
         B = self.cfg.token_block
         try:
+            if turn.dead:  # its turn was aborted: nothing to do
+                return
             x = np.asarray(kv_new)  # waits for the device -> host copy
             b0, b1 = a0 // B, _ceil_div(a1, B)
             # The touched blocks packed once into one 64-byte aligned buffer [nb, 2, B, K, D]: every block
@@ -636,6 +650,9 @@ class TieredStore:
             self.stats.add("bytes_written", x.nbytes, tier="host")
             hblocks = jax.device_put(list(new_blocks), self._host, may_alias=True)  # one batched call
             with self._lock:
+                if turn.dead:
+                    s.tailw[layer] = (b1 - 1, ws[-1].commit)  # later writes of these chunks still wait for it
+                    return
                 if s.host is not None:
                     hl = s.host[layer]
                     for i, b in enumerate(range(b0, b1)):
@@ -692,7 +709,7 @@ class TieredStore:
                 )
             task = s.last_task
             s.end, s.turn, s.token_ids = want, s.turn + 1, tok
-            s.pend = None
+            s.pend, s.open_turn = None, None
             s.last_commit = fut = self._committer.submit(self._do_commit, s, task, self._snap(s))
         return fut
 
@@ -713,6 +730,8 @@ class TieredStore:
         except BaseException as e:
             err = wrap_disk_error(e)
             self._rollback(s)
+            with self._lock:
+                self._errors.append(err)
             if err is not e:
                 raise err from e
             raise
@@ -774,9 +793,18 @@ class TieredStore:
                 prev.result()
             except Exception:  # noqa: BLE001 - reported by its own future
                 pass
-        with self._lock:
-            body = self._manifest_body(s, snap)
-        self.disk.write_manifest(s.sid, body).result()
+        try:
+            with self._lock:
+                body = self._manifest_body(s, snap)
+            self.disk.write_manifest(s.sid, body).result()
+        except BaseException as e:
+            err = wrap_disk_error(e)
+            self._rollback(s)
+            with self._lock:
+                self._errors.append(err)
+            if err is not e:
+                raise err from e
+            raise
         with self._lock:
             s.durable = body
         return snap["turn"]
@@ -946,10 +974,49 @@ class TieredStore:
         with self._lock:
             self._delete_locked(s)
 
-    def flush(self) -> None:
-        """Wait for every save, commit and prefetch in flight; re-raise the first save error.
+    def abort_turn(self, sid: str) -> None:
+        """Give up the turn being saved (the saves since the last `commit_turn`): the session goes back to
+        its last committed turn, in memory and on disk; queued saves of the turn do nothing. A session
+        whose first turn is aborted is forgotten. No-op when no turn is open."""
+        s = self._get(sid)
+        with self._lock:
+            turn = s.open_turn
+            if turn is None and s.pend is None:
+                return
+            if turn is not None:
+                turn.dead = True
+            s.pend, s.open_turn = None, None
+        # Queued saves of the turn find it dead and do nothing; one already running publishes nothing
+        # (its chunk writes stay ordered before later writes of the same chunks).
+        with self._lock:
+            self._drop_copy(s, "device")
+            if s.pend is not None:  # a new turn started meanwhile: it keeps the host blocks
+                return
+            B = self.cfg.token_block
+            nb = _ceil_div(s.end, B)
+            if s.host is not None:
+                freed = 0
+                for bl in s.host:
+                    while len(bl) > nb:
+                        if bl.pop() is not None:
+                            freed += self.block_bytes
+                kept = sum(1 for bl in s.host for b in bl if b is not None) * self.block_bytes
+                self.used["host"] -= s.host_bytes - kept
+                s.host_bytes = kept
+            fresh = s.durable is None and s.end == 0 and (s.last_commit is None or s.last_commit.done())
+            if fresh:  # a first turn never committed: the session never existed
+                self._drop_copy(s, "host")
+                self.used["disk"] -= self.layout.num_layers * s.disk_blocks * self.block_bytes
+                s.disk_blocks = 0
+                self._sessions.pop(s.sid, None)
+                self.policy.forget(s.sid)
+        if fresh:
+            self._wait_session(s)  # its last save may still be writing chunks
+            self.disk.delete_session(s.sid)
 
-        Errors of commits and prefetches are reported by their own futures, not here."""
+    def flush(self) -> None:
+        """Wait for every save, commit and prefetch in flight; re-raise the first error of a save or
+        commit since the last flush (each commit's future also carries its own error)."""
         with self._lock:
             sessions = list(self._sessions.values())
         errors = []

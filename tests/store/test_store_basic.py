@@ -234,6 +234,8 @@ def test_disk_budget_and_enospc_keep_committed_sessions(tmp_path, monkeypatch):
     with pytest.raises(DiskFull):
         fut.result()
     monkeypatch.undo()
+    with pytest.raises(DiskFull):  # flush reports the failed commit too (once)
+        st.flush()
     st.close()
     st = TieredStore(cfg(tmp_path, disk_bytes=2 * one + one // 3), lay)
     assert st.lookup("c") is None
