@@ -1,6 +1,8 @@
 """`cachedattn store ls|verify|gc --store DIR`: inspect and repair a store folder without the model.
 
-The layout (and fingerprint) is read from the store's own ``store.json``.
+The layout (and fingerprint) is read from the store's own ``store.json``. ``ls`` and ``verify`` only
+read (no lock: they work while a writer has the store open, and may then show its uncommitted
+tails); ``gc`` changes the folder and takes the store's writer lock (`StoreLocked` if a writer is up).
 """
 
 from __future__ import annotations
@@ -9,9 +11,11 @@ import argparse
 import json
 import sys
 
-from .disk import STORE_FORMAT, DiskTier, ManifestCorrupt
-from .errors import FingerprintMismatch
-from .layout import KVLayout, StoreConfig
+from .disk import STORE_FORMAT, DiskTier
+from .errors import FingerprintMismatch, InvalidSessionId
+from .layout import KVLayout, StoreConfig, validate_session_id
+from .manifest import ManifestCorrupt
+from .rootlock import RootLock
 
 
 def _open(path: str) -> tuple[DiskTier, KVLayout | None, int]:
@@ -35,6 +39,12 @@ def _scan(disk: DiskTier, layout: KVLayout | None, B: int, verify: bool) -> list
     rows = []
     for sid in sorted(with_manifest | with_data):
         row: dict = {"session": sid}
+        try:
+            validate_session_id(sid)
+        except InvalidSessionId:
+            row.update(state="bad_name", tokens=None, turn=None, bytes=0, array_tokens=None)
+            rows.append(row)
+            continue
         cap = disk.capacity_blocks(sid) if sid in with_data else None
         row["array_tokens"] = None if cap is None else cap * B
         row["bytes"] = 0 if (cap is None or layout is None) else cap * B * layout.bytes_per_token
@@ -48,16 +58,18 @@ def _scan(disk: DiskTier, layout: KVLayout | None, B: int, verify: bool) -> list
             row.update(state="bad_manifest", tokens=None, turn=None, error=str(e))
             rows.append(row)
             continue
-        row.update(tokens=m["end"] - m["offset"], turn=m["turn"], offset=m["offset"], fingerprint=m["fingerprint"])
-        if not m["kv_valid"]:
+        row.update(tokens=m.end - m.offset, turn=m.turn, offset=m.offset, fingerprint=m.fingerprint)
+        if layout is not None and (m.fingerprint != layout.fingerprint or m.version != 2 or m.dtype != layout.dtype):
+            row["state"] = "foreign"
+        elif not m.kv_valid:
             row["state"] = "kv_lost"
-        elif cap is None or cap * B < m["end"]:
+        elif cap is None or cap * B < m.end:
             row["state"] = "missing_data"
         else:
-            row["state"] = "committed" if cap == -(-m["end"] // B) else "uncommitted_tail"
+            row["state"] = "committed" if cap == -(-m.end // B) else "uncommitted_tail"
         if verify and row["state"] in ("committed", "uncommitted_tail"):
             # Reading a chunk checks its crc32c (TensorStore raises on a missing, short or damaged one).
-            f, nb = m["offset"] // B, -(-m["end"] // B)
+            f, nb = m.offset // B, -(-m.end // B)
             futs = [(layer, b, disk.read_block(sid, layer, b)) for layer in range(layout.num_layers) for b in range(f, nb)]
             bad = 0
             for layer, b, fu in futs:
@@ -94,33 +106,39 @@ def cmd_verify(args) -> int:
     disk, layout, B = _open(args.store)
     rows = _scan(disk, layout, B, verify=True)
     bad = [r["session"] for r in rows if r["state"] in ("bad_checksum", "bad_manifest", "missing_data")]
-    _print(rows, args.json, {"bad": bad})
+    _print(rows, args.json, {"bad": bad, "quarantined": disk.quarantined()})
     return 1 if bad else 0
 
 
 def cmd_gc(args) -> int:
-    disk, layout, B = _open(args.store)
-    rows = _scan(disk, layout, B, verify=not args.no_verify)
-    removed, shrunk = [], []
-    for r in rows:
-        sid, state = r["session"], r["state"]
-        if state in ("orphan", "bad_manifest"):
-            disk.delete_session(sid)
-            removed.append(sid)
-        elif state in ("bad_checksum", "missing_data"):
-            # keep the token ids: rewrite the manifest as kv_lost, then drop the data
-            m = disk.read_manifest(sid)
-            m.update(kv_valid=False)
-            m.pop("version", None)
-            m.pop("crc", None)
-            disk.write_manifest(sid, m).result()
-            disk.delete_data(sid)
-            removed.append(sid + " (kv)")
-        elif state == "uncommitted_tail":
-            m = disk.read_manifest(sid)
-            disk.resize(sid, -(-m["end"] // B))
-            shrunk.append(sid)
-    _print(rows, args.json, {"removed": removed, "shrunk": shrunk})
+    import dataclasses
+
+    lock = RootLock(args.store)  # one writer per root: gc is a writer
+    try:
+        disk, layout, B = _open(args.store)
+        rows = _scan(disk, layout, B, verify=not args.no_verify)
+        removed, shrunk, quarantined = [], [], []
+        for r in rows:
+            sid, state = r["session"], r["state"]
+            if state == "orphan":
+                disk.delete_session(sid)
+                removed.append(sid)
+            elif state in ("bad_manifest", "bad_name", "foreign"):
+                disk.quarantine(sid, r.get("error", state))
+                quarantined.append(sid)
+            elif state in ("bad_checksum", "missing_data"):
+                # keep the token ids: rewrite the manifest as kv_lost, then drop the data
+                m = disk.read_manifest(sid)
+                disk.write_manifest(sid, dataclasses.replace(m, kv_valid=False)).result()
+                disk.delete_data(sid)
+                removed.append(sid + " (kv)")
+            elif state == "uncommitted_tail":
+                m = disk.read_manifest(sid)
+                disk.resize(sid, -(-m.end // B))
+                shrunk.append(sid)
+        _print(rows, args.json, {"removed": removed, "shrunk": shrunk, "quarantined": quarantined})
+    finally:
+        lock.release()
     return 0
 
 

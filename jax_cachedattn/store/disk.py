@@ -18,51 +18,38 @@ Session ids are validated before they reach here, so ``s/<sid>/`` never escapes 
 
 from __future__ import annotations
 
+import concurrent.futures as cf
 import errno
+import os
 import threading
-import json
-import zlib
 from typing import Any
 
 import numpy as np
 import tensorstore as ts
 
-from .errors import DiskFull, StoreError
+from . import manifest as mf
+from .faults import FaultInjector
 from .layout import KVLayout, StoreConfig
+from .manifest import Manifest, ManifestCorrupt  # noqa: F401 - ManifestCorrupt re-exported
 
-MANIFEST_VERSION = 2
 #: On-disk format of the whole store (store.json): 2 = crc32c codec + flat chunk keys, no per-block
 #: crcs in the manifest. A folder of another format is handled like another model's store.
 STORE_FORMAT = 2
-
-
-class ManifestCorrupt(StoreError):
-    """A manifest that cannot be parsed or fails its own checksum."""
 
 
 def is_enospc(exc: BaseException) -> bool:
     if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
         return True
     msg = str(exc).lower()
-    return "no space left" in msg or "enospc" in msg or "disk quota" in msg
+    return "no space left" in msg or "enospc" in msg or "disk quota" in msg or "resource_exhausted" in msg
 
 
-def encode_manifest(body: dict) -> bytes:
-    text = json.dumps(body, sort_keys=True, separators=(",", ":"))
-    return (text + "\n#crc32=%08x\n" % zlib.crc32(text.encode())).encode()
+def encode_manifest(m: Manifest) -> bytes:  # kept for callers of the old name
+    return mf.encode(m)
 
 
-def decode_manifest(raw: bytes) -> dict:
-    try:
-        text, tail = raw.decode().rstrip("\n").rsplit("\n", 1)
-        if not tail.startswith("#crc32=") or int(tail[7:], 16) != zlib.crc32(text.encode()):
-            raise ValueError("crc mismatch")
-        body = json.loads(text)
-        if body.get("version") not in (1, MANIFEST_VERSION):  # 1: read only to keep token ids (adoption)
-            raise ValueError(f"unknown manifest version {body.get('version')!r}")
-        return body
-    except Exception as e:  # noqa: BLE001 - any damage is the same error
-        raise ManifestCorrupt(f"damaged manifest: {e}") from e
+def decode_manifest(raw: bytes) -> Manifest:
+    return mf.decode(raw)
 
 
 class DiskTier:
@@ -80,6 +67,13 @@ class DiskTier:
         self.base = cfg.kvstore_spec()
         self.kv = ts.KvStore.open(self.base, context=self.context).result()
         self._arrays: dict[str, Any] = {}
+        self._alock = threading.Lock()  # guards _arrays (the save worker, promotions and recovery share it)
+        self.faults = FaultInjector()
+
+    @property
+    def root(self) -> str | None:
+        """The folder of a ``file`` kvstore, else None."""
+        return self.base["path"] if self.base.get("driver") == "file" else None
 
     # ---- keys -------------------------------------------------------------------------------
     def _sub(self, path: str) -> dict:
@@ -102,40 +96,68 @@ class DiskTier:
         self.kv.delete_range(ts.KvStore.KeyRange(prefix, prefix[:-1] + chr(ord(prefix[-1]) + 1))).result()
 
     def session_ids(self) -> tuple[set[str], set[str]]:
-        """(sessions with a manifest, sessions with any array key)."""
+        """(folders with a manifest, folders with any other key) under ``s/``; names not validated."""
         with_manifest, with_data = set(), set()
         for key in self.list_keys():
             parts = key.split("/")
             if len(parts) >= 3 and parts[0] == "s":
-                (with_manifest if parts[2] == "manifest.json" else with_data).add(parts[1])
+                (with_manifest if parts[2] == "manifest.json" and len(parts) == 3 else with_data).add(parts[1])
         return with_manifest, with_data
 
+    def quarantine(self, name: str, reason: str) -> None:
+        """Move folder ``s/<name>/`` out of the store to ``quarantine/<name>.<n>/`` with a ``reason.txt``
+        (on a ``file`` kvstore; elsewhere its keys are deleted): it no longer counts or conflicts."""
+        root = self.root
+        if root is None:
+            self.delete_prefix(f"s/{name}/")
+            return
+        src = os.path.join(root, "s", name)
+        qdir = os.path.join(root, "quarantine")
+        os.makedirs(qdir, exist_ok=True)
+        n = 0
+        while os.path.exists(os.path.join(qdir, f"{name}.{n}")):
+            n += 1
+        dst = os.path.join(qdir, f"{name}.{n}")
+        if os.path.isdir(src):
+            os.rename(src, dst)
+        else:
+            os.makedirs(dst)
+            if os.path.lexists(src):
+                os.rename(src, os.path.join(dst, "entry"))
+        with open(os.path.join(dst, "reason.txt"), "w") as f:
+            f.write(reason + "\n")
+        _fsync_dir(qdir)
+        _fsync_dir(os.path.join(root, "s"))
+        self.forget(name)
+
+    def quarantined(self) -> list[str]:
+        root = self.root
+        if root is None or not os.path.isdir(os.path.join(root, "quarantine")):
+            return []
+        return sorted(os.listdir(os.path.join(root, "quarantine")))
+
     # ---- manifests --------------------------------------------------------------------------
-    def read_manifest(self, sid: str) -> dict | None:
+    def read_manifest(self, sid: str) -> Manifest | None:
+        """The validated manifest of ``sid``, None if it has none; `ManifestCorrupt` if damaged or invalid."""
         raw = self.read_key(f"s/{sid}/manifest.json")
-        return None if raw is None else decode_manifest(raw)
+        return None if raw is None else mf.decode(raw)
 
-    def write_manifest(self, sid: str, body: dict):
-        """Write the manifest atomically: temp file + fsync + rename on a ``file`` kvstore (the TensorStore
-        file driver rewrites files in place), one kvstore key write elsewhere. Returns a future."""
-        raw = encode_manifest({"version": MANIFEST_VERSION, **body})
-        if self.base.get("driver") != "file":
-            return self.write_key(f"s/{sid}/manifest.json", raw)
-        import concurrent.futures as cf
-        import os
-
-        folder = os.path.join(self.base["path"], "s", sid)
-        os.makedirs(folder, exist_ok=True)
-        tmp = os.path.join(folder, f".manifest.{os.getpid()}.{threading.get_ident()}.tmp")
+    def write_manifest(self, sid: str, m: Manifest) -> cf.Future:
+        """Write the manifest atomically and durably: on a ``file`` kvstore a temp file, fsync, rename, and
+        an fsync of the folder (so a power cut cannot lose a turn reported durable); elsewhere one
+        kvstore key write. Returns a future."""
+        raw = mf.encode(m)
         fut: cf.Future = cf.Future()
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-            try:
-                os.write(fd, raw)
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.replace(tmp, os.path.join(folder, "manifest.json"))
+            self.faults.check("manifest", sid)
+            if self.root is None:
+                return self.write_key(f"s/{sid}/manifest.json", raw)
+            folder = os.path.join(self.root, "s", sid)
+            made = not os.path.isdir(folder)
+            os.makedirs(folder, exist_ok=True)
+            _write_durably(os.path.join(folder, "manifest.json"), raw)
+            if made:
+                _fsync_dir(os.path.join(self.root, "s"))
             fut.set_result(None)
         except OSError as e:
             fut.set_exception(e)
@@ -166,17 +188,27 @@ class DiskTier:
         }
 
     def array(self, sid: str, create: bool = False):
-        arr = self._arrays.get(sid)
+        """The session's open array. An existing ``zarr.json`` must match the layout field by field
+        (data type, chunk shape, key encoding, codecs with crc32c: TensorStore checks the spec's
+        metadata as constraints) and its shape must be ``[L, 2, n*B, K, D]``; else ValueError."""
+        with self._alock:
+            arr = self._arrays.get(sid)
         if arr is not None:
             return arr
         spec = self._spec(sid)
         if create:
             spec.update(create=True, open=True)
         else:
-            spec.update(open=True)
-            del spec["metadata"]
+            spec.update(open=True, recheck_cached_metadata=True)
+            del spec["metadata"]["shape"]  # the rest are constraints the stored metadata must meet
         arr = ts.open(spec, context=self.context).result()
-        self._arrays[sid] = arr
+        lay, B = self.layout, self.cfg.token_block
+        shp = tuple(arr.shape)
+        if len(shp) != 5 or shp[:2] != (lay.num_layers, 2) or shp[3:] != (lay.kv_heads, lay.head_dim) or shp[2] % B:
+            raise ValueError(f"array of session {sid!r} has shape {list(shp)}, expected "
+                             f"[{lay.num_layers}, 2, n*{B}, {lay.kv_heads}, {lay.head_dim}]")
+        with self._alock:
+            self._arrays[sid] = arr
         return arr
 
     def capacity_blocks(self, sid: str) -> int | None:
@@ -187,25 +219,41 @@ class DiskTier:
         return arr.shape[2] // self.cfg.token_block
 
     def resize(self, sid: str, blocks: int) -> None:
+        """Grow (or shrink) the session's array to ``blocks`` token blocks. On any error the cached
+        handle is dropped, so the next call re-reads the metadata (a failed resize never leaves a
+        handle whose shape disagrees with the disk)."""
         shape = [None, None, blocks * self.cfg.token_block, None, None]
         try:
+            self.faults.check("resize", sid)
             new = self.array(sid, create=True).resize(exclusive_max=shape).result()
         except ValueError as e:
+            self.forget(sid)
             if "does not exist" not in str(e):
                 raise
             # A handle opened before the session's data was deleted: open (create) afresh.
-            self.forget(sid)
             spec = self._spec(sid)
             spec.update(create=True, open=True, recheck_cached_metadata=True)
             arr = ts.open(spec, context=self.context).result()
             new = arr.resize(exclusive_max=shape).result()
-        self._arrays[sid] = new
+        except BaseException:
+            self.forget(sid)
+            raise
+        with self._alock:
+            self._arrays[sid] = new
 
     def write_block(self, sid: str, layer: int, b: int, block: np.ndarray):
         """Write ``block`` [2, B, K, D] (never modified afterwards: TensorStore may keep referencing
-        it instead of copying it) as chunk (layer, b); a WriteFutures."""
+        it instead of copying it) as chunk (layer, b); returns the write's commit future."""
         B = self.cfg.token_block
-        return self._arrays[sid][layer, :, b * B : (b + 1) * B].write(block, can_reference_source_data_indefinitely=True)
+        try:
+            self.faults.check("chunk_write", sid)
+            with self._alock:
+                arr = self._arrays[sid]
+            return arr[layer, :, b * B : (b + 1) * B].write(block, can_reference_source_data_indefinitely=True).commit
+        except BaseException as e:  # noqa: BLE001 - reported through the future, like TensorStore's own errors
+            fut: cf.Future = cf.Future()
+            fut.set_exception(e)
+            return fut
 
     def read_block_into(self, arr, layer: int, b: int, out: np.ndarray):
         """Copy chunk (layer, b) of the open array ``arr`` into ``out`` [2, B, K, D] (TensorStore decodes it
@@ -217,23 +265,61 @@ class DiskTier:
         """Future of chunk (layer, b) as a ``[2, B, K, D]`` array; TensorStore checks its crc32c and
         raises on a missing, short or damaged chunk."""
         B = self.cfg.token_block
+        self.faults.check("read", sid)
         return self.array(sid)[layer, :, b * B : (b + 1) * B].read()
 
     def forget(self, sid: str) -> None:
-        self._arrays.pop(sid, None)
+        with self._alock:
+            self._arrays.pop(sid, None)
 
     def delete_session(self, sid: str) -> None:
         """Manifest first, then data: a crash in between leaves an orphan, never a dangling manifest."""
+        self.faults.check("delete", sid)
         self.kv.delete_range(ts.KvStore.KeyRange(f"s/{sid}/manifest.json", f"s/{sid}/manifest.json\0")).result()
         self.delete_prefix(f"s/{sid}/")
         self.forget(sid)
 
     def delete_data(self, sid: str) -> None:
-        self.delete_prefix(f"s/{sid}/kv/")
+        self.faults.check("delete", sid)
         self.forget(sid)
+        self.delete_prefix(f"s/{sid}/kv/")
 
 
-def wrap_disk_error(exc: BaseException) -> BaseException:
-    if is_enospc(exc):
-        return DiskFull(f"disk full while writing: {exc}")
-    return exc
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_durably(path: str, raw: bytes) -> None:
+    """Temp file + write + fsync + rename + fsync of the folder (the TensorStore file driver was seen
+    rewriting a file in place, leaving a short manifest over a longer one after a kill)."""
+    folder = os.path.dirname(path)
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.{threading.get_ident()}.tmp")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            view = memoryview(raw)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    _fsync_dir(folder)
+
+
+def write_key_durably(disk: "DiskTier", key: str, raw: bytes) -> None:
+    """A small metadata key (store.json) written atomically, fsynced on a ``file`` kvstore."""
+    if disk.root is None:
+        disk.write_key(key, raw).result()
+    else:
+        _write_durably(os.path.join(disk.root, key), raw)

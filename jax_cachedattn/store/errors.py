@@ -31,7 +31,28 @@ class BudgetError(StoreError):
 
 
 class DiskFull(BudgetError, OSError):
-    """The disk tier is full: its byte budget is reached or the filesystem said ENOSPC."""
+    """The disk tier is full: its byte budget is reached or the filesystem said ENOSPC.
+
+    Raised for a turn that could not be saved, its message is one line a person can act on, e.g.
+    ``disk full: turn 4 of session 'harbour' was not saved; the session stays at turn 3 (free space
+    and send it again)``; the filesystem's own error is its ``__cause__``.
+    """
+
+    def __str__(self) -> str:  # OSError's str would show errno fields
+        return str(self.args[0]) if self.args else "disk full"
+
+
+class StoreLocked(StoreError):
+    """Another process (or another open store in this process) writes this store root."""
+
+
+class StoreClosed(StoreError):
+    """The store was closed."""
+
+
+class TurnFailed(StoreError):
+    """A turn was not saved (an I/O error, or an earlier turn of its session failed); the session stays
+    at its last committed turn. The underlying error is the ``__cause__``."""
 
 
 class KVLost(StoreError):

@@ -8,9 +8,9 @@ from typing import Any
 
 import numpy as np
 
-from .errors import InvalidSessionId, StoreError
+from .errors import InvalidSessionId, StoreClosed  # noqa: F401 - StoreClosed re-exported (old home)
 
-_SID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_SID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # fullmatch: no trailing newline
 _DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -20,7 +20,7 @@ def validate_session_id(sid: Any) -> str:
     Safe ids are 1-128 characters of ``[A-Za-z0-9._-]`` starting with a letter or digit, so they
     never contain a path separator and are never ``.`` or ``..``: the id is used as the key directly.
     """
-    if not isinstance(sid, str) or not _SID_RE.match(sid):
+    if not isinstance(sid, str) or not _SID_RE.fullmatch(sid):
         raise InvalidSessionId(f"invalid session id {sid!r}: expected ^[A-Za-z0-9][A-Za-z0-9._-]{{0,127}}$")
     return sid
 
@@ -128,6 +128,9 @@ class StoreConfig:
     def __post_init__(self) -> None:
         if self.root is None and self.kvstore is None:
             raise ValueError("StoreConfig needs root (a folder) or kvstore (a TensorStore kvstore spec)")
+        if self.kvstore is None and (not isinstance(self.root, (str, bytes)) and not hasattr(self.root, "__fspath__")
+                                     or not str(self.root).strip()):
+            raise ValueError(f"StoreConfig.root must be a non-empty folder path, got {self.root!r}")
         if self.kvstore is not None and (not isinstance(self.kvstore, dict) or "driver" not in self.kvstore):
             raise ValueError("StoreConfig.kvstore must be a TensorStore kvstore spec dict with a 'driver'")
         for name in ("device_bytes", "host_bytes"):
@@ -177,6 +180,3 @@ class SessionInfo:
     kv_valid: bool = True
     durable: bool = True
 
-
-class StoreClosed(StoreError):
-    """The store was closed."""

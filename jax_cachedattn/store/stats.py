@@ -21,7 +21,8 @@ class StoreStats:
     that left the tier to make room or by `evict`; prefetches_issued/prefetches_in_time: disk->host
     prefetches started, and those that had completed when the session was next loaded;
     checksum_failures: chunks or manifests that failed verification (their KV was dropped);
-    recoveries: sessions rolled back to their last committed turn, or orphans ignored, at open.
+    recoveries: sessions rolled back to their last committed turn, or orphans ignored, at open;
+    quarantined: folders moved to ``quarantine/`` at open (bad id, bad manifest, another model's).
     """
 
     hits: dict[str, int] = dataclasses.field(default_factory=_per_tier)
@@ -33,6 +34,7 @@ class StoreStats:
     prefetches_in_time: int = 0
     checksum_failures: int = 0
     recoveries: int = 0
+    quarantined: int = 0
     _lock: threading.Lock = dataclasses.field(default_factory=threading.Lock, repr=False, compare=False)
 
     def add(self, name: str, value: int = 1, tier: str | None = None) -> None:

@@ -1,0 +1,174 @@
+"""Disk -> host promotion, layer by layer, verified as it is read.
+
+A promotion reads the committed blocks ``[f, nb)`` of every layer: each layer's chunks are decoded
+by TensorStore straight into one 64-byte aligned buffer ``[nb - f, 2, B, K, D]`` (TensorStore checks
+each chunk's crc32c while decoding it; a missing, short or damaged chunk raises), whose blocks go to
+``pinned_host`` in one batched ``device_put`` (on the CPU the arrays alias the buffer). Reads are
+issued a bounded number of bytes ahead of their consumption and layers are published in order, so a
+load of layer 0 does not wait for layer L-1. The promotion reserves its host bytes first (a handle
+released on every path) and installs the table only if the session's state did not move meanwhile.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import threading
+from typing import Any, Callable
+
+import jax
+import numpy as np
+
+from .core import Core, ceil_div
+from .errors import KVLost, StoreError
+from .memory import BlockTable, Memory
+from .session import Session
+
+READ_AHEAD_BYTES = 32 << 20  # disk reads in flight ahead of the layer being consumed (at least 2 layers)
+
+
+def aligned_empty(shape: tuple, dtype, align: int = 64) -> np.ndarray:
+    """An uninitialised C-contiguous array whose data starts on an ``align``-byte boundary (a
+    ``pinned_host`` array made from it on the CPU aliases it instead of copying it)."""
+    dtype = np.dtype(dtype)
+    nbytes = int(np.prod(shape)) * dtype.itemsize
+    raw = np.empty(nbytes + align, np.uint8)
+    start = (-raw.ctypes.data) % align
+    return raw[start : start + nbytes].view(dtype).reshape(shape)
+
+
+class Promotion:
+    """One disk -> host read of a session; loads wait on their own layer's event."""
+
+    def __init__(self, num_layers: int, epoch: int, f: int, nb: int):
+        self.epoch, self.f, self.nb = epoch, f, nb
+        self.parts: list[Any] = [None] * num_layers
+        self.events = [threading.Event() for _ in range(num_layers)]
+        self.error: BaseException | None = None
+        self.done: cf.Future = cf.Future()
+
+    def wait_layer(self, layer: int, sid: str):
+        self.events[layer].wait()
+        if self.error is not None:
+            if isinstance(self.error, StoreError):
+                raise self.error
+            raise StoreError(f"session {sid!r}: reading from disk failed: {self.error}") from self.error
+        return self.parts[layer]
+
+
+class Promoter:
+    def __init__(self, core: Core, mem: Memory, reserve: Callable, mark_lost: Callable):
+        self.core, self.mem, self._reserve, self._mark_lost = core, mem, reserve, mark_lost
+
+    def claim(self, s: Session) -> tuple[bool, Promotion]:
+        """Under the lock: (True, p) if the caller must run ``p``, (False, p) if one runs already."""
+        p = s.promoting
+        if p is not None and not p.done.done() and p.epoch == s.epoch:
+            return False, p
+        f, nb = self.mem.span(s)
+        p = s.promoting = Promotion(self.core.L, s.epoch, f, nb)
+        return True, p
+
+    def run(self, s: Session, p: Promotion) -> None:
+        """Read ``s`` into the host tier; resolves ``p.done`` (to True if installed)."""
+        core = self.core
+        try:
+            core.hooks.point("promote.read", s.sid)
+            nbytes = core.L * (p.nb - p.f) * core.block_bytes
+            with self._reserve("host", nbytes, s) as res:
+
+                def publish(layer: int, blocks: list) -> None:
+                    p.parts[layer] = blocks
+                    p.events[layer].set()
+
+                blocks = self.read_verified(s, p.f, p.nb, publish)
+                installed = False
+                with core.lock:
+                    if s.host is None and not s.gone and s.epoch == p.epoch and self.mem.span(s) == (p.f, p.nb):
+                        t = BlockTable(core.L)
+                        t.layers = blocks
+                        s.host = t
+                        s.held["host"].absorb(res)
+                        installed = True
+                if installed:
+                    core.stats.add("bytes_written", nbytes, tier="host")
+                    core.policy.touch(s.sid, "host")
+            p.done.set_result(installed)
+        except BaseException as e:  # noqa: BLE001 - reported through the promotion
+            p.error = e
+            p.done.set_exception(e)
+        finally:
+            for ev in p.events:
+                ev.set()
+
+    def read_verified(self, s: Session, f: int, nb: int, publish=None, *, keep: bool = True) -> list[list[Any]]:
+        """Read blocks [f, nb) of every layer; ``keep`` False verifies only (one reused buffer per layer)."""
+        core, lay = self.core, self.core.layout
+        B, L = core.B, core.L
+        blocks: list[list[Any]] = [[None] * nb for _ in range(L)]
+        if nb <= f:
+            for layer in range(L):
+                if publish is not None:
+                    publish(layer, blocks[layer])
+            return blocks
+        pending: list = []
+
+        def quiesce():
+            futs = [fu for q in pending if q is not None for fu in q[1]]
+            for fu in futs:
+                fu.cancel()
+            for fu in futs:
+                try:
+                    fu.result()
+                except BaseException:  # noqa: BLE001 - cancelled or failed: finished either way
+                    pass
+
+        def lost(e):
+            quiesce()
+            return self._mark_lost(s, e)
+
+        try:
+            core.disk.faults.check("read", s.sid)
+            arr = core.disk.array(s.sid)
+        except Exception as e:  # noqa: BLE001 - missing / undecodable / mismatched array = damaged
+            raise lost(e) from e
+        scratch = None if keep else aligned_empty((nb - f, 2, B, lay.kv_heads, lay.head_dim), lay.np_dtype)
+
+        def issue(layer):
+            buf = scratch if scratch is not None else aligned_empty((nb - f, 2, B, lay.kv_heads, lay.head_dim), lay.np_dtype)
+            return buf, [core.disk.read_block_into(arr, layer, b, buf[i]) for i, b in enumerate(range(f, nb))]
+
+        layer_bytes = (nb - f) * core.block_bytes
+        ahead = 1 if scratch is not None else max(2, min(L, READ_AHEAD_BYTES // max(1, layer_bytes)))
+        nxt = 0
+        try:
+            for layer in range(L):
+                while nxt < L and nxt < layer + ahead:
+                    pending.append(issue(nxt))
+                    nxt += 1
+                (buf, futs), pending[layer] = pending[layer], None
+                try:
+                    for fu in futs:
+                        fu.result()
+                except Exception as e:  # noqa: BLE001 - missing, short or damaged chunk
+                    pending[layer] = (buf, futs)
+                    raise lost(e) from e
+                core.stats.add("bytes_read", len(futs) * core.block_bytes, tier="disk")
+                if not keep:
+                    continue
+                val = jax.device_put(list(buf), core.host_sharding, may_alias=True)
+                blocks[layer][f:nb] = val
+                if publish is not None:
+                    publish(layer, blocks[layer])
+        except BaseException:
+            for q in pending:
+                for fu in (q[1] if q is not None else ()):
+                    fu.cancel()
+            raise
+        return blocks
+
+
+def promoted_bytes(core: Core, s: Session) -> int:
+    return core.L * (ceil_div(s.end, core.B) - s.offset // core.B) * core.block_bytes
+
+
+__all__ = ["Promoter", "Promotion", "aligned_empty", "KVLost"]

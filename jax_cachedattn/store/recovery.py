@@ -1,0 +1,140 @@
+"""Opening a store folder: its format, adoption of another model's store, recovery of every session.
+
+Order of an open: ``store.json`` decides the mode (same store; another model/layout/format: refuse,
+wipe, or adopt keeping token ids); every folder under ``s/`` is checked alone; ``store.json`` is
+written last and only when it changes, so a crash in the middle of an adoption leaves a store that the
+same options open again. One bad folder never stops the store from opening: a folder whose name is not
+a valid session id, or whose manifest is damaged or breaks the schema, or was made by another model
+in a store that is not being adopted, is moved to ``quarantine/`` (counted in ``stats.quarantined``);
+an array without a manifest (a first turn that never committed) is deleted; an array shorter than its
+manifest, or whose ``zarr.json`` does not match the layout, marks the session's KV lost (token ids kept).
+"""
+
+from __future__ import annotations
+
+import json
+
+from .core import Core, ceil_div
+from .disk import STORE_FORMAT, write_key_durably
+from .errors import FingerprintMismatch, InvalidSessionId, KVLost
+from .layout import validate_session_id
+from .manifest import MANIFEST_VERSION, Manifest, ManifestCorrupt
+from .memory import Memory
+from .session import Session
+
+
+def store_meta(core: Core) -> bytes:
+    want = {"format": STORE_FORMAT, "layout": core.layout.to_json(), "token_block": core.B}
+    return json.dumps(want, sort_keys=True).encode()
+
+
+def open_mode(core: Core) -> tuple[str, bytes | None]:
+    """("same" | "new" | "adopt" | "wipe", the stored store.json)."""
+    have = core.disk.read_key("store.json")
+    if have is None:
+        return "new", None
+    try:
+        same = json.loads(have) == json.loads(store_meta(core))
+    except ValueError:
+        same = False
+    if same:
+        return "same", have
+    if core.cfg.keep_tokens_on_mismatch:
+        return "adopt", have
+    if core.cfg.wipe_on_mismatch:
+        return "wipe", have
+    raise FingerprintMismatch(
+        f"the store holds KV of another model, layout or store format: {have.decode(errors='replace')!r} != "
+        f"{store_meta(core).decode()!r} (set StoreConfig.wipe_on_mismatch=True to delete it, or "
+        "keep_tokens_on_mismatch=True to keep the conversations and recompute their KV)")
+
+
+def _lose(core: Core, s: Session, m: Manifest) -> None:
+    """Keep the token ids of ``s``, drop its KV: manifest first (kv_valid False), then the data."""
+    s.restore(Manifest(core.layout.fingerprint, 0, len(m.token_ids), m.turn, m.token_ids, False, core.B,
+                       core.layout.dtype, MANIFEST_VERSION))
+    s.durable = s.manifest(core.layout, core.B)
+    core.disk.write_manifest(s.sid, s.durable).result()
+    core.disk.delete_data(s.sid)
+
+
+def recover(core: Core, mem: Memory, adopting: bool) -> None:
+    disk, stats = core.disk, core.stats
+    with_manifest, with_data = disk.session_ids()
+    for name in sorted(with_manifest | with_data):
+        try:
+            validate_session_id(name)
+        except InvalidSessionId:
+            disk.quarantine(name, "not a valid session id")
+            stats.add("quarantined")
+            continue
+        if name not in with_manifest:  # a first turn that never committed
+            disk.delete_prefix(f"s/{name}/")
+            stats.add("recoveries")
+            continue
+        try:
+            m = disk.read_manifest(name)
+        except ManifestCorrupt as e:
+            disk.quarantine(name, str(e))
+            stats.add("checksum_failures")
+            stats.add("quarantined")
+            continue
+        foreign = (m.fingerprint != core.layout.fingerprint or m.dtype != core.layout.dtype
+                   or m.token_block != core.B or m.version != MANIFEST_VERSION)
+        if foreign and not adopting:
+            disk.quarantine(name, f"made by model {m.fingerprint!r} (dtype {m.dtype}, token block {m.token_block}, "
+                                  f"manifest version {m.version}) in a store of {core.layout.fingerprint!r}")
+            stats.add("quarantined")
+            continue
+        s = core.new_session(name)
+        s.restore(m)
+        s.durable = m
+        if foreign or adopting:  # another model's KV is never served; the conversation is kept
+            if m.kv_valid or foreign:
+                stats.add("checksum_failures")
+            _lose(core, s, m)
+            core.policy.touch(name, "disk")
+            continue
+        if m.kv_valid:
+            need = ceil_div(m.end, core.B)
+            try:
+                cap = disk.array(name).shape[2] // core.B
+            except Exception:  # noqa: BLE001 - no array, unreadable or mismatched zarr.json
+                cap = None
+            if cap is None or cap < need:
+                stats.add("checksum_failures")
+                _lose(core, s, m)
+            else:
+                s.disk_cap = s.disk_blocks = cap
+                s.held["disk"].absorb(core.take("disk", core.disk_bytes(cap)))
+                if cap > need:  # the uncommitted tail of a turn that did not commit
+                    stats.add("recoveries")
+        core.policy.touch(name, "disk")
+
+
+def verify_all(core: Core, mem: Memory, promoter, reserve) -> None:
+    """Read every committed chunk once (its crc32c checked), holding one layer's bytes of host budget."""
+    for sid in sorted(core.sessions):
+        s = core.sessions[sid]
+        if not s.kv_valid:
+            continue
+        f, nb = mem.span(s)
+        if nb <= f:
+            continue
+        with reserve("host", (nb - f) * core.block_bytes, s):
+            try:
+                promoter.read_verified(s, f, nb, keep=False)
+            except KVLost:
+                pass
+
+
+def open_store(core: Core, mem: Memory, promoter, reserve) -> None:
+    mode, have = open_mode(core)
+    if mode == "wipe":
+        core.disk.delete_prefix("s/")
+    recover(core, mem, adopting=mode == "adopt")
+    want = store_meta(core)
+    if have != want:  # written last (an adoption interrupted before this point runs again) and only when changed
+        write_key_durably(core.disk, "store.json", want)
+    if core.cfg.verify_on_open:
+        verify_all(core, mem, promoter, reserve)

@@ -1,0 +1,213 @@
+"""The save pipeline and the commit log.
+
+One save worker runs, in the order they were issued, every task that touches a session's host
+blocks or its files: saves, the flush of a turn's partial blocks at its commit, the drop of front
+blocks after a truncation, and the removal of a deleted session's files. One committer publishes
+turns in order: it waits for exactly the writes its turn issued (each `Turn` owns its writes), then
+for the previous pending turn of the session, then writes the manifest (durably) and marks the turn
+durable. A failure fails that turn and every later pending turn of the session, and rewinds the
+session to its last durable turn (``on_fail``, the facade's rollback); the error goes to the turn's
+future and to `flush`.
+
+Writes: a full block is written once, when a save fills it; a partial block stays in the host tier
+(counted there) and is written once, when its turn commits. Two writes of one chunk are never in
+flight at once (they were seen landing out of order), and all writes are issued from the one worker
+thread, so a later write of a chunk always lands after an earlier one.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures as cf
+from typing import Callable
+
+import jax
+import numpy as np
+
+from .core import Core, ceil_div
+from .errors import LayoutMismatch, StoreError
+from .memory import Memory
+from .promotion import aligned_empty
+from .session import Session, Turn
+
+WRITE_INFLIGHT_BYTES = 256 << 20  # chunk writes issued but not committed before the worker waits
+
+
+class Writeback:
+    def __init__(self, core: Core, mem: Memory, on_fail: Callable[[Session, Turn, BaseException], BaseException]):
+        self.core, self.mem, self.on_fail = core, mem, on_fail
+        self.worker = cf.ThreadPoolExecutor(1, thread_name_prefix="kvstore-save")
+        self.committer = cf.ThreadPoolExecutor(1, thread_name_prefix="kvstore-commit")
+        self._inflight: collections.deque = collections.deque()  # (bytes, commit future); worker only
+        self._inflight_bytes = 0
+
+    # ---- issuing (under core.lock) ------------------------------------------------------------------
+    def submit(self, s: Session, turn: Turn | None, fn, *args) -> cf.Future:
+        fut = self.worker.submit(self._run, s, turn, fn, args)
+        if turn is not None:
+            turn.tasks.append(fut)
+        s.last_task = fut
+        return fut
+
+    def submit_save(self, s: Session, turn: Turn, layer: int, kv, a0: int, a1: int, res) -> None:
+        s.layer_task[layer] = self.submit(s, turn, self._save, layer, kv, a0, a1, res)
+
+    def seal(self, s: Session, turn: Turn, prev: cf.Future | None) -> None:
+        """``turn`` was committed in memory: flush its partial blocks, then publish it."""
+        if turn.kind == "data":
+            self.submit(s, turn, self._flush)
+        elif turn.kind == "truncate":
+            self.submit(s, turn, self._drop_front)
+        self.committer.submit(self._commit, s, turn, prev)
+
+    # ---- worker tasks -------------------------------------------------------------------------------
+    def _run(self, s: Session, turn: Turn | None, fn, args) -> None:
+        try:
+            fn(s, turn, *args)
+        except BaseException as e:  # noqa: BLE001 - the turn's commit reports it
+            if turn is not None:
+                with self.core.lock:
+                    if turn.error is None:
+                        turn.error = e
+            else:
+                raise
+
+    def _save(self, s: Session, turn: Turn, layer: int, kv, a0: int, a1: int, res) -> None:
+        core, B = self.core, self.core.B
+        with res:  # what is not moved into the session's table goes back to the budget, whatever happens
+            core.hooks.point("save.start", s.sid)
+            if not turn.live:
+                return
+            x = np.asarray(kv)  # waits for the device -> host copy
+            if x.shape[1] != a1 - a0:
+                raise LayoutMismatch(f"session {s.sid!r} layer {layer}: {x.shape[1]} rows for a save of {a1 - a0}")
+            b0, b1 = a0 // B, ceil_div(a1, B)
+            with core.lock:
+                if not turn.live:
+                    return
+                olds = [s.host.block(layer, b) if s.host is not None else None for b in range(b0, b1)]
+            # The touched blocks packed once into one aligned buffer [nb, 2, B, K, D]; a block's rows
+            # before the save come from its host copy (the committed rows of the session's last block).
+            new = aligned_empty((b1 - b0, 2, B) + x.shape[2:], x.dtype)
+            for i, b in enumerate(range(b0, b1)):
+                lo, hi = max(a0, b * B), min(a1, (b + 1) * B)
+                if lo > b * B or hi < (b + 1) * B:
+                    if olds[i] is not None:
+                        new[i] = np.asarray(olds[i])
+                    elif lo > b * B:
+                        raise StoreError(f"session {s.sid!r} layer {layer}: block {b} left the host tier while a save "
+                                         "needed its rows (a bug: a session with a turn in flight is pinned there)")
+                    else:
+                        new[i] = 0
+                new[i, :, lo - b * B : hi - b * B] = x[:, lo - a0 : hi - a0]
+            hblocks = jax.device_put(list(new), core.host_sharding, may_alias=True)  # one batched call
+            core.hooks.point("save.write", s.sid)
+            full = []
+            with core.lock:
+                if not turn.live:
+                    return
+                for i, b in enumerate(range(b0, b1)):
+                    self.mem.put(s, "host", layer, b, hblocks[i], res)
+                if s.device is not None:  # its device copy of this layer is stale now
+                    self.mem.free(s, "device", s.device.drop_layer(layer))
+                s.layer_ver[layer] = s.layer_ver.get(layer, 0) + 1
+                dirty = turn.dirty.setdefault(layer, {})
+                for i, b in enumerate(range(b0, b1)):
+                    if a1 >= (b + 1) * B:
+                        dirty.pop(b, None)
+                        full.append((b, new[i]))
+                    else:
+                        dirty[b] = new[i]
+            core.stats.add("bytes_written", x.nbytes, tier="host")
+            for b, data in full:
+                self._write_chunk(s, turn, layer, b, data)
+
+    def _flush(self, s: Session, turn: Turn) -> None:
+        self.core.hooks.point("commit.flush", s.sid)
+        with self.core.lock:
+            todo = [(layer, b, d) for layer, blocks in sorted(turn.dirty.items()) for b, d in sorted(blocks.items())]
+            turn.dirty.clear()
+        for layer, b, data in todo:
+            self._write_chunk(s, turn, layer, b, data)
+
+    def _write_chunk(self, s: Session, turn: Turn, layer: int, b: int, data: np.ndarray) -> None:
+        core = self.core
+        core.wait_gate(s.sid)
+        with core.lock:
+            if not turn.live:
+                return
+            grow = max(s.disk_blocks, b + 1) if b >= s.disk_cap else 0
+        if grow:
+            core.disk.resize(s.sid, grow)  # raises: the turn fails (its commit reports it)
+            with core.lock:
+                s.disk_cap = grow
+                if s.disk_cap > s.disk_blocks:  # never happens with the caller's reservation; kept exact
+                    s.held["disk"].absorb(core.take("disk", core.disk_bytes(s.disk_cap - s.disk_blocks)))
+                    s.disk_blocks = s.disk_cap
+        with core.lock:
+            prev = s.chunk_writes.get((layer, b))
+        if prev is not None and not prev.done():
+            try:
+                prev.result()
+            except BaseException:  # noqa: BLE001 - that write's own turn reports it
+                pass
+        w = core.disk.write_block(s.sid, layer, b, data)
+        with core.lock:
+            s.chunk_writes[(layer, b)] = w
+            turn.writes.append(w)
+        core.stats.add("bytes_written", core.block_bytes, tier="disk")
+        self._inflight.append((core.block_bytes, w))
+        self._inflight_bytes += core.block_bytes
+        while self._inflight and self._inflight[0][1].done():
+            self._inflight_bytes -= self._inflight.popleft()[0]
+        while self._inflight and self._inflight_bytes > WRITE_INFLIGHT_BYTES:
+            nbytes, c = self._inflight.popleft()
+            self._inflight_bytes -= nbytes
+            try:
+                c.result()
+            except BaseException:  # noqa: BLE001 - reported by the commit
+                pass
+
+    def _drop_front(self, s: Session, turn: Turn) -> None:
+        """After a truncation, once the saves queued before it ran: drop blocks before the new front."""
+        self.core.hooks.point("truncate.drop", s.sid)
+        with self.core.lock:
+            if turn.live:
+                self.mem.drop_front(s, turn.snap.offset // self.core.B)
+
+    # ---- committer ----------------------------------------------------------------------------------
+    def _commit(self, s: Session, turn: Turn, prev: cf.Future | None) -> None:
+        core = self.core
+        try:
+            core.hooks.point("commit.wait", s.sid)
+            for t in list(turn.tasks):
+                try:
+                    t.result()
+                except BaseException:  # noqa: BLE001 - recorded in turn.error
+                    pass
+            if turn.error is not None:
+                raise turn.error
+            for w in turn.writes:
+                w.result()
+            if prev is not None:
+                try:
+                    prev.result()
+                except BaseException as e:  # noqa: BLE001
+                    raise StoreError(f"an earlier turn of session {s.sid!r} was not saved") from e
+            core.hooks.point("commit.manifest", s.sid)
+            with s.mlock:
+                with core.lock:
+                    if not turn.live:
+                        raise turn.error or StoreError("turn given up")
+                core.disk.write_manifest(s.sid, turn.snap).result()
+                with core.lock:
+                    s.durable = turn.snap
+                    if turn in s.log:
+                        s.log.remove(turn)
+            turn.done.set_result(turn.snap.turn)
+        except BaseException as e:  # noqa: BLE001 - to the turn's future (and flush)
+            turn.done.set_exception(self.on_fail(s, turn, e))
+
+    def shutdown(self) -> None:
+        self.worker.shutdown(wait=True)
+        self.committer.shutdown(wait=True)
