@@ -196,12 +196,16 @@ class DiskTier:
         if arr is not None:
             return arr
         spec = self._spec(sid)
-        if create:
+        spec.update(open=True, recheck_cached_metadata=True)
+        del spec["metadata"]["shape"]  # the rest are constraints the stored metadata must meet
+        try:
+            arr = ts.open(spec, context=self.context).result()
+        except ValueError as e:
+            if not create or "NOT_FOUND" not in str(e):
+                raise
+            spec = self._spec(sid)
             spec.update(create=True, open=True)
-        else:
-            spec.update(open=True, recheck_cached_metadata=True)
-            del spec["metadata"]["shape"]  # the rest are constraints the stored metadata must meet
-        arr = ts.open(spec, context=self.context).result()
+            arr = ts.open(spec, context=self.context).result()
         lay, B = self.layout, self.cfg.token_block
         shp = tuple(arr.shape)
         if len(shp) != 5 or shp[:2] != (lay.num_layers, 2) or shp[3:] != (lay.kv_heads, lay.head_dim) or shp[2] % B:
@@ -247,8 +251,7 @@ class DiskTier:
         B = self.cfg.token_block
         try:
             self.faults.check("chunk_write", sid)
-            with self._alock:
-                arr = self._arrays[sid]
+            arr = self.array(sid)
             return arr[layer, :, b * B : (b + 1) * B].write(block, can_reference_source_data_indefinitely=True).commit
         except BaseException as e:  # noqa: BLE001 - reported through the future, like TensorStore's own errors
             fut: cf.Future = cf.Future()
@@ -278,6 +281,10 @@ class DiskTier:
         self.kv.delete_range(ts.KvStore.KeyRange(f"s/{sid}/manifest.json", f"s/{sid}/manifest.json\0")).result()
         self.delete_prefix(f"s/{sid}/")
         self.forget(sid)
+        if self.root is not None:  # the file driver leaves the empty folders behind
+            import shutil
+
+            shutil.rmtree(os.path.join(self.root, "s", sid), ignore_errors=True)
 
     def delete_data(self, sid: str) -> None:
         self.faults.check("delete", sid)

@@ -162,7 +162,8 @@ class TieredStore:
             err: BaseException = DiskFull(f"disk full: {what} of session {s.sid!r} was not saved; the session stays "
                                           f"at turn {kept} (free space and send it again)")
         else:
-            reason = str(root).splitlines()[0] if str(root) else type(root).__name__
+            reason = (str(root).splitlines()[0] if str(root) else type(root).__name__).split(" [", 1)[0]
+            reason = reason if len(reason) <= 160 else reason[:157] + "..."  # TensorStore's text can be long
             err = TurnFailed(f"{what} of session {s.sid!r} was not saved ({reason}); the session stays at turn {kept}")
         err.__cause__ = root
         return err
@@ -190,6 +191,7 @@ class TieredStore:
             self._forget(s)
             return
         s.restore(m)
+        core.disk.forget(s.sid)  # the next write reopens the array (its metadata as on disk)
         f, nb = mem.span(s)
         mem.drop(s, "device")
         if s.host is not None and s.host.covers(f, nb):

@@ -1,0 +1,62 @@
+"""Helpers shared by the store's fault tests."""
+
+import numpy as np
+
+from jax_cachedattn.store import KVLayout, StoreConfig, TieredStore
+
+L, K, D, B = 3, 2, 4, 8
+LAY = KVLayout(num_layers=L, kv_heads=K, head_dim=D, dtype="float32", fingerprint="faults")
+BLK = B * LAY.bytes_per_token_layer  # bytes of one block of one layer
+ZERO = {"device": 0, "host": 0, "disk": 0}
+
+
+def cfg(root, **kw):
+    base = dict(token_block=B, host_bytes=1 << 20, device_bytes=1 << 20)
+    base.update(kw)
+    return StoreConfig(root=str(root), **base)
+
+
+def open_store(root, lay=LAY, **kw):
+    faults = kw.pop("faults", None)
+    return TieredStore(cfg(root, **kw), lay, faults=faults)
+
+
+def rows(n, seed):
+    return np.random.default_rng(seed).standard_normal((L, 2, n, K, D)).astype(np.float32)
+
+
+def save(st, sid, x, start):
+    for layer in range(L):
+        st.save_layer(sid, layer, x[layer], start)
+
+
+def turn(st, sid, x, start):
+    save(st, sid, x, start)
+    return st.commit_turn(sid, np.arange(start + x.shape[2]) % 1000)
+
+
+def check(st, sid, want, turn_no=None):
+    info = st.lookup(sid)
+    assert info is not None and info.kv_valid
+    assert info.num_tokens == want.shape[2], (info.num_tokens, want.shape[2])
+    if turn_no is not None:
+        assert info.turn == turn_no
+    for layer in range(L):
+        got = np.asarray(st.load_layer(sid, layer, pad_to=want.shape[2] + 3))
+        np.testing.assert_array_equal(got[:, : want.shape[2]], want[layer])
+        assert not got[:, want.shape[2]:].any()
+
+
+def drain(st):
+    """Wait until the save worker and then the committer ran everything queued so far."""
+    st._wb.worker.submit(lambda: None).result()
+    st._wb.committer.submit(lambda: None).result()
+    st._wb.worker.submit(lambda: None).result()
+
+
+def quiet(st):
+    """Drain, then no budget counts a byte that no table holds."""
+    drain(st)
+    assert st.accounting() == ZERO, st.accounting()
+    for tier, cap in st.budget.items():
+        assert cap is None or st.usage()[tier] <= cap
