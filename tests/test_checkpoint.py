@@ -46,11 +46,12 @@ def _permute(w, n_head):  # convert_hf_to_gguf.py's LlamaModel.permute
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def _write_gguf(path, model, qtype=None):
-    """A llama GGUF the way convert_hf_to_gguf writes one (q/k rows permuted), F32 or quantized 2-D weights."""
+def _write_gguf(path, model, qtype=None, arch="llama", chat_template=None):
+    """A GGUF the way convert_hf_to_gguf writes one (llama: q/k rows permuted; qwen2: not, q/k/v biases),
+    F32 or quantized 2-D weights, a byte-level BPE tokenizer and optionally a chat template."""
     c = model.config
     sd = {k: v.detach().numpy().astype(np.float32) for k, v in model.state_dict().items()}
-    w = gguf.GGUFWriter(str(path), "llama")
+    w = gguf.GGUFWriter(str(path), arch)
     w.add_context_length(c.max_position_embeddings)
     w.add_embedding_length(c.hidden_size)
     w.add_block_count(c.num_hidden_layers)
@@ -67,6 +68,8 @@ def _write_gguf(path, model, qtype=None):
     w.add_token_types([3, 3, 3] + [1] * (len(tokens) - 3))
     w.add_token_merges(["a b"])
     w.add_eos_token_id(2)
+    if chat_template is not None:
+        w.add_chat_template(chat_template)
 
     def put(name, a):
         if qtype is None or a.ndim == 1:
@@ -85,11 +88,13 @@ def _write_gguf(path, model, qtype=None):
     for i in range(c.num_hidden_layers):
         for hf, g in names.items():
             a = sd[f"model.layers.{i}.{hf}.weight"]
-            if g == "attn_q":
+            if g == "attn_q" and arch == "llama":
                 a = _permute(a, c.num_attention_heads)
-            elif g == "attn_k":
+            elif g == "attn_k" and arch == "llama":
                 a = _permute(a, c.num_key_value_heads)
             put(f"blk.{i}.{g}.weight", a)
+            if f"model.layers.{i}.{hf}.bias" in sd:
+                put(f"blk.{i}.{g}.bias", sd[f"model.layers.{i}.{hf}.bias"])
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -212,12 +217,25 @@ def test_garbage_gguf(tmp_path):
         load_gguf(tmp_path / "g.gguf")
 
 
-def test_non_llama_gguf(tmp_path):
-    w = gguf.GGUFWriter(str(tmp_path / "q.gguf"), "qwen2")
+def test_unsupported_architecture_gguf(tmp_path):
+    w = gguf.GGUFWriter(str(tmp_path / "q.gguf"), "gemma")
     w.add_tensor("token_embd.weight", np.zeros((8, 4), np.float32))
     w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()
-    with pytest.raises(GGUFError, match="architecture 'qwen2'"):
+    with pytest.raises(GGUFError, match="architecture 'gemma'"):
         load_gguf(tmp_path / "q.gguf")
+
+
+@pytest.mark.parametrize("attn", ["gqa", "mqa"])
+def test_qwen2_gguf_equals_hf(tmp_path, attn):
+    from byom_fixtures import save_tiny_model
+
+    model = save_tiny_model(tmp_path / "hf", "qwen2", attn, vocab_size=320, seed=5)
+    _write_gguf(tmp_path / "q.gguf", model, arch="qwen2")
+    cfg_h, p_h = load_hf(tmp_path / "hf")
+    cfg_g, p_g, _ = load_gguf(tmp_path / "q.gguf")
+    assert cfg_g.attn_bias and cfg_g.tie_embeddings
+    assert cfg_g.replace(name="x", max_context=cfg_h.max_context) == cfg_h.replace(name="x")
+    _assert_trees_equal(p_g, p_h)  # no q/k un-permutation for qwen2, biases in place
 
 
 def test_unpermute_inverts_permute():
@@ -269,8 +287,14 @@ def test_hf_missing_tensor(hf_dir):
 
 
 @pytest.mark.parametrize("change,match", [
-    ({"model_type": "mistral"}, "model_type 'mistral'"),
-    ({"rope_scaling": {"rope_type": "linear", "factor": 2.0}}, "rope_scaling"),
+    ({"model_type": "gemma"}, "model_type 'gemma'"),
+    ({"rope_scaling": {"rope_type": "yarn", "factor": 2.0}}, "scaling type 'yarn'"),
+    ({"rope_parameters": {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e4}}, "scaling type 'dynamic'"),
+    ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "lacks 'low_freq_factor'"),
+    ({"model_type": "mistral", "sliding_window": 256}, "sliding-window"),
+    ({"model_type": "qwen2", "use_sliding_window": True, "sliding_window": 256}, "sliding-window"),
+    ({"attention_bias": True}, "attention_bias"),
+    ({"hidden_act": "gelu"}, "hidden_act"),
 ])
 def test_hf_rejects_unsupported_config(hf_dir, change, match):
     cfg = json.loads((hf_dir / "config.json").read_text())
@@ -278,6 +302,53 @@ def test_hf_rejects_unsupported_config(hf_dir, change, match):
     (hf_dir / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(HFCheckpointError, match=match):
         load_hf(hf_dir)
+
+
+@pytest.mark.parametrize("scaling", [
+    {"rope_scaling": {"type": "linear", "factor": 2.0}},  # transformers < 4.45 wrote "type"
+    {"rope_scaling": {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                      "original_max_position_embeddings": 8192}},  # as Llama-3.2-1B's config.json
+    {"rope_parameters": {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                         "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}},  # transformers >= 5
+])
+def test_hf_reads_rope_scaling_in_every_spelling(hf_dir, scaling):
+    from jax_cachedattn.checkpoint.hf import config_from_hf
+    from jax_cachedattn.model.config import RopeScaling
+
+    cfg = json.loads((hf_dir / "config.json").read_text())
+    cfg.pop("rope_parameters", None)
+    cfg.update(scaling)
+    c = config_from_hf(cfg)
+    spec = scaling.get("rope_scaling") or scaling["rope_parameters"]
+    kind = spec.get("rope_type") or spec["type"]
+    assert c.rope_scaling.type == kind and c.rope_scaling.factor == spec["factor"]
+    if kind == "llama3":
+        assert c.rope_scaling == RopeScaling("llama3", spec["factor"], 1.0, 4.0, 8192)
+    assert ModelConfig.from_dict(json.loads(json.dumps(c.to_dict()))) == c  # JSON round trip (import-hf sidecar)
+
+
+def test_fingerprint_unchanged_by_new_default_fields():
+    """Configs that use no new field hash exactly as the previous params_fingerprint hashed them (its code,
+    copied here), so stores keyed on existing fingerprints stay valid; a new field in use changes it."""
+    import hashlib
+
+    cfg = ModelConfig.preset("tiny")
+    params = init_params(cfg, jax.random.key(0))
+
+    def previous(config, params):
+        h = hashlib.sha256()
+        h.update(json.dumps({k: v for k, v in config.to_dict().items()
+                             if k not in ("name", "attn_bias", "rope_scaling")}, sort_keys=True).encode())
+        leaves = jax.tree_util.tree_flatten_with_path(params)[0]
+        for kp, leaf in sorted(leaves, key=lambda kv: jax.tree_util.keystr(kv[0])):
+            a = np.ascontiguousarray(np.asarray(leaf))
+            h.update(f"{jax.tree_util.keystr(kp)}|{a.dtype.str}|{a.shape}".encode())
+            h.update(memoryview(a.view(np.uint8).reshape(-1)))
+        return h.hexdigest()
+
+    assert params_fingerprint(cfg, params) == previous(cfg, params)
+    from jax_cachedattn.model.config import RopeScaling
+    assert params_fingerprint(cfg.replace(rope_scaling=RopeScaling("linear", 2.0)), params) != previous(cfg, params)
 
 
 def test_hf_sharded(tmp_path):
