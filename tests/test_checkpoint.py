@@ -58,7 +58,25 @@ def _write_gguf(path, model, qtype=None, arch="llama", chat_template=None):
     w.add_feed_forward_length(c.intermediate_size)
     w.add_head_count(c.num_attention_heads)
     w.add_head_count_kv(c.num_key_value_heads)
-    w.add_rope_freq_base(c.rope_parameters["rope_theta"] if getattr(c, "rope_parameters", None) else c.rope_theta)
+    rp = getattr(c, "rope_parameters", None) or {}
+    w.add_rope_freq_base(rp["rope_theta"] if rp else c.rope_theta)
+    if rp.get("rope_type") == "llama3":  # convert_hf_to_gguf.py's LlamaModel.generate_extra_tensors
+        import math
+        dim = c.head_dim
+        freqs = 1.0 / (rp["rope_theta"] ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+        old, lo, hi, factor = (rp["original_max_position_embeddings"], rp["low_freq_factor"], rp["high_freq_factor"],
+                               rp["factor"])
+        rope_factors = []
+        for freq in freqs.tolist():
+            wavelen = 2 * math.pi / freq
+            if wavelen < old / hi:
+                rope_factors.append(1)
+            elif wavelen > old / lo:
+                rope_factors.append(factor)
+            else:
+                smooth = (old / wavelen - lo) / (hi - lo)
+                rope_factors.append(1 / ((1 - smooth) / factor + smooth))
+        w.add_tensor("rope_freqs.weight", np.asarray(rope_factors, np.float32))
     w.add_layer_norm_rms_eps(c.rms_norm_eps)
     alphabet = sorted(set(gguf_mod_bytes_alphabet()))
     tokens = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"] + alphabet + ["ab"]
@@ -215,6 +233,22 @@ def test_garbage_gguf(tmp_path):
     (tmp_path / "g.gguf").write_bytes(b"this is not a gguf file at all" * 100)
     with pytest.raises(GGUFError):
         load_gguf(tmp_path / "g.gguf")
+
+
+def test_llama3_scaled_gguf_matches_transformers(tmp_path):
+    """Llama 3.1+ GGUFs carry llama3 scaling as per-frequency factors (rope_freqs); logits past the
+    original context equal transformers' on the HF folder the GGUF was written from."""
+    from byom_fixtures import save_tiny_model
+    from jax_cachedattn.model import forward
+
+    model = save_tiny_model(tmp_path / "hf", "llama3", "gqa", vocab_size=320, seed=6, original_ctx=64)
+    _write_gguf(tmp_path / "m.gguf", model)
+    cfg, params, _ = load_gguf(tmp_path / "m.gguf")
+    assert cfg.rope_scaling.type == "factors" and cfg.rope_scaling.factor == 8.0
+    tokens = np.random.default_rng(2).integers(0, cfg.vocab_size, 200).astype(np.int32)
+    with torch.no_grad():
+        ref = model(torch.from_numpy(tokens.astype(np.int64))[None]).logits[0].numpy()
+    assert float(np.abs(np.asarray(forward(params, cfg, tokens)) - ref).max()) <= 1e-4
 
 
 def test_unsupported_architecture_gguf(tmp_path):

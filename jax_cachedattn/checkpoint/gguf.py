@@ -85,8 +85,12 @@ def load_gguf_numpy(path: Any) -> tuple[ModelConfig, dict[str, Any], dict[str, A
     name = str(meta.get("general.name") or Path(path).stem)
     cfg = _config_from_meta(meta, "output.weight" in tensors, "float32", name)
     if "rope_freqs.weight" in tensors:  # llama.cpp's form of Llama 3.1 ``llama3`` scaling
-        raise GGUFError(f"{path}: per-frequency RoPE factors (rope_freqs, Llama 3.1+ scaling) are not supported in GGUF "
-                        f"files yet; load the Hugging Face folder of this model instead")
+        if cfg.rope_scaling is not None:
+            raise GGUFError(f"{path}: both rope_freqs and RoPE scaling {cfg.rope_scaling.type!r}; cannot combine them")
+        f = _dequantize(tensors["rope_freqs.weight"]).reshape(-1)
+        if f.shape != (cfg.head_dim // 2,):
+            raise GGUFError(f"tensor 'rope_freqs.weight' has {f.size} entries, head_dim {cfg.head_dim} needs {cfg.head_dim // 2}")
+        cfg = cfg.replace(rope_scaling=RopeScaling("factors", float(f.max()), freq_factors=tuple(f.tolist())))
     permuted = meta.get("general.architecture") == "llama"
     L = cfg.num_layers
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from jax_cachedattn.model.config import ROPE_SCALING_TYPES, ModelConfig, RopeScaling
+from jax_cachedattn.model.config import ModelConfig, RopeScaling
 
 
 class HFCheckpointError(ValueError):
@@ -34,6 +34,7 @@ _LAYER_MAP = {  # HF suffix after ``model.layers.{i}.`` -> (our name, transpose)
 
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+HF_ROPE_SCALING_TYPES = ("linear", "llama3")
 """One code path; the differences between these families are fields of ``ModelConfig``."""
 
 
@@ -57,8 +58,8 @@ def _rope_scaling(hf: dict[str, Any]) -> tuple[float | None, RopeScaling | None]
     kind = (spec or {}).get("rope_type", (spec or {}).get("type", "default"))
     if kind in (None, "default"):
         return theta, None
-    if kind not in ROPE_SCALING_TYPES:
-        raise HFCheckpointError(f"RoPE scaling type {kind!r} is not supported (supported: {', '.join(ROPE_SCALING_TYPES)})")
+    if kind not in HF_ROPE_SCALING_TYPES:
+        raise HFCheckpointError(f"RoPE scaling type {kind!r} is not supported (supported: {', '.join(HF_ROPE_SCALING_TYPES)})")
     try:
         if kind == "linear":
             return theta, RopeScaling("linear", float(spec["factor"]))

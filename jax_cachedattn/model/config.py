@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 _DTYPES = ("float32", "bfloat16", "float16")
-ROPE_SCALING_TYPES = ("linear", "llama3")
+ROPE_SCALING_TYPES = ("linear", "llama3", "factors")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,6 +45,8 @@ class RopeScaling:
     ``linear``: every inverse frequency divided by ``factor``. ``llama3`` (Llama 3.1/3.2/3.3): wavelengths
     longer than ``original_max_position / low_freq_factor`` divided by ``factor``, shorter than
     ``original_max_position / high_freq_factor`` kept, the band between interpolated smoothly.
+    ``factors``: each inverse frequency divided by its own entry of ``freq_factors`` (llama.cpp's
+    ``rope_freqs`` tensor, the form in which GGUF files carry ``llama3`` scaling).
     """
 
     type: str
@@ -57,8 +59,13 @@ class RopeScaling:
     """``llama3`` only; > ``low_freq_factor``."""
     original_max_position: int = 8192
     """``llama3`` only: the context length the model was pretrained with."""
+    freq_factors: tuple[float, ...] = ()
+    """``factors`` only: one divisor per inverse frequency (``head_dim / 2`` of them)."""
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "freq_factors", tuple(float(f) for f in self.freq_factors))  # JSON lists -> hashable
+        if (self.type == "factors") != bool(self.freq_factors) or not all(f > 0 for f in self.freq_factors):
+            raise ValueError("RoPE scaling 'factors' needs positive freq_factors, and only it takes them")
         if self.type not in ROPE_SCALING_TYPES:
             raise ValueError(f"RoPE scaling type {self.type!r} is not supported (supported: {', '.join(ROPE_SCALING_TYPES)})")
         if not self.factor > 0:
@@ -125,6 +132,10 @@ class ModelConfig:
             object.__setattr__(self, "rope_scaling", RopeScaling(**self.rope_scaling))
         if self.rope_scaling is not None and not isinstance(self.rope_scaling, RopeScaling):
             raise ValueError(f"rope_scaling must be a RopeScaling or None, got {self.rope_scaling!r}")
+        if self.rope_scaling is not None and self.rope_scaling.freq_factors and \
+                len(self.rope_scaling.freq_factors) != self.head_dim // 2:
+            raise ValueError(f"RoPE freq_factors has {len(self.rope_scaling.freq_factors)} entries, "
+                             f"head_dim {self.head_dim} needs {self.head_dim // 2}")
 
     # ---- derived -------------------------------------------------------------------------
     @property

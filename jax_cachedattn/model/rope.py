@@ -28,6 +28,8 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None = Non
     factor = f32(scaling.factor)
     if scaling.type == "linear":
         return (inv_freq / factor).astype(f32)
+    if scaling.type == "factors":  # llama.cpp: theta_i / freq_factor_i
+        return (inv_freq / np.asarray(scaling.freq_factors, f32)).astype(f32)
     # llama3: long wavelengths divided by factor, short kept, the band between interpolated.
     old = f32(scaling.original_max_position)
     lo, hi = f32(scaling.low_freq_factor), f32(scaling.high_freq_factor)
