@@ -85,12 +85,17 @@ def test_gguf_spec_runs_with_its_chat_template(tmp_path, capsys):
     assert r["source"] == "new" and r["prompt_tokens"] > 5
 
 
-def test_chat_and_demo_take_model(tmp_path, capsys, monkeypatch, hf_qwen):
+def test_chat_takes_model(tmp_path, capsys, monkeypatch, hf_qwen):
     lines = iter(["What is the capital of France?", "Tell me a joke.", "/exit"])
     monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
     rc, out, err = _run(capsys, "chat", "--model", str(hf_qwen), "--store", str(tmp_path / "c"), "--session", "c",
                         "--max-new-tokens", "3")
     assert rc == 0 and out.count("assistant> ") == 2, err
+    assert "history from host" in err.splitlines()[-1] or "history from device" in err.splitlines()[-1]
+
+
+@pytest.mark.slow
+def test_demo_takes_model(tmp_path, capsys, hf_qwen):
     rc, out, err = _run(capsys, "demo", "--model", str(hf_qwen), "--store", str(tmp_path / "d"),
                         "--max-new-tokens", "3", "--json")
     assert rc == 0, err
