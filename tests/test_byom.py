@@ -191,3 +191,39 @@ def test_multi_turn_from_store_equals_recompute(tmp_path, family):
             assert float(np.abs(lg - ref[len(full) - 1 + i]).max()) <= 1e-4
         conversation += [msg, gen]
     assert len(np.concatenate(conversation)) > 64  # the llama3 case runs past its original context
+
+
+def test_open_engine_turns_on_the_persistent_compilation_cache(tmp_path):
+    """In a fresh process (the setting is process-wide): off with compilation_cache=False or
+    $CACHEDATTN_NO_XLA_CACHE; then on by default under the cache folder, even after an earlier compile,
+    and written to by the next compile; a folder the application set is kept."""
+    import os
+    import subprocess
+    import sys
+
+    script = r'''
+import json, os, sys, jax, jax.numpy as jnp
+from jax_cachedattn.model import ModelConfig, init_params
+from jax_cachedattn.runtime import LoadedModel, open_engine
+cfg = ModelConfig.preset("tiny")
+m = LoadedModel(cfg, init_params(cfg, jax.random.key(0)), None, "fp")
+jax.jit(lambda x: x * 2)(jnp.arange(3))  # a compile before any engine opens
+seen = []
+open_engine(None, model=m, compilation_cache=False).close(); seen.append(jax.config.jax_compilation_cache_dir)
+os.environ["CACHEDATTN_NO_XLA_CACHE"] = "1"
+open_engine(None, model=m).close(); seen.append(jax.config.jax_compilation_cache_dir)
+del os.environ["CACHEDATTN_NO_XLA_CACHE"]
+open_engine(None, model=m).close(); seen.append(jax.config.jax_compilation_cache_dir)
+jax.jit(lambda x: x + 41)(jnp.arange(5)).block_until_ready()
+jax.config.update("jax_compilation_cache_dir", sys.argv[1])
+open_engine(None, model=m).close(); seen.append(jax.config.jax_compilation_cache_dir)
+print(json.dumps(seen))
+'''
+    env = {**os.environ, "CACHEDATTN_CACHE": str(tmp_path / "cache"), "JAX_PLATFORMS": "cpu"}
+    env.pop("CACHEDATTN_NO_XLA_CACHE", None)
+    out = subprocess.run([sys.executable, "-c", script, str(tmp_path / "mine")], env=env, capture_output=True,
+                         text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    seen = json.loads(out.stdout.strip().splitlines()[-1])
+    assert seen == [None, None, str(tmp_path / "cache" / "xla"), str(tmp_path / "mine")]
+    assert any((tmp_path / "cache" / "xla").iterdir())  # the compile after open_engine was persisted
