@@ -170,7 +170,7 @@ def cmd_import_hf(args) -> int:
     if model_kind(args.hf) != "hf":
         raise ModelSpecError(f"--hf {args.hf}: not a Hugging Face folder (no config.json)")
     try:
-        meta = import_hf(args.hf, args.out, dtype=args.dtype)
+        meta = import_hf(Path(args.hf).expanduser(), Path(args.out).expanduser(), dtype=args.dtype)
     except FileNotFoundError as e:
         raise ModelSpecError(f"--hf {args.hf}: {e}") from e
     print(json.dumps({"out": meta["out"], "model": meta["config"], "fingerprint": meta["fingerprint"]}))

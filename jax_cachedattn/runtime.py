@@ -68,6 +68,7 @@ def load_model(spec: str = "smollm2", dtype: str = "float32") -> LoadedModel:
     from jax_cachedattn.checkpoint import params_fingerprint
 
     kind = model_kind(spec)
+    path = str(Path(spec).expanduser())
     try:
         if kind == "smollm2":
             from jax_cachedattn.checkpoint import load_smollm2, smollm2_fingerprint
@@ -77,18 +78,18 @@ def load_model(spec: str = "smollm2", dtype: str = "float32") -> LoadedModel:
         if kind == "gguf":
             from jax_cachedattn.checkpoint import load_gguf
 
-            config, params, tokenizer = load_gguf(spec, dtype=dtype)
+            config, params, tokenizer = load_gguf(path, dtype=dtype)
             return LoadedModel(config, params, tokenizer, params_fingerprint(config, params), spec)
         if kind == "hf":
             from jax_cachedattn.checkpoint import load_hf
             from jax_cachedattn.tokenizer import Tokenizer
 
-            tokenizer = Tokenizer.from_hf_folder(spec)  # before the weights: a broken tokenizer fails fast
-            config, params = load_hf(spec, dtype=dtype)
+            tokenizer = Tokenizer.from_hf_folder(path)  # before the weights: a broken tokenizer fails fast
+            config, params = load_hf(path, dtype=dtype)
             return LoadedModel(config, params, tokenizer, params_fingerprint(config, params), spec)
         from jax_cachedattn.checkpoint import load_imported
 
-        config, params, tokenizer, fp = load_imported(spec)
+        config, params, tokenizer, fp = load_imported(path)
         if dtype is not None and dtype != config.dtype:
             import jax
             import jax.numpy as jnp

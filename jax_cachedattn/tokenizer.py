@@ -97,7 +97,7 @@ class Tokenizer:
     def from_hf_folder(cls, path: Any) -> "Tokenizer":
         """``tokenizer.json`` + ``tokenizer_config.json`` (+ ``special_tokens_map.json``, ``generation_config.json``,
         ``chat_template.jinja``) of a Hugging Face folder."""
-        folder = Path(path)
+        folder = Path(path).expanduser()
         tj = folder / "tokenizer.json"
         if not tj.is_file():
             raise TokenizerError(f"{folder} has no tokenizer.json (only fast tokenizers saved as tokenizer.json load)")
