@@ -6,8 +6,8 @@ Bad input exits with status 2 and a one-line error on stderr; ``--json`` prints 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
-import os
 import sys
 import tempfile
 from pathlib import Path
@@ -27,7 +27,15 @@ def _bad_input_types() -> tuple[type[BaseException], ...]:
     return (ValueError, StoreError, _Usage)
 
 
+def add_model_arg(p: argparse.ArgumentParser) -> None:
+    """``--model SPEC`` for every command that runs a model; load it with ``runtime.load_model(args.model, dtype)``."""
+    from jax_cachedattn.runtime import MODEL_SPEC_HELP
+
+    p.add_argument("--model", default="smollm2", metavar="SPEC", help=f"the model: {MODEL_SPEC_HELP}")
+
+
 def _engine_args(p: argparse.ArgumentParser) -> None:
+    add_model_arg(p)
     p.add_argument("--store", required=True, help="folder of the session KV store (created if missing)")
     p.add_argument("--max-new-tokens", type=int, default=64, help="reply length budget in tokens (default 64)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
@@ -44,14 +52,14 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
 
 def _open(args):
     from jax_cachedattn.engine import EngineConfig
-    from jax_cachedattn.runtime import LoadedModel, load_model, open_engine
+    from jax_cachedattn.runtime import load_model, open_engine
 
     ec = EngineConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                       seed=args.seed, use_cache=not args.no_cache, truncation_ratio=args.truncation_ratio)
-    with _err.status("loading SmolLM2-135M-Instruct…"):
-        m = load_model("smollm2", args.dtype)
+    with _err.status(f"loading {args.model}…"):
+        m = load_model(args.model, args.dtype)
     if args.max_context is not None:
-        m = LoadedModel(m.config.replace(max_context=args.max_context), m.params, m.tokenizer, m.fingerprint)
+        m = dataclasses.replace(m, config=m.config.replace(max_context=args.max_context))
     return open_engine(args.store, model=m, engine_config=ec, device_mib=args.device_mib, host_mib=args.host_mib,
                        disk_mib=args.disk_mib)
 
@@ -82,15 +90,9 @@ def _status(res) -> None:
 
 def _enable_compilation_cache() -> None:
     """Persist compiled programs across processes (each ``cachedattn run`` is a new process)."""
-    if os.environ.get("CACHEDATTN_NO_XLA_CACHE"):
-        return
-    import jax
+    from jax_cachedattn.runtime import enable_compilation_cache
 
-    from jax_cachedattn.assets import cache_dir
-
-    jax.config.update("jax_compilation_cache_dir", str(cache_dir() / "xla"))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    enable_compilation_cache()
 
 
 def cmd_chat(args) -> int:
@@ -134,8 +136,9 @@ def cmd_demo(args) -> int:
     from jax_cachedattn.runtime import load_model, open_engine
 
     store = args.store or tempfile.mkdtemp(prefix="cachedattn-demo-")
-    with _err.status("loading SmolLM2-135M-Instruct (first run: fetches the wheel once, converts once)…"):
-        m = load_model("smollm2")
+    what = "SmolLM2-135M-Instruct (first run: fetches the wheel once, converts once)" if args.model == "smollm2" else args.model
+    with _err.status(f"loading {what}…"):
+        m = load_model(args.model)
     out = {}
     for label, use_cache in (("cachedattn", True), ("recompute", False)):
         engine = open_engine(Path(store) / label, model=m,
@@ -161,11 +164,16 @@ def cmd_demo(args) -> int:
 
 
 def cmd_import_hf(args) -> int:
-    from jax_cachedattn.checkpoint import load_hf, params_fingerprint, save_params
+    from jax_cachedattn.checkpoint import import_hf
+    from jax_cachedattn.runtime import ModelSpecError, model_kind
 
-    config, params = load_hf(args.hf, dtype=args.dtype)
-    path = save_params(args.out, params, config)
-    print(json.dumps({"out": str(path), "model": config.to_dict(), "fingerprint": params_fingerprint(config, params)}))
+    if model_kind(args.hf) != "hf":
+        raise ModelSpecError(f"--hf {args.hf}: not a Hugging Face folder (no config.json)")
+    try:
+        meta = import_hf(Path(args.hf).expanduser(), Path(args.out).expanduser(), dtype=args.dtype)
+    except FileNotFoundError as e:
+        raise ModelSpecError(f"--hf {args.hf}: {e}") from e
+    print(json.dumps({"out": meta["out"], "model": meta["config"], "fingerprint": meta["fingerprint"]}))
     return 0
 
 
@@ -185,15 +193,17 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--session", required=True, help="conversation id")
     c.set_defaults(func=cmd_chat)
 
-    d = sub.add_parser("demo", help="a short conversation, cached vs recomputed, on the bundled SmolLM2")
+    d = sub.add_parser("demo", help="a short conversation, cached vs recomputed (the bundled SmolLM2 by default)")
+    add_model_arg(d)
     d.add_argument("--store", default=None, help="store folder (default: a new temporary folder)")
     d.add_argument("--max-new-tokens", type=int, default=48, help="reply budget per turn")
     d.add_argument("--json", action="store_true", help="also print the per-turn results as JSON")
     d.set_defaults(func=cmd_demo)
 
-    h = sub.add_parser("import-hf", help="convert a local Hugging Face Llama folder to an orbax checkpoint")
-    h.add_argument("--hf", required=True, help="folder with config.json and *.safetensors")
-    h.add_argument("--out", required=True, help="output folder of the orbax checkpoint")
+    h = sub.add_parser("import-hf", help="convert a local Hugging Face folder (Llama/Mistral/Qwen2) to an orbax "
+                                          "checkpoint that keeps its tokenizer and chat template; run it with --model OUT")
+    h.add_argument("--hf", required=True, help="folder with config.json, *.safetensors, tokenizer.json, tokenizer_config.json")
+    h.add_argument("--out", required=True, help="output folder (replaced if it exists)")
     h.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="cast weights")
     h.set_defaults(func=cmd_import_hf)
 

@@ -6,6 +6,7 @@ Sits above ``checkpoint``, ``store`` and ``engine``; the command line and script
 from __future__ import annotations
 
 import dataclasses
+import os
 from pathlib import Path
 from typing import Any
 
@@ -22,17 +23,109 @@ class LoadedModel:
     params: Any
     tokenizer: Any
     fingerprint: str
+    spec: str = "smollm2"
+    """The ``--model`` spec it was loaded from."""
 
 
-def load_model(name: str = "smollm2", dtype: str = "float32") -> LoadedModel:
-    """``smollm2`` (the bundled SmolLM2-135M-Instruct GGUF, converted once and cached)."""
-    if name != "smollm2":
-        raise ValueError(f"unknown model {name!r}: only 'smollm2' ships with the package")
-    from jax_cachedattn.checkpoint import load_smollm2, params_fingerprint, smollm2_fingerprint
+class ModelSpecError(ValueError):
+    """A ``--model`` spec that names nothing loadable (missing file, unsupported family, corrupt weights)."""
 
-    config, params, tokenizer = load_smollm2(dtype)
-    fp = smollm2_fingerprint(dtype) or params_fingerprint(config, params)
-    return LoadedModel(config, params, tokenizer, fp)
+
+MODEL_SPEC_HELP = ("smollm2 (the bundled SmolLM2-135M-Instruct, default), a Hugging Face folder (config.json, "
+                   "*.safetensors, tokenizer.json, tokenizer_config.json) of a Llama 2/3.x, Mistral or Qwen2/2.5 model, "
+                   "a .gguf file (llama or qwen2), or a checkpoint folder written by `cachedattn import-hf`")
+
+
+def model_kind(spec: str) -> str:
+    """``smollm2``, ``imported``, ``hf`` or ``gguf``: what ``spec`` names (ModelSpecError if nothing loadable)."""
+    if spec == "smollm2":
+        return "smollm2"
+    from jax_cachedattn.checkpoint import is_imported
+
+    p = Path(spec).expanduser()
+    if p.is_dir():
+        if is_imported(p):
+            return "imported"
+        if (p / "config.json").is_file():
+            return "hf"
+        raise ModelSpecError(f"--model {spec}: the folder has neither config.json (a Hugging Face folder) nor "
+                             f"meta.json + params/ (an import-hf checkpoint)")
+    if p.is_file():
+        with open(p, "rb") as f:
+            if f.read(4) == b"GGUF":
+                return "gguf"
+        raise ModelSpecError(f"--model {spec}: the file is not a GGUF file")
+    raise ModelSpecError(f"--model {spec}: no such file or folder (expected {MODEL_SPEC_HELP})")
+
+
+def load_model(spec: str = "smollm2", dtype: str = "float32") -> LoadedModel:
+    """Load the model ``spec`` names (see :data:`MODEL_SPEC_HELP`) with its tokenizer and chat template.
+
+    The fingerprint names the store's layout: sha256 over the config and every weight's bytes (cached
+    for ``smollm2`` and import-hf checkpoints). Raises :class:`ModelSpecError` (a ``ValueError``) with a
+    one-line reason for anything that cannot be loaded.
+    """
+    from jax_cachedattn.checkpoint import params_fingerprint
+
+    kind = model_kind(spec)
+    path = str(Path(spec).expanduser())
+    try:
+        if kind == "smollm2":
+            from jax_cachedattn.checkpoint import load_smollm2, smollm2_fingerprint
+
+            config, params, tokenizer = load_smollm2(dtype)
+            return LoadedModel(config, params, tokenizer, smollm2_fingerprint(dtype) or params_fingerprint(config, params), spec)
+        if kind == "gguf":
+            from jax_cachedattn.checkpoint import load_gguf
+
+            config, params, tokenizer = load_gguf(path, dtype=dtype)
+            return LoadedModel(config, params, tokenizer, params_fingerprint(config, params), spec)
+        if kind == "hf":
+            from jax_cachedattn.checkpoint import load_hf
+            from jax_cachedattn.tokenizer import Tokenizer
+
+            tokenizer = Tokenizer.from_hf_folder(path)  # before the weights: a broken tokenizer fails fast
+            config, params = load_hf(path, dtype=dtype)
+            return LoadedModel(config, params, tokenizer, params_fingerprint(config, params), spec)
+        from jax_cachedattn.checkpoint import load_imported
+
+        config, params, tokenizer, fp = load_imported(path)
+        if dtype is not None and dtype != config.dtype:
+            import jax
+            import jax.numpy as jnp
+
+            config = config.replace(dtype=dtype)
+            params = jax.tree.map(lambda a: jnp.asarray(a, dtype=config.jnp_dtype), params)
+            fp = params_fingerprint(config, params)
+        return LoadedModel(config, params, tokenizer, fp, spec)
+    except FileNotFoundError as e:
+        raise ModelSpecError(f"--model {spec}: {e}") from e
+    except ValueError as e:
+        if isinstance(e, ModelSpecError):
+            raise
+        raise ModelSpecError(f"--model {spec}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
+
+
+def enable_compilation_cache(enabled: bool = True) -> str | None:
+    """Persist compiled programs across processes in ``<cache_dir>/xla`` (``$CACHEDATTN_NO_XLA_CACHE`` or
+    ``enabled=False`` opts out). A cache folder the application already set is kept. Returns the folder in use."""
+    import jax
+
+    current = jax.config.jax_compilation_cache_dir
+    if not enabled or os.environ.get("CACHEDATTN_NO_XLA_CACHE"):
+        return current
+    if current:
+        return current
+    from jax.experimental.compilation_cache import compilation_cache as cc
+
+    from jax_cachedattn.assets import cache_dir
+
+    path = str(cache_dir() / "xla")
+    jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    cc.reset_cache()  # a process that compiled before has checked the (then unset) cache: look again
+    return path
 
 
 def kv_layout(config: ModelConfig, fingerprint: str) -> KVLayout:
@@ -48,8 +141,12 @@ def open_store(root: str | Path, layout: KVLayout, *, device_mib: int = 512, hos
     return TieredStore(cfg, layout)
 
 
-def open_engine(store_dir: str | Path | None, *, model: LoadedModel | None = None, engine_config: EngineConfig | None = None,
-                **store_kwargs: Any) -> Engine:
-    m = model or load_model()
+def open_engine(store_dir: str | Path | None, *, model: LoadedModel | str | None = None,
+                engine_config: EngineConfig | None = None, compilation_cache: bool = True, **store_kwargs: Any) -> Engine:
+    """An engine over ``model`` (a :class:`LoadedModel` or a spec for :func:`load_model`; default ``smollm2``)
+    and the store at ``store_dir`` (None: no store). Turns on JAX's persistent compilation cache unless
+    ``compilation_cache=False`` or ``$CACHEDATTN_NO_XLA_CACHE`` is set, so a new process does not recompile."""
+    enable_compilation_cache(compilation_cache)
+    m = model if isinstance(model, LoadedModel) else load_model(model or "smollm2")
     store = open_store(store_dir, kv_layout(m.config, m.fingerprint), **store_kwargs) if store_dir is not None else None
     return Engine(m.config, m.params, store, m.tokenizer, engine_config or EngineConfig())

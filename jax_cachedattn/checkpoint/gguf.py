@@ -1,4 +1,4 @@
-"""Load a Llama-architecture GGUF file (llama.cpp format) into a ``ModelConfig`` and a params pytree.
+"""Load a Llama-architecture (llama, qwen2) GGUF file (llama.cpp format) into a ``ModelConfig`` and a params pytree.
 
 Quantized tensors are dequantized with ``gguf.quants.dequantize`` (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, the
 K-quants, F16, BF16, F32). Shapes: ggml lists dims innermost-first, so a tensor with ggml shape
@@ -16,45 +16,16 @@ from typing import Any
 
 import numpy as np
 
-from jax_cachedattn.model.config import ModelConfig
+from jax_cachedattn.gguf_file import GGUFError, dequantize as _dequantize, open_gguf, reader_metadata
+from jax_cachedattn.gguf_file import read_gguf_metadata  # noqa: F401  (re-exported)
+from jax_cachedattn.model.config import ModelConfig, RopeScaling
+from jax_cachedattn.tokenizer import Tokenizer
+
+SUPPORTED_ARCHITECTURES = ("llama", "qwen2")
+"""llama.cpp writes Llama 2/3.x and Mistral as ``llama`` (q/k rows permuted), Qwen2/2.5 as ``qwen2`` (not permuted, q/k/v biases)."""
 
 CONVERTER_VERSION = 1
 """Bump when the conversion's output changes, so caches keyed on it are rebuilt."""
-
-
-class GGUFError(ValueError):
-    """The GGUF file is missing, corrupt, truncated, or describes something we cannot load."""
-
-
-def _open(path: Any) -> Any:
-    import gguf
-
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"GGUF file not found: {p}")
-    try:
-        reader = gguf.GGUFReader(p, "r")
-    except Exception as e:  # the reader raises ValueError, IndexError, struct errors ... on bad bytes
-        raise GGUFError(f"{p} is not a readable GGUF file (corrupt or truncated?): {type(e).__name__}: {e}") from e
-    size = p.stat().st_size
-    for t in reader.tensors:
-        end = int(t.data_offset) + int(t.n_bytes)
-        if end > size:
-            raise GGUFError(f"{p} is truncated: tensor {t.name!r} ends at byte {end} but the file has {size}")
-    return reader
-
-
-def _field_value(field: Any) -> Any:
-    v = field.contents()
-    if isinstance(v, float):  # float32 metadata: keep its shortest decimal (9.99999974e-06 -> 1e-05)
-        v = float(str(np.float32(v)))
-    return v
-
-
-def read_gguf_metadata(path: Any) -> dict[str, Any]:
-    """All metadata key/values of a GGUF file, arrays as Python lists."""
-    reader = _open(path)
-    return {k: _field_value(f) for k, f in reader.fields.items() if not k.startswith("GGUF.")}
 
 
 def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
@@ -63,33 +34,13 @@ def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def _dequantize(t: Any) -> np.ndarray:
-    """One tensor as float32 numpy in numpy (reversed ggml) dim order, e.g. ``[out, in]``."""
-    import gguf
-    from gguf import GGMLQuantizationType as Q
-
-    qtype = t.tensor_type
-    shape = tuple(int(d) for d in reversed(t.shape.tolist()))
-    if qtype == Q.F32:
-        arr = np.asarray(t.data, dtype=np.float32)
-    elif qtype == Q.F16:
-        arr = np.asarray(t.data).view(np.float16).astype(np.float32)
-    else:
-        try:
-            arr = gguf.quants.dequantize(t.data, qtype)
-        except NotImplementedError as e:
-            raise GGUFError(f"tensor {t.name!r}: quantization type {qtype.name} is not supported ({e})") from e
-        arr = np.asarray(arr, dtype=np.float32)
-    return arr.reshape(shape)
-
-
 def _config_from_meta(meta: dict[str, Any], has_output: bool, dtype: str, name: str) -> ModelConfig:
     arch = meta.get("general.architecture")
-    if arch != "llama":
-        raise GGUFError(f"unsupported GGUF architecture {arch!r}: only 'llama' is supported")
+    if arch not in SUPPORTED_ARCHITECTURES:
+        raise GGUFError(f"unsupported GGUF architecture {arch!r}: supported are {', '.join(SUPPORTED_ARCHITECTURES)}")
 
     def get(key: str, default: Any = None) -> Any:
-        full = f"llama.{key}"
+        full = f"{arch}.{key}"
         if full in meta:
             return meta[full]
         if default is None:
@@ -100,16 +51,23 @@ def _config_from_meta(meta: dict[str, Any], has_output: bool, dtype: str, name: 
     n_head = int(get("attention.head_count"))
     tokens = meta.get("tokenizer.ggml.tokens")
     vocab = len(tokens) if tokens is not None else int(get("vocab_size"))
-    head_dim = int(meta.get("llama.attention.key_length", d_model // n_head))
-    scaling = meta.get("llama.rope.scaling.type")
-    if scaling not in (None, "none"):
-        raise GGUFError(f"RoPE scaling {scaling!r} is not supported")
+    head_dim = int(meta.get(f"{arch}.attention.key_length", d_model // n_head))
+    kind = meta.get(f"{arch}.rope.scaling.type")
+    scaling = None
+    if kind == "linear":
+        scaling = RopeScaling("linear", float(get("rope.scaling.factor")))
+    elif kind not in (None, "none"):
+        raise GGUFError(f"RoPE scaling {kind!r} is not supported (supported: linear)")
+    window = meta.get(f"{arch}.attention.sliding_window")
+    if window and int(window) < int(get("context_length", 2048)):
+        raise GGUFError(f"sliding-window attention (window {window}) is not supported yet")
     return ModelConfig(
         vocab_size=vocab, d_model=d_model, num_layers=int(get("block_count")), num_heads=n_head,
         num_kv_heads=int(get("attention.head_count_kv", n_head)), head_dim=head_dim,
         ffn_dim=int(get("feed_forward_length")), rope_theta=float(get("rope.freq_base", 10000.0)),
         rms_eps=float(get("attention.layer_norm_rms_epsilon", 1e-5)), tie_embeddings=not has_output,
-        max_context=int(get("context_length", 2048)), dtype=dtype, name=name)
+        max_context=int(get("context_length", 2048)), dtype=dtype, name=name, attn_bias=arch == "qwen2",
+        rope_scaling=scaling)
 
 
 _LAYER_MAP = {  # gguf name -> (our name, transpose to [in, out])
@@ -121,11 +79,19 @@ _LAYER_MAP = {  # gguf name -> (our name, transpose to [in, out])
 
 def load_gguf_numpy(path: Any) -> tuple[ModelConfig, dict[str, Any], dict[str, Any]]:
     """``(config, params as float32 numpy, metadata)``; the work behind ``load_gguf``."""
-    reader = _open(path)
-    meta = {k: _field_value(f) for k, f in reader.fields.items() if not k.startswith("GGUF.")}
+    reader = open_gguf(path)
+    meta = reader_metadata(reader)
     tensors = {t.name: t for t in reader.tensors}
     name = str(meta.get("general.name") or Path(path).stem)
     cfg = _config_from_meta(meta, "output.weight" in tensors, "float32", name)
+    if "rope_freqs.weight" in tensors:  # llama.cpp's form of Llama 3.1 ``llama3`` scaling
+        if cfg.rope_scaling is not None:
+            raise GGUFError(f"{path}: both rope_freqs and RoPE scaling {cfg.rope_scaling.type!r}; cannot combine them")
+        f = _dequantize(tensors["rope_freqs.weight"]).reshape(-1)
+        if f.shape != (cfg.head_dim // 2,):
+            raise GGUFError(f"tensor 'rope_freqs.weight' has {f.size} entries, head_dim {cfg.head_dim} needs {cfg.head_dim // 2}")
+        cfg = cfg.replace(rope_scaling=RopeScaling("factors", float(f.max()), freq_factors=tuple(f.tolist())))
+    permuted = meta.get("general.architecture") == "llama"
     L = cfg.num_layers
 
     def need(n: str) -> Any:
@@ -147,11 +113,15 @@ def load_gguf_numpy(path: Any) -> tuple[ModelConfig, dict[str, Any], dict[str, A
         for g, (ours, transpose) in _LAYER_MAP.items():
             n = f"blk.{i}.{g}.weight"
             w = expect(n, _dequantize(need(n)), hf_shapes[g])
-            if g == "attn_q":
+            if g == "attn_q" and permuted:
                 w = _unpermute(w, H)
-            elif g == "attn_k":
+            elif g == "attn_k" and permuted:
                 w = _unpermute(w, K)
             layers[ours].append(np.ascontiguousarray(w.T) if transpose else w)
+        if cfg.attn_bias:
+            for g, ours, width in (("attn_q", "bq", H * Dh), ("attn_k", "bk", K * Dh), ("attn_v", "bv", K * Dh)):
+                n = f"blk.{i}.{g}.bias"
+                layers.setdefault(ours, []).append(expect(n, _dequantize(need(n)), (width,)))
     params: dict[str, Any] = {
         "embed": expect("token_embd.weight", _dequantize(need("token_embd.weight")), (V, D)),
         "layers": {k: np.stack(v) for k, v in layers.items()},
@@ -163,15 +133,13 @@ def load_gguf_numpy(path: Any) -> tuple[ModelConfig, dict[str, Any], dict[str, A
 
 
 def load_gguf(path: Any, dtype: str = "float32") -> tuple[ModelConfig, dict[str, Any], Any]:
-    """Load a llama GGUF: ``(ModelConfig, params (jnp arrays in dtype), Tokenizer)``.
+    """Load a llama or qwen2 GGUF: ``(ModelConfig, params (jnp arrays in dtype), Tokenizer)``.
 
     Raises ``FileNotFoundError`` for a missing file and ``GGUFError`` (a ``ValueError``) for a corrupt
-    or truncated file, a non-llama architecture or an unsupported quantization type.
+    or truncated file, an unsupported architecture or an unsupported quantization type.
     """
     import jax
     import jax.numpy as jnp
-
-    from jax_cachedattn.tokenizer import Tokenizer
 
     cfg, np_params, meta = load_gguf_numpy(os.fspath(path))
     cfg = cfg.replace(dtype=dtype)

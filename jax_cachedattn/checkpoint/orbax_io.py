@@ -73,8 +73,7 @@ def params_fingerprint(config: ModelConfig, params: Any) -> str:
     SmolLM2 in float32 (540 MB) takes about a second; ``load_smollm2`` caches the result.
     """
     h = hashlib.sha256()
-    cfg = {k: v for k, v in config.to_dict().items() if k != "name"}
-    h.update(json.dumps(cfg, sort_keys=True).encode())
+    h.update(json.dumps(config.identity_dict(), sort_keys=True).encode())
     leaves = jax.tree_util.tree_flatten_with_path(params)[0]
     for kp, leaf in sorted(leaves, key=lambda kv: jax.tree_util.keystr(kv[0])):
         a = np.ascontiguousarray(np.asarray(leaf))

@@ -52,6 +52,8 @@ def init_params(config: ModelConfig, key: jax.Array, norm_noise: float = 0.0) ->
         },
         "final_norm": norm((D,)),
     }
+    if config.attn_bias:
+        params["layers"].update(bq=w((L, H * Dh)), bk=w((L, K * Dh)), bv=w((L, K * Dh)))
     if not config.tie_embeddings:
         params["lm_head"] = w((D, V))
     return params

@@ -142,11 +142,21 @@ def attention_reference(q, k_hist, v_hist, k_new, v_new, history_len):
     return jnp.einsum("hts,shd->thd", p, v).astype(q.dtype)
 
 
+def project_qkv(lp: dict, h: jnp.ndarray, config: ModelConfig) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]:
+    """q, k, v of the normed residual ``h [..., D]``: ``([..., H*Dh], [..., K*Dh], [..., K*Dh])``, with the
+    q/k/v biases when ``config.attn_bias`` (Qwen2). Every attention path projects through here."""
+    q, k, v = h @ lp["wq"], h @ lp["wk"], h @ lp["wv"]
+    if config.attn_bias:
+        q, k, v = q + lp["bq"], k + lp["bk"], v + lp["bv"]
+    return q, k, v
+
+
 def layer_rope_tables(config: ModelConfig, S: int, positions: jnp.ndarray, with_history: bool = True) -> tuple:
     """The RoPE tables of one :func:`layer_step`: ``(cos, sin)`` of history rows ``0..S-1`` (None
     when ``with_history`` is False: the naive cache is already rotated), then of ``positions``."""
-    hist = rope_tables(jnp.arange(S), config.head_dim, config.rope_theta) if with_history else (None, None)
-    return (*hist, *rope_tables(positions, config.head_dim, config.rope_theta))
+    args = (config.head_dim, config.rope_theta, config.rope_scaling)
+    hist = rope_tables(jnp.arange(S), *args) if with_history else (None, None)
+    return (*hist, *rope_tables(positions, *args))
 
 
 def layer_step(
@@ -181,9 +191,8 @@ def layer_step(
     H, K, Dh = config.num_heads, config.num_kv_heads, config.head_dim
     S = cached_k.shape[0]
     h = rms_norm(x, lp["attn_norm"], config.rms_eps)
-    q = (h @ lp["wq"]).reshape(T, H, Dh)
-    k = (h @ lp["wk"]).reshape(T, K, Dh)
-    v = (h @ lp["wv"]).reshape(T, K, Dh)
+    q, k, v = project_qkv(lp, h, config)
+    q, k, v = q.reshape(T, H, Dh), k.reshape(T, K, Dh), v.reshape(T, K, Dh)
     if rope is None:
         rope = layer_rope_tables(config, S, positions, with_history=not naive_rope)
     cos_h, sin_h, cos_n, sin_n = rope
