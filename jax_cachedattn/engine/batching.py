@@ -27,7 +27,7 @@ class Loop:
         self.e, self.window, self.max_new, self.next_hint = engine, window, max_new, next_hint
         self._it = iter(enumerate(jobs))
         self._done_reading = False
-        self.pending: collections.deque = collections.deque()  # (index, sid, message, arrival time)
+        self.pending: collections.deque = collections.deque()  # (index, sid, message, arrival time, max new tokens)
         self._preloaded: set[str] = set()
         self._starting: str | None = None
 
@@ -36,11 +36,12 @@ class Loop:
         want = self.e.config.max_slots + self.window
         while not self._done_reading and len(self.pending) < want:
             try:
-                i, (sid, msg) = next(self._it)
+                i, job = next(self._it)
             except StopIteration:
                 self._done_reading = True
                 break
-            self.pending.append((i, sid, msg, time.perf_counter()))
+            sid, msg, *rest = job  # (session, message) or (session, message, max_new_tokens)
+            self.pending.append((i, sid, msg, time.perf_counter(), int(rest[0]) if rest else self.max_new))
 
     def _ready(self) -> tuple | None:
         """The first pending job whose session is neither decoding nor queued earlier."""
@@ -78,11 +79,11 @@ class Loop:
             job = self._ready()
             if job is None:
                 return
-            i, sid, msg, t0 = job
-            plan = e._plan(sid, msg, self.max_new)
+            i, sid, msg, t0, max_new = job
+            plan = e._plan(sid, msg, max_new)
             self._starting = plan.sid
             try:
-                e._slots[free[0]] = e._start(i, plan, free[0], t0)
+                e._slots[free[0]] = e._start(i, plan, free[0], t0, time.perf_counter())
             except PoolFull:
                 if not e._slots:
                     raise
@@ -107,7 +108,7 @@ class Loop:
     def _step(self) -> Iterator[tuple[int, Any]]:
         e, ec = self.e, self.e.config
         st, pages, em, lg = SL.generate(e.params, e.layers, e.model_config, e.state, e.pool.pages, e._stop_ids,
-                                        ec.decode_steps, ec.return_logits)
+                                        ec.decode_steps, ec.return_logits, ec.rope_mode == "naive")
         e.state, e.pool.pages = st, pages
         em, phase, lengths = np.asarray(em), np.asarray(st.phase), np.asarray(st.lengths)
         lg = np.asarray(lg) if ec.return_logits else None

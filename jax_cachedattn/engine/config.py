@@ -49,6 +49,8 @@ class EngineConfig:
     pool_tokens: tokens the device KV pool holds (pages of the store's ``token_block``); None: room for
       ``max_slots`` turns of 2048 tokens or one of ``max_context``, whichever is more. Finished
       sessions' pages stay as the device cache until the pool needs them.
+    keep_pages: keep a finished turn's pages in the pool as the session's device copy (the device
+      tier); False gives them back at once (every later turn loads its history from the store).
     """
 
     max_new_tokens: int = 64
@@ -68,6 +70,7 @@ class EngineConfig:
     max_slots: int = 8
     decode_steps: int = 4
     pool_tokens: int | None = None
+    keep_pages: bool = True
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
@@ -130,6 +133,9 @@ class TurnResult:
     decode_logits: list[np.ndarray] | None = None
     commit: Any = None
     """The store's commit future of this turn (resolves once the turn is durable; raises if it failed)."""
+    queue_s: float = 0.0
+    """Seconds the job waited in the queue (for a slot, or behind a turn of its session) before its prefill;
+    ``ttft_s`` and ``total_s`` count from the prefill's start."""
 
     def to_json(self) -> dict[str, Any]:
         return {

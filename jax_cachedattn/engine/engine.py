@@ -44,7 +44,8 @@ class _Active:
     plan: TurnPlan
     pages: list[int]
     table: np.ndarray
-    t0: float
+    arrival: float  # when the job was queued
+    t0: float  # when its prefill started
     ttft: float
     generated: list[int]
     length: int  # KV rows held
@@ -77,7 +78,7 @@ class Engine:
         self._end = list(tokenizer.assistant_end()) if tokenizer is not None else []
         stops = sorted(tokenizer.stop_ids) if tokenizer is not None else []
         self._stop_set = set(stops)
-        self._stop_ids = jnp.asarray(stops or [-1], jnp.int32)
+        self._stop_ids = jax.device_put(jnp.asarray(stops or [-1], jnp.int32), jax.devices()[0])
         page = store.cfg.token_block if store is not None else 64
         self._width = -(-(mc.max_context + len(self._end) + 2) // page)  # pages per slot
         tokens = ec.pool_tokens or max(ec.max_slots * min(2048, mc.max_context), self._width * page)
@@ -132,7 +133,7 @@ class Engine:
         return True
 
     # ---- one job: prefill and insert -----------------------------------------------------------------
-    def _start(self, index: int, plan: TurnPlan, slot: int, t0: float) -> _Active:
+    def _start(self, index: int, plan: TurnPlan, slot: int, arrival: float, t0: float) -> _Active:
         ec, mc, store, pool = self.config, self.model_config, self.store, self.pool
         need = pool.pages_for(plan.cached_len + len(plan.compute_ids) + plan.max_new + len(self._end) + 1)
         if need > pool.free_pages():
@@ -183,7 +184,7 @@ class Engine:
         if plan.source in ("new", "recompute", "device"):  # no loads in the way: a compute measurement
             self.read_ahead.observe_compute(len(plan.compute_ids), mc.num_layers, ttft)
         length = plan.cached_len + n_comp
-        return _Active(index, plan, pages, table, t0, ttft, [first], length, length, pf, prompt_logits,
+        return _Active(index, plan, pages, table, arrival, t0, ttft, [first], length, length, pf, prompt_logits,
                        [np.asarray(logits)] if ec.return_logits else None)
 
     # ---- saving and finishing ---------------------------------------------------------------------------
@@ -209,7 +210,10 @@ class Engine:
             self._save(a, a.length)
             commit = self.store.commit_turn(plan.sid, all_ids)
             info = self.store.lookup(plan.sid)
-            self.pool.retain(plan.sid, a.pages, info.turn, info.num_tokens)
+            if self.config.keep_pages:
+                self.pool.retain(plan.sid, a.pages, info.turn, info.num_tokens)
+            else:
+                self.pool.release(a.pages)
         else:
             self.pool.release(a.pages)
         reply_ids = [t for t in gen if t not in self._stop_set]
@@ -218,7 +222,7 @@ class Engine:
         return TurnResult(
             session=plan.sid, reply=reply, reply_tokens=reply_ids, history_tokens=len(plan.hist_ids),
             prompt_tokens=len(plan.new_ids), generated_tokens=len(gen), truncated_tokens=plan.n_drop,
-            ttft_s=a.ttft, total_s=time.perf_counter() - a.t0, source=plan.source, reused_tokens=plan.cached_len,
+            ttft_s=a.ttft, total_s=time.perf_counter() - a.t0, queue_s=a.t0 - a.arrival, source=plan.source, reused_tokens=plan.cached_len,
             read_ahead=pf.ahead, preload=pf.mode, preloaded_layers=pf.preloaded, prompt_logits=a.prompt_logits,
             decode_logits=a.decode_logits, commit=commit)
 
@@ -239,7 +243,7 @@ class Engine:
     # ---- the loop ---------------------------------------------------------------------------------------
     def serve(self, jobs: Iterable[tuple[str, Any]], *, window: int = 4, max_new_tokens: int | None = None
               ) -> Iterator[tuple[int, TurnResult]]:
-        """Run ``(session, message)`` jobs, up to ``max_slots`` at once; yields ``(job index, result)``
+        """Run ``(session, message)`` (or ``(session, message, max_new_tokens)``) jobs, up to ``max_slots`` at once; yields ``(job index, result)``
         as turns finish. Jobs of one session run in order, each against the history the one before
         left. If a job fails, every turn in flight is given up (each session back at its last committed
         turn) and the error is raised."""
@@ -257,6 +261,17 @@ class Engine:
         max_new = self.config.max_new_tokens if max_new_tokens is None else int(max_new_tokens)
         hint = next_session if next_session != session_id else None
         return list(Loop(self, [(session_id, message)], 0, max_new, hint).run())[0][1]
+
+    def evict(self, sid: str, tier: str) -> None:
+        """Drop ``sid``'s copy in ``tier`` and every faster one: "device" (its pages in the pool and
+        the store's device copy), "host" (also the host copy) or "disk" (the whole session)."""
+        self.pool.drop(sid)
+        self.read_buffer.drop(sid)
+        if self.store is not None and self.store.lookup(sid) is not None:
+            for t in ("device", "host", "disk")[: ("device", "host", "disk").index(tier) + 1]:
+                self.store.evict(sid, t)
+                if t == "disk":
+                    break
 
     def flush(self) -> None:
         """Wait for every save and commit; raise the first failure."""

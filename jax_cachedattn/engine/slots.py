@@ -49,16 +49,18 @@ class DecodeState:
     top_p: jax.Array  # [S] float32
 
 
-def empty_state(slots: int, width: int, end_max: int) -> DecodeState:
+def empty_state(slots: int, width: int, end_max: int, device=None) -> DecodeState:
     def z():  # a buffer of its own per field: the state is donated leaf by leaf
         return jnp.zeros((slots,), jnp.int32)
 
-    return DecodeState(
+    st = DecodeState(
         tokens=z(), lengths=z(), tables=jnp.zeros((slots, width), jnp.int32), phase=z(), count=z(), budget=z(),
         end=jnp.zeros((slots, end_max), jnp.int32), end_len=z(), tail=jnp.zeros((slots, end_max + 1), jnp.int32),
         tail_len=z(), tail_pos=z(), keys=jax.random.split(jax.random.key(0), slots),
         temperature=jnp.zeros((slots,), jnp.float32), top_p=jnp.ones((slots,), jnp.float32),
     )
+    # Committed to the device like every later state, so the first step compiles the same program.
+    return jax.device_put(st, device or jax.devices()[0])
 
 
 def _sample(logits, keys, temperature, top_p):
@@ -124,15 +126,17 @@ def insert(state: DecodeState, slot, table, length, first_logits, key, budget, e
     return _advance(st, sampled, gen, stop_ids), first
 
 
-@functools.partial(jax.jit, static_argnames=("config", "steps", "with_logits"), donate_argnames=("state", "pool"))
+@functools.partial(jax.jit, static_argnames=("config", "steps", "with_logits", "naive"),
+                   donate_argnames=("state", "pool"))
 def generate(params, layers, config: ModelConfig, state: DecodeState, pool, stop_ids, steps: int,
-             with_logits: bool = False):
+             with_logits: bool = False, naive: bool = False):
     """``steps`` decode steps of every live slot (GEN or CLOSE). DONATES ``state`` and ``pool``.
 
     params: the non-layer params (embed, final_norm, lm_head); layers: per-layer params (a tuple,
     unrolled: slicing stacked weights inside a program copies them). Returns ``(state, pool,
     emitted [steps, S], logits)``: emitted holds each step's sampled token, -1 where a slot did not
-    sample; logits ``[steps, S, V]`` (or None unless ``with_logits``).
+    sample; logits ``[steps, S, V]`` (or None unless ``with_logits``). ``naive``: the pool holds
+    post-RoPE keys (``EngineConfig.rope_mode="naive"``).
     """
     TRACE_COUNTS["slots_generate"] += 1
     S, M = state.tables.shape
@@ -149,7 +153,7 @@ def generate(params, layers, config: ModelConfig, state: DecodeState, pool, stop
         x = embed(params, st.tokens)
         new_pool = []
         for lp, kv in zip(layers, pool):
-            x, kv = paged_decode_block(lp, x, kv, st.tables, pos, page, row, live, config, rope)
+            x, kv = paged_decode_block(lp, x, kv, st.tables, pos, page, row, live, config, rope, naive)
             new_pool.append(kv)
         logits = unembed(params, config, x)  # [S, V] f32
         keys, subs = jnp.moveaxis(jax.vmap(jax.random.split)(st.keys), 1, 0)

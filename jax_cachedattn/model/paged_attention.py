@@ -112,13 +112,16 @@ def paged_decode_attention_gathered(q, kv_pages, block_tables, lengths, rope_pag
     return out.reshape(S, H, Dh).astype(q.dtype)
 
 
-def paged_decode_block(lp: dict, x, kv_pages, block_tables, positions, page, row, live, config: ModelConfig, rope):
+def paged_decode_block(lp: dict, x, kv_pages, block_tables, positions, page, row, live, config: ModelConfig, rope,
+                       naive_rope: bool = False):
     """One decoder block for one new token per slot, its K/V written into the pool first.
 
     x ``[S, D]``; kv_pages ``[2, P, B, K, Dh]`` (donated by the caller's program: updated in place);
     positions ``[S]``: each token's position (= rows its slot already holds); page/row ``[S]``: where
     its pre-RoPE K/V goes (the trash page 0 for idle slots); live ``[S]`` bool; rope: from
-    :func:`decode_rope_tables`. Returns ``(x [S, D], kv_pages)``.
+    :func:`decode_rope_tables`. ``naive_rope``: the pool holds keys *after* RoPE (the usual engine,
+    kept for comparison): the new key is stored rotated and the pages are used as they are.
+    Returns ``(x [S, D], kv_pages)``.
     """
     S = x.shape[0]
     H, K, Dh = config.num_heads, config.num_kv_heads, config.head_dim
@@ -127,8 +130,10 @@ def paged_decode_block(lp: dict, x, kv_pages, block_tables, positions, page, row
     if getattr(config, "attn_bias", False):  # Qwen2-style q/k/v biases (the same projections as layer_step)
         q, k, v = q + lp["bq"], k + lp["bk"], v + lp["bv"]
     q, k, v = q.reshape(S, H, Dh), k.reshape(S, K, Dh), v.reshape(S, K, Dh)
-    kv_pages = kv_pages.at[:, page, row].set(jnp.stack([k, v]).astype(kv_pages.dtype))
     page_rope, (cos_q, sin_q) = rope
+    if naive_rope:
+        k, page_rope = apply_rope(k, cos_q, sin_q), None
+    kv_pages = kv_pages.at[:, page, row].set(jnp.stack([k, v]).astype(kv_pages.dtype))
     lengths = jnp.where(live, positions + 1, 0)
     a = paged_decode_attention(apply_rope(q, cos_q, sin_q), kv_pages, block_tables, lengths, page_rope)
     x = x + a.reshape(S, H * Dh) @ lp["wo"]
