@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from jax_cachedattn.engine import ContextOverflow, Engine, EngineConfig, InputError, plan_truncation
-from jax_cachedattn.engine.engine import group_sizes, prompt_bucket_length
+from jax_cachedattn.engine.prefill import group_sizes, prompt_bucket_length
 from jax_cachedattn.model import ModelConfig, TokenError, forward, init_params, prefill
 from jax_cachedattn.store import InvalidSessionId, KVLayout, StoreConfig, TieredStore, UnknownSession
 
@@ -69,7 +69,9 @@ def test_multi_turn_equals_recompute(tiny, tmp_path, where):
         conversation += [msg, gen]
         if where == "disk":
             eng.flush()
-            store.evict("conv-1", "host")
+            eng.evict("conv-1", "host")
+        elif where == "host":
+            eng.evict("conv-1", "device")  # the pages leave the device pool: the next turn loads from host
         elif where == "reopen":
             eng.close()
             store = _store(cfg, tmp_path)
@@ -93,7 +95,7 @@ def test_no_cache_recomputes_with_same_answer(tiny):
         out[use_cache] = [eng.turn("s", m) for m in msgs]
         eng.close()
     assert [r.source for r in out[False]] == ["new", "recompute", "recompute"]
-    assert [r.source for r in out[True]] == ["new", "host", "host"]
+    assert [r.source for r in out[True]] == ["new", "device", "device"]  # the pages stayed in the pool
     for a, b in zip(out[True], out[False]):
         assert a.reply_tokens == b.reply_tokens
         np.testing.assert_allclose(a.prompt_logits, b.prompt_logits, atol=TOL)
@@ -127,7 +129,7 @@ def test_growing_program_groups_from_disk_equal_layerwise(tmp_path):
         for m in msgs:
             rs.append(eng.turn("g", m))
             eng.flush()
-            store.evict("g", "host")
+            eng.evict("g", "host")
         assert [r.source for r in rs] == ["new", "disk", "disk"]
         out[name] = ([r.reply_tokens for r in rs], rs[-1].prompt_logits, rs[-1].read_ahead)
         eng.close()
@@ -146,16 +148,16 @@ def test_preload_modes_agree(tiny):
         for ra in (None, 1, 3) if mode != "upfront" else (None,):
             extra = {"read_ahead": ra} if mode == "layerwise" else {"program_groups": ra}
             eng = Engine(cfg, params, _store(cfg), None, EngineConfig(max_new_tokens=6, preload=mode, return_logits=True,
-                                                                       **extra))
+                                                                       keep_pages=False, **extra))
             rs = [eng.turn("s", m) for m in msgs]
             replies[(mode, ra)] = ([r.reply_tokens for r in rs], rs[-1].prompt_logits)
             eng.close()
     # auto: in-program, as one program from host memory and as several from disk.
     store = _store(cfg)
-    eng = Engine(cfg, params, store, None, EngineConfig(max_new_tokens=6, return_logits=True))
+    eng = Engine(cfg, params, store, None, EngineConfig(max_new_tokens=6, return_logits=True, keep_pages=False))
     rs = [eng.turn("s", msgs[0]), eng.turn("s", msgs[1])]
     eng.flush()
-    store.evict("s", "host")
+    eng.evict("s", "host")
     rs.append(eng.turn("s", msgs[2]))
     assert [(r.source, r.preload) for r in rs] == [("new", "none"), ("host", "in_program"), ("disk", "in_program")]
     replies[("auto", None)] = ([r.reply_tokens for r in rs], rs[-1].prompt_logits)
@@ -191,7 +193,7 @@ def test_kv_lost_falls_back_to_recompute(tiny, tmp_path, verify_on_open):
     assert r1.source == "recompute"
     _check_turn(cfg, params, [msgs[0], np.asarray(r0.reply_tokens, np.int32)], msgs[1], r1)
     r2 = eng.turn("s", msgs[2])
-    assert r2.source == "host"
+    assert r2.source == "device"  # the recomputed KV stayed in the pool
     eng.close()
 
 
@@ -270,7 +272,8 @@ def test_runs_three_times_past_the_context_window(tiny):
         assert res.history_tokens + res.prompt_tokens + 10 + 2 <= cfg.max_context
     assert total > 3 * cfg.max_context
     assert sum(r.truncated_tokens > 0 for r in results) >= 2
-    assert all(r.source in ("new", "host") for r in results)  # never a recompute
+    assert all(r.source in ("new", "device", "host") for r in results)  # never a recompute
+    assert any(r.source == "host" for r in results)  # a truncated history is reloaded from the store
     assert store.lookup("long").num_tokens <= cfg.max_context
     eng.close()
 
@@ -383,6 +386,7 @@ def test_model_change_recomputes_from_token_ids(tiny, tmp_path):
     assert r2.source == "recompute" and r2.history_tokens == info.num_tokens
     conversation = [msgs[0], np.asarray(r0.reply_tokens, np.int32), msgs[1], np.asarray(r1.reply_tokens, np.int32)]
     _check_turn(cfg, params, conversation, msgs[2], r2)
+    eng.evict("m", "device")
     r3 = eng.turn("m", msgs[0])
     assert r3.source == "host"  # the recomputed KV was saved under the new fingerprint
     eng.close()
@@ -391,7 +395,10 @@ def test_model_change_recomputes_from_token_ids(tiny, tmp_path):
 def test_next_job_preloaded_while_current_decodes(tiny):
     cfg, params = tiny
     store = _store(cfg)
-    eng = Engine(cfg, params, store, None, EngineConfig(max_new_tokens=6, read_ahead=2, return_logits=True))
+    # One slot and no pages kept after a turn: every job loads its history from the host tier, and the
+    # next queued job's first layers are loaded while the current one decodes.
+    eng = Engine(cfg, params, store, None, EngineConfig(max_new_tokens=6, read_ahead=2, return_logits=True,
+                                                        max_slots=1, keep_pages=False))
     a, b = _messages(cfg, 2, seed=23)
     eng.turn("A", a)
     eng.turn("B", b)
@@ -401,7 +408,7 @@ def test_next_job_preloaded_while_current_decodes(tiny):
     assert res[1].preloaded_layers == 2 and res[2].preloaded_layers == 2
     assert res[0].preloaded_layers == 0
     # The preloaded turn computes the same thing as a plain one.
-    ref = Engine(cfg, params, _store(cfg), None, EngineConfig(max_new_tokens=6, return_logits=True))
+    ref = Engine(cfg, params, _store(cfg), None, EngineConfig(max_new_tokens=6, return_logits=True, keep_pages=False))
     ref.turn("A", a)
     ref.turn("B", b)
     ref.turn("A", b)

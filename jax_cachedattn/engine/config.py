@@ -43,6 +43,14 @@ class EngineConfig:
     use_cache: False recomputes the whole history every turn (the baseline); token ids are still
       kept so the conversation continues.
     return_logits: keep the logits of the prompt tokens and of every decode step in the result.
+    max_slots: sessions decoding at once (continuous batching); ``Engine.turn`` is a batch of one.
+    decode_steps: decode steps per dispatch of the batched step (one host sync per dispatch; a slot
+      that finishes mid-dispatch waits for the dispatch to end before it is refilled).
+    pool_tokens: tokens the device KV pool holds (pages of the store's ``token_block``); None: room for
+      ``max_slots`` turns of 2048 tokens or one of ``max_context``, whichever is more. Finished
+      sessions' pages stay as the device cache until the pool needs them.
+    keep_pages: keep a finished turn's pages in the pool as the session's device copy (the device
+      tier); False gives them back at once (every later turn loads its history from the store).
     """
 
     max_new_tokens: int = 64
@@ -59,6 +67,10 @@ class EngineConfig:
     save_every: int = 16
     use_cache: bool = True
     return_logits: bool = False
+    max_slots: int = 8
+    decode_steps: int = 4
+    pool_tokens: int | None = None
+    keep_pages: bool = True
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
@@ -81,6 +93,12 @@ class EngineConfig:
             raise ValueError(f"prompt_bucket must be an int in [1, 256], got {self.prompt_bucket!r}")
         if self.read_ahead is not None and self.read_ahead < 1:
             raise ValueError(f"read_ahead must be None or >= 1, got {self.read_ahead}")
+        if not isinstance(self.max_slots, int) or self.max_slots < 1:
+            raise ValueError(f"max_slots must be an int >= 1, got {self.max_slots!r}")
+        if not isinstance(self.decode_steps, int) or self.decode_steps < 1:
+            raise ValueError(f"decode_steps must be an int >= 1, got {self.decode_steps!r}")
+        if self.pool_tokens is not None and self.pool_tokens < 1:
+            raise ValueError(f"pool_tokens must be None or >= 1, got {self.pool_tokens}")
         if self.save_every < 1:
             raise ValueError(f"save_every must be >= 1, got {self.save_every}")
 
@@ -113,6 +131,11 @@ class TurnResult:
     """Layers found already loaded in the read buffer (preloaded while the previous job decoded)."""
     prompt_logits: np.ndarray | None = None
     decode_logits: list[np.ndarray] | None = None
+    commit: Any = None
+    """The store's commit future of this turn (resolves once the turn is durable; raises if it failed)."""
+    queue_s: float = 0.0
+    """Seconds the job waited in the queue (for a slot, or behind a turn of its session) before its prefill;
+    ``ttft_s`` and ``total_s`` count from the prefill's start."""
 
     def to_json(self) -> dict[str, Any]:
         return {

@@ -1,0 +1,152 @@
+"""The host loop of continuous batching: moves jobs between the queue and the decode slots.
+
+Each round: pull jobs from the iterable (a look-ahead window beyond the free slots), tell the store
+what comes next (eviction order, disk -> host prefetch), start jobs in free slots (one prefill per
+round while other slots decode, so a long prefill never stalls them for more than one job; every
+free slot at once when nothing decodes), dispatch ``decode_steps`` steps of every active slot, and
+finish the slots that are done (their turns commit and their results are yielded). Jobs of one
+session never share the decode slots: the second waits for the first and runs against its history.
+"""
+
+from __future__ import annotations
+
+import collections
+import time
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import numpy as np
+
+from jax_cachedattn.engine import slots as SL
+from jax_cachedattn.engine.pool import PoolFull
+from jax_cachedattn.store import KVLost, UnknownSession
+
+
+class Loop:
+    def __init__(self, engine, jobs: Iterable[tuple[str, Any]], window: int, max_new: int, next_hint: str | None = None):
+        self.e, self.window, self.max_new, self.next_hint = engine, window, max_new, next_hint
+        self._it = iter(enumerate(jobs))
+        self._done_reading = False
+        self.pending: collections.deque = collections.deque()  # (index, sid, message, arrival time, max new tokens)
+        self._preloaded: set[str] = set()
+        self._starting: str | None = None
+
+    # ---- the queue ------------------------------------------------------------------------------
+    def _fill(self) -> None:
+        want = self.e.config.max_slots + self.window
+        while not self._done_reading and len(self.pending) < want:
+            try:
+                i, job = next(self._it)
+            except StopIteration:
+                self._done_reading = True
+                break
+            sid, msg, *rest = job  # (session, message) or (session, message, max_new_tokens)
+            self.pending.append((i, sid, msg, time.perf_counter(), int(rest[0]) if rest else self.max_new))
+
+    def _ready(self) -> tuple | None:
+        """The first pending job whose session is neither decoding nor queued earlier."""
+        busy = {a.plan.sid for a in self.e._slots.values()}
+        for job in self.pending:
+            if job[1] not in busy:
+                return job
+            busy.add(job[1])
+        return None
+
+    def _hints(self) -> None:
+        store = self.e.store
+        if store is None or not self.e.config.use_cache:
+            return
+        upcoming = [j[1] for j in self.pending]
+        policy = getattr(store, "policy", None)
+        if policy is not None and hasattr(policy, "set_future"):
+            policy.set_future([a.plan.sid for a in self.e._slots.values()] + upcoming)
+        for sid in upcoming[: self.window]:
+            if not isinstance(sid, str):
+                continue
+            try:
+                info = store.lookup(sid)
+                if info is not None and info.tier == "disk":
+                    store.prefetch(sid)  # returns at once: the read runs on the store's I/O threads
+            except (UnknownSession, KVLost, ValueError):  # gone, damaged or malformed: its own turn reports it
+                pass
+
+    # ---- the rounds -------------------------------------------------------------------------------
+    def _start_jobs(self) -> None:
+        e = self.e
+        free = [s for s in range(e.config.max_slots) if s not in e._slots]
+        decoding = bool(e._slots)
+        while free:
+            job = self._ready()
+            if job is None:
+                return
+            i, sid, msg, t0, max_new = job
+            plan = e._plan(sid, msg, max_new)
+            self._starting = plan.sid
+            try:
+                e._slots[free[0]] = e._start(i, plan, free[0], t0, time.perf_counter())
+            except PoolFull:
+                if not e._slots:
+                    raise
+                self._starting = None
+                return  # wait for a slot to finish and give its pages back
+            self._starting = None
+            self.pending.remove(job)
+            free.pop(0)
+            if decoding:
+                return  # one prefill per round while other slots decode
+
+    def _preload_next(self) -> None:
+        job = self._ready()
+        sid = job[1] if job is not None else self.next_hint
+        if sid is not None and sid not in self._preloaded and all(a.plan.sid != sid for a in self.e._slots.values()):
+            self._preloaded.add(sid)
+            try:
+                self.e.preload(sid)
+            except (UnknownSession, KVLost, ValueError):  # its own turn reports it
+                pass
+
+    def _step(self) -> Iterator[tuple[int, Any]]:
+        e, ec = self.e, self.e.config
+        st, pages, em, lg = SL.generate(e.params, e.layers, e.model_config, e.state, e.pool.pages, e._stop_ids,
+                                        ec.decode_steps, ec.return_logits, ec.rope_mode == "naive")
+        e.state, e.pool.pages = st, pages
+        em, phase, lengths = np.asarray(em), np.asarray(st.phase), np.asarray(st.lengths)
+        lg = np.asarray(lg) if ec.return_logits else None
+        for slot, a in sorted(e._slots.items()):
+            col = em[:, slot]
+            mask = col >= 0
+            a.generated += col[mask].tolist()
+            if lg is not None:
+                a.decode_logits += list(lg[mask, slot])
+            a.length = int(lengths[slot])
+            if phase[slot] == SL.DONE:
+                del e._slots[slot]
+                try:
+                    res = e._finish(a)
+                except BaseException:
+                    e._abort(a)
+                    raise
+                yield a.index, res
+            elif a.length - a.saved >= ec.save_every:
+                e._save(a, a.length)
+
+    def run(self) -> Iterator[tuple[int, Any]]:
+        e = self.e
+        try:
+            while True:
+                self._fill()
+                self._hints()
+                self._start_jobs()
+                if not e._slots:
+                    if self._done_reading and not self.pending:
+                        return
+                    continue
+                self._preload_next()
+                yield from self._step()
+        except BaseException:
+            if self._starting is not None:
+                e._abort_session(self._starting)
+            for a in list(e._slots.values()):
+                e._abort(a)
+            e._slots.clear()
+            raise
