@@ -91,8 +91,8 @@ def apply_overrides(cfg: dict, *, mode: str | None = None, workload: str | None 
 
 
 def store_bytes(store: dict, key: str, default: int | None) -> int | None:
-    """``{key}_gb`` or ``{key}_mib`` in bytes (null: None = unlimited)."""
-    for unit, mult in (("_gb", 10**9), ("_mib", 1 << 20)):
+    """``{key}_gb``, ``_mib``, ``_kib`` or ``_bytes`` in bytes (null: None = unlimited)."""
+    for unit, mult in (("_gb", 10**9), ("_mib", 1 << 20), ("_kib", 1 << 10), ("_bytes", 1)):
         if key + unit in store:
             v = store[key + unit]
             return None if v is None else int(float(v) * mult)

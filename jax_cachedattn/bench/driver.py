@@ -35,6 +35,7 @@ class Outcome:
     truncated_tokens: int
     tokens_after: int  # the session's context after the turn
     load_bytes: int = 0
+    compiled: bool = False  # the engine traced/compiled a program during this job: its times are not measured
 
 
 @dataclasses.dataclass

@@ -24,9 +24,9 @@ def _pct(x: np.ndarray, q: float) -> float:
 
 def summarize(records: list[Record], *, wall_s: float, prices: dict | None = None, host_bytes: int = 0,
               disk_bytes: int = 0, trace_s: float | None = None, turn_buckets=(1, 2, 3, 5, 9, 17)) -> dict:
-    recs = [r for r in records if not r.warmup]
+    recs = [r for r in records if not r.warmup and not r.outcome.compiled]
     if not recs:
-        raise ValueError("no measured jobs: the warm-up took every job")
+        raise ValueError("no measured jobs: the warm-up (or compiling) took every job")
     o = [r.outcome for r in recs]
     ttft = np.array([x.ttft_s for x in o])
     e2e = np.array([r.queue_wait_s + r.outcome.ttft_s for r in recs])
@@ -55,6 +55,7 @@ def summarize(records: list[Record], *, wall_s: float, prices: dict | None = Non
                                                      - min(r.start_s for r in recs))
     out = {
         "jobs": len(recs),
+        "jobs_excluded_compiling": sum(1 for r in records if not r.warmup and r.outcome.compiled),
         "ttft_mean_s": float(ttft.mean()), "ttft_p50_s": _pct(ttft, 50), "ttft_p90_s": _pct(ttft, 90),
         "ttft_p99_s": _pct(ttft, 99),
         "ttft_samples_s": [float(x) for x in np.sort(ttft)[np.linspace(0, len(ttft) - 1, min(len(ttft), 500)).astype(int)]],

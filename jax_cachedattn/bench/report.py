@@ -67,7 +67,7 @@ def sweep_table(results: dict) -> Table | None:
 
 
 def print_table(results: dict, console: Console | None = None) -> None:
-    console = console or Console()
+    console = console or Console(width=170)
     console.print(table(results))
     st = sweep_table(results)
     if st is not None:

@@ -12,7 +12,7 @@ import platform
 import time
 from pathlib import Path
 
-from jax_cachedattn.scheduler import Scheduler, SchedulerConfig, make_policy
+from jax_cachedattn.scheduler import Scheduler
 from jax_cachedattn.workload import Workload, generate, truncate_sessions
 
 from . import config as C
@@ -21,7 +21,7 @@ from .driver import Driver
 from .metrics import summarize
 from .simstore import SimStore
 from .simulate import SimExecutor
-from .systems import System, get_systems
+from .systems import System, get_systems, policy_and_config
 
 
 def build_workload(cfg: dict, tokenizer=None) -> Workload:
@@ -63,15 +63,6 @@ def model_shape(cfg: dict):
     return mc
 
 
-def make_scheduler_parts(system: System, cfg: dict, store, driver_oracle=None):
-    kw = {}
-    if system.policy == "cachedattn":
-        kw["predict"] = system.predict
-    policy = make_policy(system.policy, **kw)
-    scfg = SchedulerConfig(**{**cfg.get("scheduler", {}), "prefetch": system.prefetch and cfg["scheduler"].get("prefetch", True)})
-    return policy, scfg
-
-
 def run_sim_system(system: System, cfg: dict, workload: Workload, *, host_bytes: int | None = None,
                    on_job=None) -> tuple[dict, Driver]:
     mc = model_shape(cfg)
@@ -83,7 +74,7 @@ def run_sim_system(system: System, cfg: dict, workload: Workload, *, host_bytes:
     hb = host_bytes if host_bytes is not None else C.store_bytes(st, "host", 1 << 30)
     db = C.store_bytes(st, "disk", None)
     dev = C.store_bytes(st, "device", 0)
-    policy, scfg = make_scheduler_parts(system, cfg, None)
+    policy, scfg = policy_and_config(system, cfg)
     store = None
     if system.reuse:
         if system.device_only:

@@ -56,3 +56,14 @@ def get_systems(names) -> list[System]:
             raise ValueError(f"unknown system {n!r}; expected some of {', '.join(SYSTEMS)}")
         out.append(SYSTEMS[n])
     return out
+
+
+def policy_and_config(system: System, cfg: dict):
+    """A fresh policy object and the scheduler config of ``system`` under ``cfg``."""
+    from jax_cachedattn.scheduler import SchedulerConfig, make_policy
+
+    kw = {"predict": system.predict} if system.policy == "cachedattn" else {}
+    policy = make_policy(system.policy, **kw)
+    sc = dict(cfg.get("scheduler", {}))
+    sc["prefetch"] = system.prefetch and sc.get("prefetch", True)
+    return policy, SchedulerConfig(**sc)
