@@ -79,6 +79,7 @@ class Workload:
             "user_tokens_mean": float(users.mean()), "user_tokens_median": float(np.median(users)),
             "reply_tokens_mean": float(replies.mean()), "reply_tokens_median": float(np.median(replies)),
             "share_over_4096": float((totals > 4096).mean()),
+            "total_tokens": int(totals.sum()),
             "think_median_s": float(np.median(thinks)),
             "arrival_rate_per_s": float(1.0 / gaps.mean()) if gaps.mean() > 0 else 0.0,
         }

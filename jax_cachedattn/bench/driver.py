@@ -73,6 +73,7 @@ class Driver:
         self.warmup_turns, self.slots, self.on_job = warmup_turns, slots, on_job
         self._next_use: dict[str, float] = {}
         self.clock = 0.0
+        self.records: list[Record] = []
 
     def next_use(self, sid: str) -> float:
         """The oracle (Belady): trace time of ``sid``'s next turn, ``inf`` when it has none."""
@@ -90,7 +91,7 @@ class Driver:
 
         for s in self.workload.sessions:
             arrive(s.sid, 0, s.start_s)
-        records: list[Record] = []
+        records: list[Record] = self.records
         free, started = self.slots, 0
         while events:
             t = events[0][0]

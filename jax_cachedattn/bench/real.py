@@ -140,6 +140,8 @@ class RealExecutor:
 
     def complete(self, job: Job, outcome: Outcome, now: float) -> None:
         self.adapter.running.discard(job.sid)
+        if self.cost is not None:
+            self.store.flush()  # a modelled clock: let async work settle, so the store's state is deterministic
 
 
 class RealBench:

@@ -192,7 +192,23 @@ def run_bench(cfg: dict, out: str | Path, *, console=None, progress: bool = True
                 results["systems"][system.name] = res
             sweep = cfg.get("sweep")
             if sweep:
-                results["sweep"] = run_sweep(cfg, workload, sweep, bar)
+                scfg, swl = cfg, workload
+                if sweep.get("sessions") and sweep["sessions"] < len(workload.sessions):
+                    # a shorter trace for the sweep; the disk budget scaled with it (same share of the trace)
+                    n = int(sweep["sessions"])
+                    scfg = json.loads(json.dumps(cfg))
+                    scfg["workload"]["sessions"] = n
+                    scfg["warmup_turns"] = int(sweep.get("warmup_turns", cfg["warmup_turns"] * n / len(workload.sessions)))
+                    db = C.store_bytes(cfg["store"], "disk", None)
+                    if db is not None:
+                        for k in [k for k in scfg["store"] if k.startswith("disk_")]:
+                            del scfg["store"][k]
+                        scfg["store"]["disk_bytes"] = int(db * n / len(workload.sessions))
+                    swl = build_workload(scfg)
+                results["sweep"] = run_sweep(scfg, swl, sweep, bar)
+                results["sweep"]["sessions"] = len(swl.sessions)
+                results["sweep"]["turns"] = swl.num_turns
+                results["sweep"]["disk_bytes"] = C.store_bytes(scfg["store"], "disk", None)
     (out / "results.json").write_text(json.dumps(results, indent=1, default=_json_default))
     print_table(results, console)
     write_plots(results, out)

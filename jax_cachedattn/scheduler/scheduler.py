@@ -6,7 +6,8 @@ of the queue the scheduler plans (`plan`):
 * **look-ahead prefetch window** ``L_pw = C_mem / S_kv`` jobs (host capacity over the mean session KV
   size, recomputed at every plan as sessions grow; also cut where the window's distinct sessions stop
   fitting in the host tier): every session in it whose KV is only on disk is prefetched disk -> host,
-  so the job finds it in memory when it starts;
+  so the job finds it in memory when it starts (the head job, which starts now, excepted: the engine
+  reads its KV layer by layer behind compute);
 * **look-ahead eviction window** ``(C_mem + C_disk) / S_kv`` jobs: the policy gets the queue order
   (``set_future``) and the window (``set_windows``) and evicts from host to disk first the sessions
   with no queued job, then the window's tail; from disk the sessions outside the window, furthest
@@ -148,7 +149,10 @@ class Scheduler:
             window[job.sid] = None
         self._watermark(set(window))
         if self.config.prefetch:
+            head = self.queue.peek(1)[0].sid if len(self.queue) else None
             for sid in window:
+                if sid == head:
+                    continue  # starts now: the engine reads it layer by layer behind compute
                 if self.store.tier_of(sid) == "disk" and sid not in self._prefetched and not self.store.busy(sid):
                     self.store.prefetch(sid)
                     self._prefetched.add(sid)
