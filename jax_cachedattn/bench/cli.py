@@ -11,8 +11,10 @@ def cmd_bench(args) -> int:
 
     cfg = C.apply_overrides(C.load(args.config), mode=args.mode, workload=args.workload, systems=args.systems,
                             seed=args.seed)
-    if args.sessions is not None:
+    if args.sessions is not None:  # a shorter (or longer) trace: the warm-up keeps its share of the jobs
+        old = int(cfg["workload"].get("sessions", args.sessions))
         cfg["workload"]["sessions"] = args.sessions
+        cfg["warmup_turns"] = int(cfg["warmup_turns"] * args.sessions / max(1, old))
     run_bench(cfg, args.out, progress=not args.no_progress)
     return 0
 
@@ -26,6 +28,6 @@ def add_bench_command(sub) -> None:
     b.add_argument("--workload", default=None, help="override: sharegpt:FILE or synthetic:PRESET (sharegpt|paper|long)")
     b.add_argument("--systems", default=None, help="override: comma-separated systems, e.g. recompute,cachedattn,lru")
     b.add_argument("--seed", type=int, default=None, help="override the config's seed")
-    b.add_argument("--sessions", type=int, default=None, help="override the number of sessions")
+    b.add_argument("--sessions", type=int, default=None, help="override the number of sessions (the warm-up scaled with it)")
     b.add_argument("--no-progress", action="store_true", help="no progress bar")
     b.set_defaults(func=cmd_bench)

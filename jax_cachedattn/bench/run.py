@@ -162,6 +162,9 @@ def run_bench(cfg: dict, out: str | Path, *, console=None, progress: bool = True
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     systems = get_systems(cfg["systems"])
+    if cfg["mode"] == "real":
+        if any(s.sim_only for s in systems) and len(systems) == 1:
+            raise C.ConfigError("the belady bound runs in simulation only (--mode simulate)")
     results = {"config": cfg, "machine": machine(), "systems": {}}
     if cfg["mode"] == "real":
         from .real import RealBench
