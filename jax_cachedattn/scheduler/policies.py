@@ -20,6 +20,8 @@ import math
 import threading
 from collections.abc import Callable, Iterable, Sequence
 
+import numpy as np
+
 from jax_cachedattn.store.policy import EvictionPolicy
 
 from .predictor import NextTurnPredictor
@@ -168,26 +170,26 @@ class QueueAwarePolicy(_Bookkeeping):
 
     def choose_victims(self, candidates: Iterable[str], tier: str) -> list[str]:
         cands = list(candidates)
+        if not cands:
+            return []
         with self._lock:
             predict = self._use_prediction()
             pos, w = self._pos, self._evict_window
-            idle = [sid for sid in cands if sid not in pos]
-            if predict and idle:
+            p = np.fromiter((pos.get(sid, -1) for sid in cands), np.int64, len(cands))
+            last = np.fromiter((self.last(sid, tier) for sid in cands), np.int64, len(cands))
+            idle = p < 0
+            score = np.full(len(cands), -np.inf)
+            if predict and idle.any():
                 self.predictor.update_ended(self.now)
-                probs = self.predictor.return_probs(idle, self.now, self.horizon_s)
-                score = {sid: (-math.inf if math.isnan(p) else p) for sid, p in zip(idle, probs.tolist())}
-            else:
-                score = dict.fromkeys(idle, -math.inf)
-
-            def key(sid: str):
-                p = pos.get(sid)
-                if p is None:  # no queued job: least likely to be back soon first, then LRU
-                    return (0, 0, score[sid], self.last(sid, tier))
-                if p >= w:  # queued beyond the eviction window: furthest first
-                    return (0, 1, -p, 0)
-                return (1, 0, -p, 0)  # in the window: its tail first
-
-            return sorted(cands, key=key)
+                ids = [sid for sid, i in zip(cands, idle) if i]
+                probs = self.predictor.return_probs(ids, self.now, self.horizon_s)
+                score[idle] = np.where(np.isnan(probs), -np.inf, probs)
+            # classes: 0 no queued job (least likely back soon first, then LRU), 1 queued beyond the
+            # eviction window (furthest first), 2 in the window (its tail first)
+            cls = np.where(idle, 0, np.where(p >= w, 1, 2))
+            second = np.where(idle, score, -p.astype(float))
+            order = np.lexsort((np.where(idle, last, 0), second, cls))
+            return [cands[i] for i in order]
 
 
 def make_policy(name: str, **kw) -> _Bookkeeping:
