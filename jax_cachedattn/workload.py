@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 
 import numpy as np
 
@@ -210,7 +210,3 @@ def truncate_sessions(workload: Workload, max_turns: int | None = None, max_sess
     if max_turns:
         sess = [dataclasses.replace(s, turns=s.turns[:max_turns]) for s in sess]
     return Workload(workload.name, list(sess))
-
-
-def total_turns(sessions: Sequence[Session]) -> int:
-    return sum(len(s.turns) for s in sessions)

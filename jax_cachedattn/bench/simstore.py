@@ -208,11 +208,6 @@ class SimStore:
         if s is not None:
             self._drop_all(sid, s)
 
-    def finish_running(self, sid: str) -> None:
-        s = self._s.get(sid)
-        if s is not None:
-            s.running = False
-
     # ---- internals -----------------------------------------------------------------------------
     def _drop(self, sid: str, s: _S, tier: str) -> None:
         if getattr(s, tier):

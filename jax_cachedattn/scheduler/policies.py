@@ -16,7 +16,6 @@ set_future), the same objects in a real `TieredStore(policy=...)` and in the sim
 from __future__ import annotations
 
 import itertools
-import math
 import threading
 from collections.abc import Callable, Iterable, Sequence
 
@@ -159,9 +158,6 @@ class QueueAwarePolicy(_Bookkeeping):
 
     def finished(self, sid: str, now: float) -> None:
         self.predictor.finished(sid, now)
-
-    def forget(self, sid: str, tier: str | None = None) -> None:
-        super().forget(sid, tier)
 
     def _use_prediction(self) -> bool:
         if self.predict == "never" or not self.predictor.ready:
