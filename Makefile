@@ -22,6 +22,7 @@ install: $(VENV)/.installed
 
 demo: $(VENV)/.installed
 	$(VENV)/bin/cachedattn demo
+	$(VENV)/bin/cachedattn bench --config configs/bench/demo.yaml --out runs/demo-bench --no-progress
 
 test: $(VENV)/.test-installed
 	$(PY) -m pytest -q -m "not slow" --durations=10 tests

@@ -210,6 +210,10 @@ def build_parser() -> argparse.ArgumentParser:
     from jax_cachedattn.store.cli import add_store_commands
 
     add_store_commands(sub)
+
+    from jax_cachedattn.bench.cli import add_bench_command
+
+    add_bench_command(sub)
     return p
 
 

@@ -1,0 +1,84 @@
+"""The Hugging Face transformers peer on the same SmolLM2 weights (the same GGUF file), same trace.
+
+``hf-recompute`` runs every turn over the whole context; ``hf-reuse`` keeps each session's own
+in-memory ``DynamicCache`` across turns (no budget, no tiers: what transformers offers). Greedy
+decoding of the turn's output budget, stopping at the tokenizer's stop ids like the engine.
+Used only when torch and transformers are installed (the ``test`` extra).
+"""
+
+from __future__ import annotations
+
+import time
+
+
+from jax_cachedattn.scheduler import Job, Scheduler, SchedulerConfig, make_policy
+
+from .driver import Driver, Outcome
+from .metrics import summarize
+
+
+class PeerExecutor:
+    def __init__(self, model, stop_ids, reuse: bool):
+        self.model, self.stop_ids, self.reuse = model, set(stop_ids), reuse
+        self.ids: dict[str, list[int]] = {}
+        self.cache: dict[str, object] = {}
+
+    def start(self, job: Job, now: float) -> Outcome:
+        import torch
+
+        hist = self.ids.get(job.sid, [])
+        prompt = list(job.prompt_ids)
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            if self.reuse and job.sid in self.cache:
+                cache = self.cache[job.sid]
+                out = self.model(torch.tensor([prompt]), past_key_values=cache, use_cache=True)
+                reused, source = len(hist), "host"
+            else:
+                out = self.model(torch.tensor([hist + prompt]), use_cache=True)
+                reused, source = 0, ("recompute" if hist else "new")
+            tok = int(torch.argmax(out.logits[0, -1]))
+            ttft = time.perf_counter() - t0
+            cache, gen = out.past_key_values, [tok]
+            while len(gen) < job.max_new_tokens and tok not in self.stop_ids:
+                out = self.model(torch.tensor([[tok]]), past_key_values=cache, use_cache=True)
+                cache = out.past_key_values
+                tok = int(torch.argmax(out.logits[0, -1]))
+                gen.append(tok)
+            out = self.model(torch.tensor([[tok]]), past_key_values=cache, use_cache=True)  # feed the last token
+        total = time.perf_counter() - t0
+        self.ids[job.sid] = hist + prompt + gen
+        if self.reuse:
+            self.cache[job.sid] = out.past_key_values
+        return Outcome(ttft, total, source, reused, len(hist), len(prompt), len(gen), 0, len(self.ids[job.sid]))
+
+    def complete(self, job: Job, outcome: Outcome, now: float) -> None:
+        pass
+
+
+def run_peer(system, bench, on_job=None) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from jax_cachedattn.assets import smollm2_gguf_path
+
+    from .run import _NoStore
+
+    torch.set_num_threads(int(bench.cfg.get("peer", {}).get("threads", 2)))
+    gguf = smollm2_gguf_path()
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    model.eval()
+    ex = PeerExecutor(model, bench.model.tokenizer.stop_ids, reuse=system.reuse)
+    with torch.inference_mode():
+        model(torch.arange(16, 80)[None])  # warm-up
+    sched = Scheduler(_NoStore(), make_policy("lru"), SchedulerConfig(prefetch=False))
+    drv = Driver(bench.workload, sched, ex, warmup_turns=bench.cfg["warmup_turns"], on_job=on_job)
+    t0 = time.perf_counter()
+    recs = drv.run()
+    res = summarize(recs, wall_s=time.perf_counter() - t0, prices=bench.cfg.get("prices"))
+    res["mode"] = "real"
+    res["peer"] = f"transformers {__import__('transformers').__version__}, torch {torch.__version__}"
+    return res
+
+
+__all__ = ["PeerExecutor", "run_peer"]

@@ -1,0 +1,172 @@
+"""The scheduler: a job queue in front of the engine that tells the KV store what comes next.
+
+The engine (real or simulated) asks `Scheduler.next_job(now)` for work. Before handing out the head
+of the queue the scheduler plans (`plan`):
+
+* **look-ahead prefetch window** ``L_pw = C_mem / S_kv`` jobs (host capacity over the mean session KV
+  size, recomputed at every plan as sessions grow; also cut where the window's distinct sessions stop
+  fitting in the host tier): every session in it whose KV is only on disk is prefetched disk -> host,
+  so the job finds it in memory when it starts (the head job, which starts now, excepted: the engine
+  reads its KV layer by layer behind compute);
+* **look-ahead eviction window** ``(C_mem + C_disk) / S_kv`` jobs: the policy gets the queue order
+  (``set_future``) and the window (``set_windows``) and evicts from host to disk first the sessions
+  with no queued job, then the window's tail; from disk the sessions outside the window, furthest
+  next use first (:mod:`.policies`);
+* **high watermark**: when the host tier is fuller than ``high_watermark`` of its capacity, host copies
+  of sessions outside the prefetch window are dropped (the disk keeps them: saves write through), in
+  the policy's order, down to ``low_watermark``, so a prefetch finds room without waiting.
+
+The store is reached through the small `StoreView` protocol; `jax_cachedattn.bench` adapts both the
+real `TieredStore` and the simulator's store to it, so both modes run this code. Every decision is
+appended to ``decisions`` (for tests and for comparing modes).
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import math
+from typing import Protocol
+
+from .queue import Job, JobQueue
+
+
+class StoreView(Protocol):
+    """What the scheduler needs from a store (real or simulated)."""
+
+    def tier_of(self, sid: str) -> str | None: ...  # "device" | "host" | "disk" | None (absent)
+
+    def kv_bytes(self, sid: str) -> int: ...  # bytes the session's KV takes in a tier (0 when absent)
+
+    def capacity(self, tier: str) -> int | None: ...  # budget in bytes (None: unlimited)
+
+    def used(self, tier: str) -> int: ...
+
+    def sessions_in(self, tier: str) -> list[str]: ...
+
+    def mean_kv_bytes(self) -> int: ...  # mean KV bytes of the sessions held (0 when none)
+
+    def prefetch(self, sid: str) -> None: ...  # start disk -> host, return at once
+
+    def evict(self, sid: str, tier: str) -> None: ...
+
+    def busy(self, sid: str) -> bool: ...  # running or in flight: may not be evicted now
+
+
+@dataclasses.dataclass(frozen=True)
+class SchedulerConfig:
+    """prefetch: issue disk -> host prefetches for the prefetch window (off for the no-prefetch
+    ablation). high_watermark / low_watermark: fractions of the host capacity between which eviction
+    runs ahead of need (``high_watermark`` 1.0 turns it off). max_prefetch_window: an upper bound on
+    ``L_pw`` (None: none). min_session_bytes: ``S_kv`` before any session is known."""
+
+    prefetch: bool = True
+    high_watermark: float = 0.9
+    low_watermark: float = 0.8
+    max_prefetch_window: int | None = None
+    min_session_bytes: int = 1
+
+    def __post_init__(self) -> None:
+        if not 0 < self.low_watermark <= self.high_watermark <= 1.0:
+            raise ValueError("need 0 < low_watermark <= high_watermark <= 1")
+
+
+class Scheduler:
+    """Queue + windows + hints; see the module docstring. ``policy`` is the store's policy object."""
+
+    def __init__(self, store: StoreView, policy, config: SchedulerConfig | None = None):
+        self.store, self.policy = store, policy
+        self.config = config or SchedulerConfig()
+        self.queue = JobQueue()
+        self.decisions: list[tuple] = []
+        self.prefetch_window = 0
+        self.eviction_window = 0
+        self._prefetched: set[str] = set()
+        self._arrivals: collections.deque[float] = collections.deque(maxlen=256)
+
+    # ---- the engine's side ---------------------------------------------------------------------
+    def submit(self, job: Job) -> None:
+        """A turn arrives (``job.arrival_s`` is the trace time)."""
+        self.queue.push(job)
+        self._arrivals.append(job.arrival_s)
+        self.policy.arrived(job.sid, job.arrival_s)
+
+    def next_job(self, now: float) -> Job | None:
+        """Plan, then hand out the head of the queue (None when empty)."""
+        if not len(self.queue):
+            return None
+        self.plan(now)
+        job = self.queue.pop()
+        self.policy.used(job.sid)
+        self._prefetched.discard(job.sid)
+        self.decisions.append(("start", job.sid, job.turn))
+        return job  # the policy's future still lists it first: it is busy, never a candidate
+
+    def finished(self, job: Job, now: float) -> None:
+        """The job's reply is out at ``now`` (its KV is saved)."""
+        self.policy.finished(job.sid, now)
+
+    # ---- planning ------------------------------------------------------------------------------
+    def mean_session_bytes(self) -> int:
+        return max(self.config.min_session_bytes, int(self.store.mean_kv_bytes()))
+
+    def windows(self) -> tuple[int, int]:
+        """``(L_pw, L_ew)`` in jobs from the current capacities and mean session size."""
+        s_kv = self.mean_session_bytes()
+        c_mem = self.store.capacity("host") or 0
+        c_disk = self.store.capacity("disk")
+        l_pw = c_mem // s_kv
+        if self.config.max_prefetch_window is not None:
+            l_pw = min(l_pw, self.config.max_prefetch_window)
+        l_ew = math.inf if c_disk is None else (c_mem + c_disk) // s_kv
+        return int(l_pw), (len(self.queue) + 1 if l_ew == math.inf else int(l_ew))
+
+    def horizon_s(self, jobs: int) -> float | None:
+        """Trace seconds that ``jobs`` jobs take to arrive at the recent arrival rate (None: unknown)."""
+        a = self._arrivals
+        if len(a) < 2 or a[-1] <= a[0]:
+            return None
+        return max(1, jobs) * (a[-1] - a[0]) / (len(a) - 1)
+
+    def plan(self, now: float) -> None:
+        """Recompute the windows, hand the queue to the policy, prefetch, evict above the watermark."""
+        self.policy.now = now
+        l_pw, l_ew = self.windows()
+        self.prefetch_window, self.eviction_window = l_pw, l_ew
+        self.policy.set_windows(l_pw, l_ew, self.horizon_s(l_pw))
+        self.policy.set_future(self.queue.sessions())
+        # a prefetch that landed, or whose session left the disk tier, is done with
+        self._prefetched = {s for s in self._prefetched if self.store.tier_of(s) == "disk"}
+        # the prefetch window: the head's distinct sessions while they fit in the host tier
+        window, room = {}, self.store.capacity("host") or 0
+        for job in self.queue.peek(l_pw):
+            if job.sid in window:
+                continue
+            need = self.store.kv_bytes(job.sid)
+            if need > room:
+                break
+            room -= need
+            window[job.sid] = None
+        self._watermark(set(window))
+        if self.config.prefetch:
+            head = self.queue.peek(1)[0].sid if len(self.queue) else None
+            for sid in window:
+                if sid == head:
+                    continue  # starts now: the engine reads it layer by layer behind compute
+                if self.store.tier_of(sid) == "disk" and sid not in self._prefetched and not self.store.busy(sid):
+                    self.store.prefetch(sid)
+                    self._prefetched.add(sid)
+                    self.decisions.append(("prefetch", sid))
+
+    def _watermark(self, keep: set[str]) -> None:
+        cap = self.store.capacity("host")
+        cfg = self.config
+        if not cap or cfg.high_watermark >= 1.0 or self.store.used("host") <= cfg.high_watermark * cap:
+            return
+        cands = [s for s in self.store.sessions_in("host") if s not in keep and not self.store.busy(s)]
+        for sid in self.policy.choose_victims(cands, "host"):
+            if self.store.used("host") <= cfg.low_watermark * cap:
+                break
+            self.store.evict(sid, "host")
+            self._prefetched.discard(sid)
+            self.decisions.append(("evict", sid, "host"))
