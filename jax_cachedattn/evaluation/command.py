@@ -11,6 +11,7 @@ prose only, bytes as tokens).
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import time
 from pathlib import Path
@@ -68,6 +69,7 @@ def load(spec: str) -> tuple[Any, Any, Any, str, str]:
 
 
 def main(args: argparse.Namespace) -> int:
+    import jax
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -109,21 +111,25 @@ def main(args: argparse.Namespace) -> int:
                  for i, c in enumerate(convs[: cfg.chats])]
     n_recall = {W: len(experiment.recall_items(convs, tok, W, cfg)) for W in cfg.windows} if convs and cfg.recall else {}
     truncator = Truncator(params, config)
+
+    def header(done: bool) -> dict:
+        return {"model": {"name": name, "spec": args.model, "fingerprint": fp, "config": config.to_dict()},
+                "config": {**vars(cfg), "windows": list(cfg.windows), "ratios": list(cfg.ratios)},
+                "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),
+                            "jax_backend": jax.default_backend()},
+                "complete": done, "wall_s": round(time.perf_counter() - t0, 1), "generation_s": round(gen_s, 1)}
+
     try:
         with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                       console=console) as prog:
             task = prog.add_task("truncation eval", total=experiment.count_units(seqs, cfg, n_recall))
             res = experiment.run(truncator, seqs, cfg, conversations=convs if cfg.recall else None, tokenizer=tok,
-                                 progress=lambda what, n=1: prog.update(task, advance=n, description=what))
+                                 progress=lambda what, n=1: prog.update(task, advance=n, description=what),
+                                 on_window=lambda partial: report.write(partial, out, header(False)))
     finally:
         truncator.close()
     wall = time.perf_counter() - t0
-    header = {"model": {"name": name, "spec": args.model, "fingerprint": fp, "config": config.to_dict()},
-              "config": {**vars(cfg), "windows": list(cfg.windows), "ratios": list(cfg.ratios)},
-              "machine": {"platform": platform.platform(), "processor": platform.processor(),
-                          "cpus": __import__("os").cpu_count()},
-              "wall_s": round(wall, 1), "generation_s": round(gen_s, 1)}
-    files = report.write(res, out, header)
+    files = report.write(res, out, header(True))
     console.print(Path(files["tables"]).read_text())
     console.print(f"{len(res['rows'])} rows, {len(res['recall'])} recall results in {wall:.0f} s -> "
                   + ", ".join(str(p) for p in files.values()))

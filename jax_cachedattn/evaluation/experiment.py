@@ -86,10 +86,12 @@ def cuts(seq: Sequence, W: int, C: int, ratios, variants: bool) -> list[tuple[st
 
 
 def run(truncator: Truncator, sequences: list[Sequence], cfg: EvalConfig, *, conversations: list[dict] | None = None,
-        tokenizer: Any = None, progress: Callable[[str, int], None] | None = None) -> dict:
+        tokenizer: Any = None, progress: Callable[[str, int], None] | None = None,
+        on_window: Callable[[dict], None] | None = None) -> dict:
     """Score every (sequence, W, cut, method) and the recall items. Returns the ``results.json`` body
     (without the machine/model header): ``rows`` (one per sequence, W and cut, with per-token nll of
-    each method and top-1 agreement with TT) and ``recall`` (one per item, W and ratio)."""
+    each method and top-1 agreement with TT) and ``recall`` (one per item, W and ratio).
+    ``on_window`` gets the results so far after each window (a long run leaves partial results)."""
     C = cfg.continuation
     rows, recall_rows = [], []
     tick = progress or (lambda what, n=1: None)
@@ -117,6 +119,8 @@ def run(truncator: Truncator, sequences: list[Sequence], cfg: EvalConfig, *, con
                 tick(f"{seq.source} W={W} {cut} {ratio}", 1)
         if conversations and tokenizer is not None and cfg.recall:
             recall_rows += _recall(truncator, conversations, tokenizer, W, cfg, tick)
+        if on_window is not None:
+            on_window({"rows": rows, "recall": recall_rows})
     return {"rows": rows, "recall": recall_rows}
 
 

@@ -82,11 +82,16 @@ def loss_fn(params, config: ModelConfig, batch):
     return optax.softmax_cross_entropy_with_integer_labels(logits, batch[:, 1:]).mean()
 
 
-@functools.cache
 def make_optimizer(tc: TrainConfig) -> optax.GradientTransformation:
-    """AdamW with global-norm clipping; one object per config, so the jitted step compiles once per config."""
-    sched = optax.warmup_cosine_decay_schedule(0.0, tc.lr, tc.warmup, tc.steps, end_value=tc.lr * 0.1)
-    return optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(sched, weight_decay=tc.weight_decay))
+    """AdamW with global-norm clipping and a warm-up + cosine schedule."""
+    return _optimizer(tc.lr, tc.warmup, tc.steps, tc.weight_decay)
+
+
+@functools.cache
+def _optimizer(lr: float, warmup: int, steps: int, weight_decay: float) -> optax.GradientTransformation:
+    # one object per schedule (not per seed), so the jitted step compiles once for runs that differ by seed
+    sched = optax.warmup_cosine_decay_schedule(0.0, lr, warmup, steps, end_value=lr * 0.1)
+    return optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(sched, weight_decay=weight_decay))
 
 
 @functools.partial(jax.jit, static_argnames=("config", "opt"), donate_argnums=(0, 1))
