@@ -207,6 +207,12 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="cast weights")
     h.set_defaults(func=cmd_import_hf)
 
+    e = sub.add_parser("eval-truncation", help="does a truncated cache still answer well? TT/CA/NKVT/Full (docs/truncation.md)")
+    from jax_cachedattn.evaluation.command import add_arguments as _eval_args, main as _eval_main
+
+    _eval_args(e)
+    e.set_defaults(func=_eval_main)
+
     from jax_cachedattn.store.cli import add_store_commands
 
     add_store_commands(sub)

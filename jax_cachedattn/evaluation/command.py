@@ -1,0 +1,136 @@
+"""``cachedattn eval-truncation`` and ``scripts/eval_truncation.py``: arguments, model, sources, run.
+
+    cachedattn eval-truncation --model smollm2 --out runs/eval_truncation
+    cachedattn eval-truncation --model tests/data/tiny_bytes --windows 256 --continuation 64 --out runs/tiny
+
+``--model``: ``smollm2`` (prose and self-generated chats, recall task) or an orbax checkpoint written
+by ``save_params`` with its config beside it (the tiny byte-level model of ``scripts/train_tiny.py``:
+prose only, bytes as tokens).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="smollm2", help="smollm2 (default) or an orbax checkpoint folder (tiny byte model)")
+    p.add_argument("--out", default="runs/eval_truncation", help="folder for results.json, tables.md and the plots")
+    p.add_argument("--windows", default="512,1024,2048", help="context windows W, comma-separated")
+    p.add_argument("--ratios", default="0.25,0.5", help="truncation ratios, comma-separated")
+    p.add_argument("--continuation", type=int, default=128, help="tokens after the truncation point (C)")
+    p.add_argument("--prose", type=int, default=2, help="pydoc windows per W")
+    p.add_argument("--chats", type=int, default=2, help="self-generated conversations (smollm2 only)")
+    p.add_argument("--chat-tokens", type=int, default=None,
+                   help="generate conversations of at least this many tokens (default: largest W + C)")
+    p.add_argument("--recall", type=int, default=4, help="recall items per W (smollm2 only)")
+    p.add_argument("--no-variants", action="store_true", help="skip the mid-turn and system-prompt cuts")
+    p.add_argument("--seed", type=int, default=0, help="seed of text offsets, conversations and facts")
+
+
+def _ints(s: str, what: str) -> tuple:
+    try:
+        return tuple(int(x) for x in s.split(",") if x.strip())
+    except ValueError:
+        raise ValueError(f"--{what} must be comma-separated integers, got {s!r}") from None
+
+
+def _floats(s: str, what: str) -> tuple:
+    try:
+        return tuple(float(x) for x in s.split(",") if x.strip())
+    except ValueError:
+        raise ValueError(f"--{what} must be comma-separated numbers, got {s!r}") from None
+
+
+def load(spec: str) -> tuple[Any, Any, Any, str, str]:
+    """``(config, params, tokenizer or None, fingerprint, name)`` for ``smollm2`` or an orbax folder."""
+    if spec == "smollm2":
+        from jax_cachedattn.runtime import load_model
+
+        m = load_model("smollm2")
+        return m.config, m.params, m.tokenizer, m.fingerprint, "SmolLM2-135M-Instruct"
+    from jax_cachedattn.checkpoint import load_config, params_fingerprint, restore_params
+
+    path = Path(spec)
+    if not path.is_dir():
+        raise ValueError(f"--model: {spec!r} is neither 'smollm2' nor an orbax checkpoint folder")
+    config = load_config(path)
+    params = restore_params(path)
+    if config.vocab_size != 256:
+        raise ValueError(f"--model {spec}: only byte-level checkpoints (vocabulary 256) have a tokenizer here")
+    return config, params, None, params_fingerprint(config, params), config.name
+
+
+def main(args: argparse.Namespace) -> int:
+    import jax
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from jax_cachedattn.evaluation import experiment, report, text
+    from jax_cachedattn.evaluation.methods import Truncator
+    from jax_cachedattn.evaluation.tiny import encode_bytes
+
+    console = Console(stderr=True)
+    cfg = experiment.EvalConfig(windows=_ints(args.windows, "windows"), ratios=_floats(args.ratios, "ratios"),
+                                continuation=args.continuation, prose=args.prose, chats=args.chats,
+                                recall=args.recall, variants=not args.no_variants, seed=args.seed)
+    t0 = time.perf_counter()
+    with console.status(f"loading {args.model}…"):
+        config, params, tok, fp, name = load(args.model)
+    need = max(cfg.windows) + cfg.continuation
+    config = config.replace(max_context=max(config.max_context, need + 256))
+    out = Path(args.out)
+    if tok is None:  # byte model: held-out prose only
+        stream = encode_bytes(text.pydoc_text("eval", seed=cfg.seed))
+        prose_src = "pydoc (held out)"
+    else:
+        stream = np.asarray(tok.encode(text.pydoc_text("all", seed=cfg.seed)), np.int32)
+        prose_src = "pydoc"
+    seqs = [experiment.Sequence(prose_src, i, s) for i, s in enumerate(text.prose_sequences(stream, cfg.prose, need, cfg.seed))]
+    convs: list[dict] = []
+    gen_s = 0.0
+    if tok is not None and (cfg.chats or cfg.recall):
+        g0 = time.perf_counter()
+        n_conv = max(cfg.chats, 1)
+        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                      console=console) as prog:
+            task = prog.add_task("conversations (generated once, cached)", total=n_conv)
+            convs = text.load_or_generate_conversations(params, config, tok, n_conv, args.chat_tokens or need, cfg.seed,
+                                                        out / "conversations.json", fp,
+                                                        on_done=lambda s: prog.advance(task))
+        gen_s = time.perf_counter() - g0
+        boundary = tok.token_to_id("<|im_start|>")
+        seqs += [experiment.Sequence("chat", i, np.asarray(c["ids"], np.int32), np.asarray(c["turn_starts"]), boundary)
+                 for i, c in enumerate(convs[: cfg.chats])]
+    n_recall = {W: len(experiment.recall_items(convs, tok, W, cfg)) for W in cfg.windows} if convs and cfg.recall else {}
+    truncator = Truncator(params, config)
+
+    def header(done: bool) -> dict:
+        return {"model": {"name": name, "spec": args.model, "fingerprint": fp, "config": config.to_dict()},
+                "config": {**vars(cfg), "windows": list(cfg.windows), "ratios": list(cfg.ratios)},
+                "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),
+                            "jax_backend": jax.default_backend()},
+                "complete": done, "wall_s": round(time.perf_counter() - t0, 1), "generation_s": round(gen_s, 1)}
+
+    try:
+        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                      console=console) as prog:
+            task = prog.add_task("truncation eval", total=experiment.count_units(seqs, cfg, n_recall))
+            res = experiment.run(truncator, seqs, cfg, conversations=convs if cfg.recall else None, tokenizer=tok,
+                                 progress=lambda what, n=1: prog.update(task, advance=n, description=what),
+                                 on_window=lambda partial: report.write(partial, out, header(False)))
+    finally:
+        truncator.close()
+    wall = time.perf_counter() - t0
+    files = report.write(res, out, header(True))
+    console.print(Path(files["tables"]).read_text())
+    console.print(f"{len(res['rows'])} rows, {len(res['recall'])} recall results in {wall:.0f} s -> "
+                  + ", ".join(str(p) for p in files.values()))
+    return 0

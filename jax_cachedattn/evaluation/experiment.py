@@ -1,0 +1,167 @@
+"""The truncation experiment: sources x windows x cuts x methods, with a progress bar.
+
+For every sequence and window W, the history is the first W tokens and the continuation the next
+C tokens, so the turn overflows by C. The cut (how many of the oldest tokens go) comes from the
+engine's own :func:`plan_truncation` (at least ``ratio`` of the history, whole turns for chats);
+the chat variants also cut inside a turn and remove only the system prompt. Each cut is scored
+with TT, CA, NKVT and Full (:mod:`.methods`); the recall task runs on the same conversations.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from typing import Any, Callable
+
+import numpy as np
+
+from jax_cachedattn.engine.truncation import plan_truncation
+from jax_cachedattn.evaluation.methods import METHODS, Truncator
+from jax_cachedattn.evaluation.recall import make_item, recalled
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+    """windows: context windows W. ratios: truncation ratios (the engine's ``truncation_ratio``).
+    continuation: C, tokens after the truncation point (C - 1 of them are scored).
+    prose: pydoc windows per W. chats: self-generated conversations (each scored at every W it
+    covers). recall: recall items per W. variants: also cut inside a turn and remove only the
+    system prompt (chats). seed: text offsets, conversations and facts."""
+
+    windows: tuple[int, ...] = (512, 1024, 2048)
+    ratios: tuple[float, ...] = (0.25, 0.5)
+    continuation: int = 128
+    prose: int = 2
+    chats: int = 2
+    recall: int = 4
+    variants: bool = True
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.windows or any(int(w) < 2 for w in self.windows):
+            raise ValueError(f"windows must be integers >= 2, got {self.windows}")
+        if not self.ratios or any(not 0 < r < 1 for r in self.ratios):
+            raise ValueError(f"ratios must be in (0, 1), got {self.ratios}")
+        if self.continuation < 2:
+            raise ValueError("continuation must be >= 2 tokens")
+        if any(self.continuation >= w for w in self.windows):
+            raise ValueError(f"continuation ({self.continuation}) must be shorter than every window")
+        for f in ("prose", "chats", "recall"):
+            if getattr(self, f) < 0:
+                raise ValueError(f"{f} must be >= 0")
+
+
+@dataclasses.dataclass
+class Sequence:
+    """One text: token ids, where turns start (None for prose) and the id that starts a turn."""
+
+    source: str
+    index: int
+    ids: np.ndarray
+    turn_starts: np.ndarray | None = None
+    boundary_id: int | None = None
+
+
+def cuts(seq: Sequence, W: int, C: int, ratios, variants: bool) -> list[tuple[str, float | None, int]]:
+    """``(cut, ratio, n_drop)`` for the history ``seq.ids[:W]`` followed by ``C`` new tokens.
+
+    ``turn``/``exact``: the engine's plan (at least ``ratio`` of the history and the overflow; whole
+    turns when the text has turns). ``mid``: the same amount cut exactly there, inside a turn.
+    ``system``: only the system block goes (the window is then exceeded by the rest of the overflow).
+    """
+    hist = seq.ids[:W]
+    out = []
+    for r in ratios:
+        n = plan_truncation(hist, C, 0, W, r, seq.boundary_id)
+        out.append(("turn" if seq.boundary_id is not None else "exact", r, n))
+        if variants and seq.boundary_id is not None:
+            m = plan_truncation(hist, C, 0, W, r, None)
+            while m < W - 1 and hist[m] == seq.boundary_id:
+                m += 1
+            out.append(("mid", r, m))
+    if variants and seq.turn_starts is not None and len(seq.turn_starts) > 1:
+        out.append(("system", None, int(seq.turn_starts[1])))
+    return [(c, r, n) for c, r, n in out if 0 < n < W]
+
+
+def run(truncator: Truncator, sequences: list[Sequence], cfg: EvalConfig, *, conversations: list[dict] | None = None,
+        tokenizer: Any = None, progress: Callable[[str, int], None] | None = None,
+        on_window: Callable[[dict], None] | None = None) -> dict:
+    """Score every (sequence, W, cut, method) and the recall items. Returns the ``results.json`` body
+    (without the machine/model header): ``rows`` (one per sequence, W and cut, with per-token nll of
+    each method and top-1 agreement with TT) and ``recall`` (one per item, W and ratio).
+    ``on_window`` gets the results so far after each window (a long run leaves partial results)."""
+    C = cfg.continuation
+    rows, recall_rows = [], []
+    tick = progress or (lambda what, n=1: None)
+    for W in cfg.windows:
+        for seq in sequences:
+            if len(seq.ids) < W + C:
+                continue
+            hist = truncator.history(seq.ids[:W])
+            cont = seq.ids[W : W + C]
+            targets = cont[1:]
+            full = truncator.full(hist, cont, targets)
+            for cut, ratio, n_drop in cuts(seq, W, C, cfg.ratios, cfg.variants):
+                t0 = time.perf_counter()
+                res = {"Full": full}
+                for m in ("TT", "CA", "NKVT"):
+                    res[m] = truncator.run(m, hist, n_drop, cont, targets)
+                tt = res["TT"].top1
+                rows.append({
+                    "source": seq.source, "seq": seq.index, "W": W, "cut": cut, "ratio": ratio, "n_drop": n_drop,
+                    "kept": W - n_drop, "C": C, "wall_s": round(time.perf_counter() - t0, 3),
+                    "kv_exact": {m: res[m].kv_exact for m in ("CA", "NKVT")},
+                    "nll": {m: [round(float(x), 5) for x in res[m].nll] for m in METHODS},
+                    "agree_tt": {m: float(np.mean(res[m].top1 == tt)) for m in METHODS},
+                })
+                tick(f"{seq.source} W={W} {cut} {ratio}", 1)
+        if conversations and tokenizer is not None and cfg.recall:
+            recall_rows += _recall(truncator, conversations, tokenizer, W, cfg, tick)
+        if on_window is not None:
+            on_window({"rows": rows, "recall": recall_rows})
+    return {"rows": rows, "recall": recall_rows}
+
+
+def recall_items(conversations: list[dict], tokenizer: Any, W: int, cfg: EvalConfig) -> list:
+    items = []
+    for k in range(cfg.recall * 4):
+        if len(items) == cfg.recall:
+            break
+        item = make_item(conversations[k % len(conversations)], tokenizer, W, seed=cfg.seed * 1000 + W + k)
+        if item is not None:
+            items.append(item)
+    return items
+
+
+def _recall(truncator: Truncator, conversations, tokenizer, W: int, cfg: EvalConfig, tick) -> list[dict]:
+    out = []
+    boundary = tokenizer.token_to_id("<|im_start|>")
+    for i, item in enumerate(recall_items(conversations, tokenizer, W, cfg)):
+        hist = truncator.history(item.history)
+        cont = item.continuation
+        targets = cont[1:]
+        a = len(item.answer)
+        full = truncator.full(hist, cont, targets)
+        for r in cfg.ratios:
+            # the window is the history: the question overflows it, whole turns go (the engine's plan)
+            n_drop = plan_truncation(item.history, len(cont), 0, len(item.history), r, boundary)
+            hit = {"Full": recalled(full.top1, targets, a)}
+            for m in ("TT", "CA", "NKVT"):
+                hit[m] = recalled(truncator.run(m, hist, n_drop, cont, targets).top1, targets, a)
+            out.append({"W": W, "item": i, "ratio": r, "n_drop": n_drop, "history": len(item.history),
+                        "fact": item.fact, "fact_kept": bool(n_drop <= item.turn_starts[-2]), "recalled": hit})
+            tick(f"recall W={W} {r}", 1)
+    return out
+
+
+def count_units(sequences: list[Sequence], cfg: EvalConfig, n_recall: dict[int, int] | None = None) -> int:
+    """Progress-bar total: one unit per (sequence, W, cut) and per (recall item, W, ratio)."""
+    n = sum(len(cuts(s, W, cfg.continuation, cfg.ratios, cfg.variants))
+            for W in cfg.windows for s in sequences if len(s.ids) >= W + cfg.continuation)
+    return n + sum((n_recall or {}).values()) * len(cfg.ratios)
+
+
+def perplexity(nll) -> float:
+    return float(math.exp(float(np.mean(nll))))
