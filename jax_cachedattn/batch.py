@@ -177,7 +177,8 @@ def run_batch_job(engine: Engine, input_path: str | Path, output_path: str | Pat
     """Run (or resume) the job; returns what this run did. See the module docstring.
 
     ``report`` receives one line per skipped record or conversation (default: stderr). ``on_event``
-    receives ``{"event": "compute"|"written"|"recovered", "conversation", "turn"}`` as turns go.
+    receives ``{"event": "compute"|"written"|"recovered", "conversation", "turn"}`` as turns go
+    ("written" also has ``result``, the engine's TurnResult).
     Raises `StrictStop` (strict and a bad record), `OutputFileError`, and the store's `DiskFull`.
     """
     if engine.tokenizer is None or engine.store is None:
@@ -377,7 +378,7 @@ class _Runner:
             s.fresh_prefill_tokens += computed
             s.fresh_prefill_s += res.ttft_s
         self.advance(1)
-        self.event({"event": "written", "conversation": conv.id, "turn": u.turn})
+        self.event({"event": "written", "conversation": conv.id, "turn": u.turn, "result": res})
 
 
 class _Mismatch(ValueError):

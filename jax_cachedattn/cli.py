@@ -48,8 +48,8 @@ def _open(args):
 
     ec = EngineConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                       seed=args.seed, use_cache=not args.no_cache, truncation_ratio=args.truncation_ratio)
-    with _err.status("loading SmolLM2-135M-Instruct…"):
-        m = load_model("smollm2", args.dtype)
+    with _err.status("loading the model…"):
+        m = load_model(getattr(args, "model", "smollm2"), args.dtype)
     if args.max_context is not None:
         m = LoadedModel(m.config.replace(max_context=args.max_context), m.params, m.tokenizer, m.fingerprint)
     return open_engine(args.store, model=m, engine_config=ec, device_mib=args.device_mib, host_mib=args.host_mib,
@@ -121,6 +121,27 @@ def cmd_chat(args) -> int:
     return 0
 
 
+def cmd_batch(args) -> int:
+    """Run a file of conversations (resumable); exit 2 when input was skipped, 1 on a full disk."""
+    from jax_cachedattn.batch import BatchOptions, run_batch_job
+    from jax_cachedattn.store import DiskFull
+
+    opts = BatchOptions(history=args.history, reply_all=args.reply_all, max_new_tokens=args.max_new_tokens,
+                        seed=args.seed, strict=args.strict, keep_sessions=args.keep_sessions)
+    if not Path(args.input).is_file():
+        raise _Usage(f"--input {args.input}: no such file")
+    engine = _open(args)
+    try:
+        summary = run_batch_job(engine, args.input, args.output, opts, progress=not args.no_progress)
+    except DiskFull as e:
+        print(f"cachedattn: error: {e} (retry when there is room: the job resumes)", file=sys.stderr)
+        return 1
+    finally:
+        engine.close()
+    print(json.dumps(summary.to_json()["summary"]), file=sys.stderr)
+    return 2 if summary.skipped else 0
+
+
 DEMO_TURNS = [
     "Hi! Can you explain in two sentences what a KV cache is in a transformer?",
     "Why does recomputing it for every turn of a conversation waste time?",
@@ -184,6 +205,19 @@ def build_parser() -> argparse.ArgumentParser:
     _engine_args(c)
     c.add_argument("--session", required=True, help="conversation id")
     c.set_defaults(func=cmd_chat)
+
+    b = sub.add_parser("batch", help="run a file of conversations, one JSON line per reply; resumable after a kill")
+    _engine_args(b)
+    b.add_argument("--input", required=True, help="ShareGPT JSON/JSONL or OpenAI-style chat JSONL (detected)")
+    b.add_argument("--output", required=True, help="JSONL of replies; appended to, and resumed from, if it exists")
+    b.add_argument("--model", default="smollm2", help="model to run (default smollm2)")
+    b.add_argument("--history", default="generated", choices=["generated", "given"],
+                   help="history from the model's replies (default) or the file's assistant turns (teacher forcing)")
+    b.add_argument("--reply-all", action="store_true", help="with --history given, also reply where the file has")
+    b.add_argument("--strict", action="store_true", help="stop at the first bad input record instead of skipping it")
+    b.add_argument("--keep-sessions", action="store_true", help="keep finished conversations' KV in the store")
+    b.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    b.set_defaults(func=cmd_batch)
 
     d = sub.add_parser("demo", help="a short conversation, cached vs recomputed, on the bundled SmolLM2")
     d.add_argument("--store", default=None, help="store folder (default: a new temporary folder)")
