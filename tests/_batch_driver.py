@@ -1,6 +1,6 @@
 """Runs a batch job on the tiny model in a process of its own (killed at random by test_batch_job).
 
-usage: _batch_driver.py STORE INPUT OUTPUT EVENTS XLA_CACHE [history] [reply_all]
+usage: _batch_driver.py STORE INPUT OUTPUT EVENTS XLA_CACHE [history] [reply_all 0|1] [temperature]
 Appends one line per job event to EVENTS: ``<pid> compute|written|recovered <conversation> <turn>``.
 """
 
@@ -21,6 +21,7 @@ def main() -> None:
     store, inp, out, events, xla = sys.argv[1:6]
     history = sys.argv[6] if len(sys.argv) > 6 else "generated"
     reply_all = len(sys.argv) > 7 and sys.argv[7] == "1"
+    temperature = float(sys.argv[8]) if len(sys.argv) > 8 else 0.0
     jax.config.update("jax_compilation_cache_dir", xla)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
@@ -30,7 +31,7 @@ def main() -> None:
     def on_event(e: dict) -> None:
         log.write(f"{pid} {e['event']} {e['conversation']} {e['turn']}\n")
 
-    engine = tiny_engine(store)
+    engine = tiny_engine(store, temperature=temperature)
     try:
         run_batch_job(engine, inp, out, BatchOptions(history=history, reply_all=reply_all, max_new_tokens=6),
                       progress=False, on_event=on_event, report=lambda line: None)
