@@ -111,8 +111,8 @@ def test_generated_history_equals_engine_turn_loop(tmp_path):
 
 
 GIVEN = [
-    _chat("s1", ("system", "Tu es bref."), ("user", "q0"), ("assistant", "a0 given"), ("user", "q1 ünï"),
-          ("user", "q2"), ("assistant", "a2 given"), ("user", "q3")),
+    _chat("s1", ("system", "Sé breve."), ("user", "q0"), ("assistant", "a0"), ("user", "q1 ü"),
+          ("user", "q2"), ("assistant", "a2"), ("user", "q3")),
     _chat("s2", ("assistant", "I speak first"), ("user", "q0"), ("assistant", "a0")),
 ]
 
@@ -276,24 +276,34 @@ def test_bad_input_skipped_or_strict(tmp_path):
     assert not (tmp_path / "strict.jsonl").exists()
 
 
-def test_truncation_and_a_message_too_long(tmp_path):
-    """Histories over the context window are truncated as the engine does it; a conversation whose
-    message cannot fit is reported and skipped, the others finish."""
-    long = "w" * 150
+def test_a_message_too_long_skips_its_conversation(tmp_path):
+    """A conversation whose message cannot fit the context window is reported and skipped (exit 2 on
+    the command line); the others finish."""
     inp = _jsonl(tmp_path / "in.jsonl", [
-        _chat("t", *[("user", f"{i} {long}") for i in range(4)]),
-        _chat("huge", ("user", "h" * 400)),
-        _chat("after", ("user", "still runs")),
+        _chat("before", ("user", "first")), _chat("huge", ("user", "h" * 1100)), _chat("after", ("user", "still runs")),
     ])
     reports = []
-    eng = tiny_engine(str(tmp_path / "store"), max_context=384)
+    eng = tiny_engine(str(tmp_path / "store"))
     s = run_batch_job(eng, inp, tmp_path / "out.jsonl", BatchOptions(max_new_tokens=6), progress=False,
                       report=reports.append)
     eng.close()
     _, lines, _ = _lines(tmp_path / "out.jsonl")
-    assert [(r["conversation"], r["turn"]) for r in lines] == [("t", 0), ("t", 1), ("t", 2), ("t", 3), ("after", 0)]
-    assert any(r["truncated_tokens"] > 0 for r in lines)
-    assert s.skipped and len(s.failed_conversations) == 1 and "'huge'" in reports[0]
+    assert [(r["conversation"], r["turn"]) for r in lines] == [("before", 0), ("after", 0)]
+    assert s.skipped and len(s.failed_conversations) == 1 and "'huge'" in reports[0] and "context" in reports[0]
+
+
+@pytest.mark.slow  # another context window: every program compiles again (~40 s on 2 cores)
+def test_truncation_as_the_engine_does_it(tmp_path):
+    """Histories over the context window are truncated by the engine; the job goes on from the kept KV."""
+    inp = _jsonl(tmp_path / "in.jsonl", [_chat("t", *[("user", f"{i} {'w' * 150}") for i in range(4)])])
+    eng = tiny_engine(str(tmp_path / "store"), max_context=384)
+    s = run_batch_job(eng, inp, tmp_path / "out.jsonl", BatchOptions(max_new_tokens=6), progress=False)
+    eng.close()
+    _, lines, _ = _lines(tmp_path / "out.jsonl")
+    assert [(r["conversation"], r["turn"]) for r in lines] == [("t", 0), ("t", 1), ("t", 2), ("t", 3)]
+    assert any(r["truncated_tokens"] > 0 for r in lines) and not s.skipped
+    cut = next(r for r in lines if r["truncated_tokens"] > 0)
+    assert cut["reused_tokens"] == cut["history_tokens"] > 0   # the kept KV is reused, not recomputed
 
 
 def test_sampling_keys_follow_the_conversation_not_the_order(tmp_path):
