@@ -253,6 +253,9 @@ class _Runner:
         self.s.conversations += 1
         sid, scratch = session_ids(self.out.job, conv.id)
         done = self.out.done.get(conv.id, set())
+        if all(u.turn in done for u in units):
+            self._drop_sessions(sid, scratch)   # finished before (a kill may have come before the delete)
+            return
         try:
             self._resume_check(conv, units, sid, done)
             for u in units:
@@ -265,8 +268,11 @@ class _Runner:
             self.say(msg + " (skipped)")
             self.s.failed_conversations.append(msg)
             return
+        self._drop_sessions(sid, scratch)
+
+    def _drop_sessions(self, *sids: str) -> None:
         if not self.o.keep_sessions:
-            for s in (sid, scratch):
+            for s in sids:
                 if self.store.lookup(s) is not None:
                     self.store.delete(s)
 

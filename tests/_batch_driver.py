@@ -33,11 +33,12 @@ def main() -> None:
 
     engine = tiny_engine(store, temperature=temperature)
     try:
-        run_batch_job(engine, inp, out, BatchOptions(history=history, reply_all=reply_all, max_new_tokens=6),
+        summary = run_batch_job(engine, inp, out, BatchOptions(history=history, reply_all=reply_all, max_new_tokens=6),
                       progress=False, on_event=on_event, report=lambda line: None)
     finally:
         engine.close()
     log.write(f"{pid} finished - -\n")
+    sys.exit(3 if summary.skipped else 0)   # a skipped conversation (e.g. store and output disagree) fails the test
 
 
 if __name__ == "__main__":

@@ -187,7 +187,7 @@ def test_resume_after_a_kill_between_durable_commit_and_line(tmp_path, monkeypat
         _run(tmp_path, inp, tmp_path / "out.jsonl")
     monkeypatch.setattr(batch_io.JobOutput, "write_turn", real)
     s, events = _run(tmp_path, inp, tmp_path / "out.jsonl")
-    assert (s.turns_done_before, s.turns_recovered, s.turns_written) == (3, 1, 5)
+    assert (s.turns_done_before, s.turns_recovered, s.turns_written) == (3, 1, 5) and not s.skipped
     computed = [(e["conversation"], e["turn"]) for e in events if e["event"] == "compute"]
     assert ("k1", 0) not in computed and ("k1", 1) in computed     # k1 turn 0 was the recovered one
     _, ref, _ = _lines(tmp_path / "ref.jsonl")
@@ -214,7 +214,7 @@ def test_resume_after_a_kill_between_durable_commit_and_line(tmp_path, monkeypat
         _run(tmp_path, inp, out2, engine=eng)
     eng.close()
     s, events = _run(tmp_path, inp, out2, store="store2")
-    assert (s.turns_done_before, s.turns_recovered, s.turns_written) == (2, 0, 7)
+    assert (s.turns_done_before, s.turns_recovered, s.turns_written) == (2, 0, 7) and not s.skipped
     assert [(e["conversation"], e["turn"]) for e in events if e["event"] == "compute"][0] == ("k0", 2)
     _, out, _ = _lines(out2)
     assert sorted((r["conversation"], r["turn"], r["reply"]) for r in out) == \
@@ -232,7 +232,7 @@ def test_torn_last_line(tmp_path):
     last = body.rstrip("\n").rsplit("\n", 1)[1]
     out.write_text(body[: len(body) - len(last) - 1] + last[:20], encoding="utf-8")
     s, events = _run(tmp_path, inp, out)
-    assert s.torn_line_dropped and s.turns_recovered == 1 and s.turns_written == 0
+    assert s.torn_line_dropped and s.turns_recovered == 1 and s.turns_written == 0 and not s.skipped
     assert not [e for e in events if e["event"] == "compute"]
     text = out.read_text(encoding="utf-8")
     assert text.endswith("\n") and last[:20] + "\n" not in text
@@ -243,6 +243,7 @@ def test_torn_last_line(tmp_path):
     # Everything is written: a run again computes nothing and still ends with one summary.
     s, events = _run(tmp_path, inp, out)
     assert s.turns_done_before == 6 and not [e for e in events if e["event"] in ("compute", "recovered")]
+    assert not s.skipped
     assert len(_lines(out)[2]) == 1
 
 
