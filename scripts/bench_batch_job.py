@@ -160,6 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--systems", default="cachedattn,recompute,transformers,kill",
                    help="comma-separated subset of cachedattn,recompute,transformers,kill")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--warmup", type=int, default=2, help="conversations of an untimed run first (compile cache)")
     p.add_argument("--workdir", default=None, help="scratch folder (default: a temporary one under runs/)")
     p.add_argument("--out", default=None, help="write the JSON result here")
     args = p.parse_args(argv)
@@ -177,6 +178,15 @@ def main(argv: list[str] | None = None) -> int:
     def say(name):
         print(f"{name}: {json.dumps(sysres[name])}", file=sys.stderr, flush=True)
 
+    if args.warmup:
+        # Fill the persistent compile cache (~/.cache/jax_cachedattn/xla) with this file's shapes, so
+        # the timed runs measure the job, not XLA compiling (same for both modes).
+        warm = work / "warmup.jsonl"
+        synthetic_file(warm, args.warmup, args.turns, args.doc_words, args.follow_words, args.seed + 1)
+        for mode in ([], ["--no-cache"]):
+            t = time.perf_counter()
+            run_cli(warm, work / f"warmup{len(mode)}.jsonl", work / f"store-warmup{len(mode)}", args.max_new_tokens, mode)
+            print(f"warm-up {mode or ['cached']}: {time.perf_counter() - t:.1f} s", file=sys.stderr, flush=True)
     if "cachedattn" in systems or "kill" in systems:
         sysres["cachedattn"] = run_cli(inp, work / "cached.jsonl", work / "store-cached", args.max_new_tokens, [])
         say("cachedattn")
