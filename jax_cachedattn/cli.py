@@ -123,6 +123,27 @@ def cmd_chat(args) -> int:
     return 0
 
 
+def cmd_batch(args) -> int:
+    """Run a file of conversations (resumable); exit 2 when input was skipped, 1 on a full disk."""
+    from jax_cachedattn.batch import BatchOptions, run_batch_job
+    from jax_cachedattn.store import DiskFull
+
+    opts = BatchOptions(history=args.history, reply_all=args.reply_all, max_new_tokens=args.max_new_tokens,
+                        seed=args.seed, strict=args.strict, keep_sessions=args.keep_sessions)
+    if not Path(args.input).is_file():
+        raise _Usage(f"--input {args.input}: no such file")
+    engine = _open(args)
+    try:
+        summary = run_batch_job(engine, args.input, args.output, opts, progress=not args.no_progress)
+    except DiskFull as e:
+        print(f"cachedattn: error: {e} (retry when there is room: the job resumes)", file=sys.stderr)
+        return 1
+    finally:
+        engine.close()
+    print(json.dumps(summary.to_json()["summary"]), file=sys.stderr)
+    return 2 if summary.skipped else 0
+
+
 DEMO_TURNS = [
     "Hi! Can you explain in two sentences what a KV cache is in a transformer?",
     "Why does recomputing it for every turn of a conversation waste time?",
@@ -192,6 +213,18 @@ def build_parser() -> argparse.ArgumentParser:
     _engine_args(c)
     c.add_argument("--session", required=True, help="conversation id")
     c.set_defaults(func=cmd_chat)
+
+    b = sub.add_parser("batch", help="run a file of conversations, one JSON line per reply; resumable after a kill")
+    _engine_args(b)
+    b.add_argument("--input", required=True, help="ShareGPT JSON/JSONL or OpenAI-style chat JSONL (detected)")
+    b.add_argument("--output", required=True, help="JSONL of replies; appended to, and resumed from, if it exists")
+    b.add_argument("--history", default="generated", choices=["generated", "given"],
+                   help="history from the model's replies (default) or the file's assistant turns (teacher forcing)")
+    b.add_argument("--reply-all", action="store_true", help="with --history given, also reply where the file has")
+    b.add_argument("--strict", action="store_true", help="stop at the first bad input record instead of skipping it")
+    b.add_argument("--keep-sessions", action="store_true", help="keep finished conversations' KV in the store")
+    b.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    b.set_defaults(func=cmd_batch)
 
     d = sub.add_parser("demo", help="a short conversation, cached vs recomputed (the bundled SmolLM2 by default)")
     add_model_arg(d)

@@ -194,6 +194,8 @@ def _conversations(records: Iterator[tuple[int, object]], merge_parts: bool
                 raise value
             conv = _parse(value, line)
         except _Bad as e:
+            yield from release(held)   # in file order; parts around a bad record are not merged
+            held = None
             yield BadRecord(line, str(e))
             continue
         part = _PART.match(conv.id) if merge_parts and conv.format == "sharegpt" else None

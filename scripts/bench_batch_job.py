@@ -1,0 +1,241 @@
+#!/usr/bin/env python
+"""`cachedattn batch` on a synthetic file of conversations, SmolLM2, this machine, in one run:
+
+  * cachedattn: ``cachedattn batch`` (history KV kept in the store between turns);
+  * recompute: the same command with ``--no-cache`` (every turn recomputes its whole history);
+  * transformers: a Python loop over the same token ids with Hugging Face transformers on the same
+    GGUF weights, one in-memory ``DynamicCache`` per conversation (no store, nothing durable);
+  * kill at 50 %: ``cachedattn batch`` SIGKILLed once half the turns are written, then started again
+    with the same command; total wall against the uninterrupted run, turns recomputed, prefill tokens
+    the resume did not redo.
+
+Each conversation opens with a long user turn (a "document", ``--doc-words``) followed by short
+questions (``--turns`` user turns in all), the shape of long-context evaluation sets. The cachedattn
+systems run as subprocesses of the real command (model load and compile-cache reads included in
+their process wall; turns/min is from the job's own summary, which excludes them); transformers runs
+here with ``--threads`` torch threads.
+
+    python scripts/bench_batch_job.py --conversations 200 --out runs/batch_job.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+WORDS = ("the of and to in is that for it as with was on be by this are from at or an which have not but "
+         "data model memory cache token layer attention store disk host device turn history prefill decode "
+         "conversation session reply question answer system engine batch queue window budget block page").split()
+
+
+def synthetic_file(path: Path, n: int, turns: int, doc_words: int, follow_words: int, seed: int) -> None:
+    r = random.Random(seed)
+    with open(path, "w", encoding="utf-8") as f:
+        for c in range(n):
+            msgs = [{"role": "user", "content": "Read this and answer my questions.\n"
+                     + " ".join(r.choice(WORDS) for _ in range(doc_words))}]
+            for t in range(1, turns):
+                msgs.append({"role": "user", "content": f"Question {t}: "
+                             + " ".join(r.choice(WORDS) for _ in range(follow_words)) + "?"})
+            f.write(json.dumps({"id": f"synth-{c:04d}", "messages": msgs}) + "\n")
+
+
+def run_cli(inp: Path, out: Path, store: Path, max_new: int, extra: list[str], kill_at: int | None = None) -> dict:
+    """One ``cachedattn batch`` process; with ``kill_at``, SIGKILL it once that many turn lines exist."""
+    cmd = [sys.executable, "-m", "jax_cachedattn.cli", "batch", "--input", str(inp), "--output", str(out),
+           "--store", str(store), "--max-new-tokens", str(max_new), "--no-progress", *extra]
+    t0 = time.perf_counter()
+    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    last_line_at, lines = t0, 0
+    if kill_at is not None:
+        while p.poll() is None:
+            n = _turn_lines(out)
+            if n != lines:
+                lines, last_line_at = n, time.perf_counter()
+            if n >= kill_at:
+                p.send_signal(signal.SIGKILL)
+                break
+            time.sleep(0.05)
+    _, err = p.communicate()
+    wall = time.perf_counter() - t0
+    res = {"wall_s": wall, "returncode": p.returncode}
+    if kill_at is not None:
+        res["lost_s"] = wall - (last_line_at - t0)   # the work in flight when the kill came
+        res["lines_at_kill"] = _turn_lines(out)
+    elif p.returncode != 0:
+        raise RuntimeError(f"cachedattn batch failed ({p.returncode}): {err[-2000:]}")
+    else:
+        res["summary"] = _summary(out)
+    return res
+
+
+def _turn_lines(out: Path) -> int:
+    if not out.exists():
+        return 0
+    return sum(1 for x in out.read_bytes().split(b"\n") if x.startswith(b'{"conversation"'))
+
+
+def _summary(out: Path) -> dict:
+    last = out.read_text(encoding="utf-8").rstrip("\n").rsplit("\n", 1)[-1]
+    return json.loads(last)["summary"]
+
+
+def _loaded_on_resume(lines: list[dict], done_before: int) -> dict:
+    """For each conversation cut by the kill, the history its first resumed turn read from the store."""
+    started = {r["conversation"] for r in lines[:done_before]}
+    first: dict[str, dict] = {}
+    for r in lines[done_before:]:
+        if r["conversation"] in started and r["conversation"] not in first:
+            first[r["conversation"]] = r
+    return {"conversations": len(first), "tokens": sum(r["reused_tokens"] or 0 for r in first.values()),
+            "recomputed_tokens": sum((r["history_tokens"] or 0) - (r["reused_tokens"] or 0) for r in first.values()),
+            "sources": sorted({str(r["source"]) for r in first.values()})}
+
+
+def run_transformers(inp: Path, max_new: int, threads: int) -> dict:
+    """A loop over the same conversations and token ids: transformers, in-memory cache per conversation."""
+    import torch
+    from transformers import AutoModelForCausalLM, DynamicCache
+
+    from jax_cachedattn.assets import smollm2_gguf_path
+    from jax_cachedattn.batch import plan_units
+    from jax_cachedattn.conversations import Conversation, read_conversations
+    from jax_cachedattn.tokenizer import Tokenizer
+
+    torch.set_num_threads(threads)
+    gguf = smollm2_gguf_path()
+    tok = Tokenizer.from_gguf(gguf)
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32).eval()
+    stop, end = tok.stop_ids, tok.assistant_end()
+    convs = [c for c in read_conversations(inp) if isinstance(c, Conversation)]
+    turns = generated = prefilled = 0
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        model(torch.tensor([end]))   # warm-up
+        t0 = time.perf_counter()
+        for conv in convs:
+            cache, last = DynamicCache(), None
+            for u in plan_units(conv, "generated"):
+                msgs = [{"role": m.role, "content": m.content} for m in u.before + (u.user,)]
+                if last is None:
+                    ids = tok.chat(msgs)
+                else:
+                    text = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in msgs)
+                    ids = (end[1:] if last == end[0] else end) + tok.encode(text + "<|im_start|>assistant\n")
+                x = torch.tensor([ids])
+                prefilled += len(ids)
+                for i in range(max_new):
+                    logits = model(x, past_key_values=cache, use_cache=True).logits[0, -1]
+                    last = int(torch.argmax(logits))
+                    generated += 1
+                    if last in stop or i == max_new - 1:
+                        break
+                    x = torch.tensor([[last]])
+                # The last sampled token is fed with the next prompt (as the engine stores it).
+                cache_ids = torch.tensor([[last]])
+                model(cache_ids, past_key_values=cache, use_cache=True)
+                turns += 1
+    wall = time.perf_counter() - t0
+    return {"wall_s": wall, "turns": turns, "turns_per_min": 60 * turns / wall, "generated_tokens": generated,
+            "prefilled_tokens": prefilled, "threads": threads}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--conversations", type=int, default=200, help="conversations in the synthetic file")
+    p.add_argument("--turns", type=int, default=5, help="user turns per conversation")
+    p.add_argument("--doc-words", type=int, default=700, help="words of each conversation's first user turn")
+    p.add_argument("--follow-words", type=int, default=20, help="words of each later user turn")
+    p.add_argument("--max-new-tokens", type=int, default=16, help="reply budget per turn")
+    p.add_argument("--threads", type=int, default=2, help="torch threads for the transformers loop")
+    p.add_argument("--systems", default="cachedattn,recompute,transformers,kill",
+                   help="comma-separated subset of cachedattn,recompute,transformers,kill")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--warmup", type=int, default=2, help="conversations of an untimed run first (compile cache)")
+    p.add_argument("--workdir", default=None, help="scratch folder (default: a temporary one under runs/)")
+    p.add_argument("--out", default=None, help="write the JSON result here")
+    args = p.parse_args(argv)
+    systems = args.systems.split(",")
+    Path("runs").mkdir(exist_ok=True)
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="bench_batch_job-", dir="runs"))
+    work.mkdir(parents=True, exist_ok=True)
+    inp = work / "conversations.jsonl"
+    synthetic_file(inp, args.conversations, args.turns, args.doc_words, args.follow_words, args.seed)
+    total = args.conversations * args.turns
+    res: dict = {"config": vars(args), "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
+                                                   "load_avg_at_start": os.getloadavg()}, "systems": {}}
+    sysres = res["systems"]
+
+    def say(name):
+        print(f"{name}: {json.dumps(sysres[name])}", file=sys.stderr, flush=True)
+
+    if args.warmup:
+        # Fill the persistent compile cache (~/.cache/jax_cachedattn/xla) with this file's shapes, so
+        # the timed runs measure the job, not XLA compiling (same for both modes).
+        warm = work / "warmup.jsonl"
+        synthetic_file(warm, args.warmup, args.turns, args.doc_words, args.follow_words, args.seed + 1)
+        for mode in ([], ["--no-cache"]):
+            t = time.perf_counter()
+            run_cli(warm, work / f"warmup{len(mode)}.jsonl", work / f"store-warmup{len(mode)}", args.max_new_tokens, mode)
+            print(f"warm-up {mode or ['cached']}: {time.perf_counter() - t:.1f} s", file=sys.stderr, flush=True)
+    if "cachedattn" in systems or "kill" in systems:
+        sysres["cachedattn"] = run_cli(inp, work / "cached.jsonl", work / "store-cached", args.max_new_tokens, [])
+        say("cachedattn")
+    if "recompute" in systems:
+        sysres["recompute"] = run_cli(inp, work / "recompute.jsonl", work / "store-recompute", args.max_new_tokens,
+                                      ["--no-cache"])
+        say("recompute")
+    if "transformers" in systems:
+        sysres["transformers"] = run_transformers(inp, args.max_new_tokens, args.threads)
+        say("transformers")
+    if "kill" in systems:
+        out, store = work / "killed.jsonl", work / "store-killed"
+        first = run_cli(inp, out, store, args.max_new_tokens, [], kill_at=total // 2)
+        second = run_cli(inp, out, store, args.max_new_tokens, [])
+        lines = [json.loads(x) for x in out.read_text(encoding="utf-8").splitlines()[1:-1]]
+        keys = [(r["conversation"], r["turn"]) for r in lines]
+        ref = {(r["conversation"], r["turn"]): r["reply"] for r in
+               (json.loads(x) for x in (work / "cached.jsonl").read_text(encoding="utf-8").splitlines()[1:-1])}
+        s2 = second["summary"]
+        before = lines[: s2["turns_done_before"]]
+        base = sysres["cachedattn"]["wall_s"]
+        sysres["kill"] = {
+            "killed_after_s": first["wall_s"], "lines_at_kill": first["lines_at_kill"], "lost_s": first["lost_s"],
+            "resumed_wall_s": second["wall_s"], "total_wall_s": first["wall_s"] + second["wall_s"],
+            "added_wall_s": first["wall_s"] + second["wall_s"] - base - first["lost_s"],
+            "added_fraction": (first["wall_s"] + second["wall_s"] - base - first["lost_s"]) / base,
+            "turns_exactly_once": len(keys) == len(set(keys)) == total,
+            "replies_equal_uninterrupted": all(ref.get(k) == r["reply"] for k, r in zip(keys, lines)),
+            "resume_summary": s2,
+            "finished_turns_recomputed": s2["turns_written"] + s2["turns_recovered"] - (total - s2["turns_done_before"]),
+            "prefill_tokens_not_redone": sum(r["prompt_tokens"] + r["history_tokens"] - r["reused_tokens"]
+                                             for r in before if r.get("prompt_tokens") is not None),
+            "history_tokens_loaded_on_resume": _loaded_on_resume(lines, s2["turns_done_before"]),
+        }
+        say("kill")
+    c = sysres.get("cachedattn", {}).get("summary")
+    if c:
+        res["ratios"] = {}
+        if "recompute" in sysres:
+            res["ratios"]["turns_per_min_vs_recompute"] = c["turns_per_min"] / sysres["recompute"]["summary"]["turns_per_min"]
+            res["ratios"]["process_wall_vs_recompute"] = sysres["recompute"]["wall_s"] / sysres["cachedattn"]["wall_s"]
+        if "transformers" in sysres:
+            res["ratios"]["turns_per_min_vs_transformers"] = c["turns_per_min"] / sysres["transformers"]["turns_per_min"]
+    print(json.dumps(res, indent=1))
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(res, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
