@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from jax_cachedattn.model.config import ModelConfig
-from jax_cachedattn.model.layers import layer_rope_tables, mlp, rms_norm
+from jax_cachedattn.model.layers import layer_rope_tables, mlp, project_qkv, rms_norm
 from jax_cachedattn.model.rope import apply_rope
 
 _NEG = -1e30
@@ -126,9 +126,7 @@ def paged_decode_block(lp: dict, x, kv_pages, block_tables, positions, page, row
     S = x.shape[0]
     H, K, Dh = config.num_heads, config.num_kv_heads, config.head_dim
     h = rms_norm(x, lp["attn_norm"], config.rms_eps)
-    q, k, v = h @ lp["wq"], h @ lp["wk"], h @ lp["wv"]
-    if getattr(config, "attn_bias", False):  # Qwen2-style q/k/v biases (the same projections as layer_step)
-        q, k, v = q + lp["bq"], k + lp["bk"], v + lp["bv"]
+    q, k, v = project_qkv(lp, h, config)  # Qwen2-style q/k/v biases included, as in layer_step
     q, k, v = q.reshape(S, H, Dh), k.reshape(S, K, Dh), v.reshape(S, K, Dh)
     page_rope, (cos_q, sin_q) = rope
     if naive_rope:
