@@ -70,6 +70,10 @@ def test_ca_kv_is_the_stored_kv(truncator, prose):
     recomputed = np.asarray(truncator.history(ids[n_drop:]).kv["decoupled"])
     np.testing.assert_allclose(recomputed[0], stored[0, :, n_drop:], atol=1e-5)  # layer 0: no context yet
     assert np.abs(recomputed[1:] - stored[1:, :, n_drop:]).max() > 1e-2
+    # with nothing dropped, CA through the store is Full (the same KV, the same positions)
+    cont = prose[0].ids[W : W + C]
+    np.testing.assert_allclose(truncator.ca(hist, 0, cont, cont[1:]).nll, truncator.full(hist, cont, cont[1:]).nll,
+                               rtol=1e-6, atol=1e-6)
     # NKVT keeps the rotated keys, which differ from the pre-RoPE ones
     naive, exact_n = truncator.kept_kv(hist, n_drop, "naive")
     assert exact_n and not np.allclose(np.asarray(naive[0, 0, : W - n_drop]), stored[0, 0, n_drop:])

@@ -31,6 +31,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--chat-tokens", type=int, default=None,
                    help="generate conversations of at least this many tokens (default: largest W + C)")
     p.add_argument("--recall", type=int, default=4, help="recall items per W (smollm2 only)")
+    p.add_argument("--sink", type=int, default=0,
+                   help="also run TT+sink and CA+sink, keeping the first SINK tokens (default 0: off)")
     p.add_argument("--no-variants", action="store_true", help="skip the mid-turn and system-prompt cuts")
     p.add_argument("--seed", type=int, default=0, help="seed of text offsets, conversations and facts")
 
@@ -80,7 +82,7 @@ def main(args: argparse.Namespace) -> int:
     console = Console(stderr=True)
     cfg = experiment.EvalConfig(windows=_ints(args.windows, "windows"), ratios=_floats(args.ratios, "ratios"),
                                 continuation=args.continuation, prose=args.prose, chats=args.chats,
-                                recall=args.recall, variants=not args.no_variants, seed=args.seed)
+                                recall=args.recall, variants=not args.no_variants, sink=args.sink, seed=args.seed)
     t0 = time.perf_counter()
     with console.status(f"loading {args.model}…"):
         config, params, tok, fp, name = load(args.model)

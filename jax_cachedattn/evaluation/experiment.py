@@ -17,7 +17,7 @@ from typing import Any, Callable
 import numpy as np
 
 from jax_cachedattn.engine.truncation import plan_truncation
-from jax_cachedattn.evaluation.methods import METHODS, Truncator
+from jax_cachedattn.evaluation.methods import SINK_METHODS, Truncator
 from jax_cachedattn.evaluation.recall import make_item, recalled
 
 
@@ -27,7 +27,8 @@ class EvalConfig:
     continuation: C, tokens after the truncation point (C - 1 of them are scored).
     prose: pydoc windows per W. chats: self-generated conversations (each scored at every W it
     covers). recall: recall items per W. variants: also cut inside a turn and remove only the
-    system prompt (chats). seed: text offsets, conversations and facts."""
+    system prompt (chats). sink: > 0 also runs TT+sink and CA+sink, which keep the first ``sink``
+    tokens (the attention sink) and drop the tokens after them. seed: text offsets, conversations and facts."""
 
     windows: tuple[int, ...] = (512, 1024, 2048)
     ratios: tuple[float, ...] = (0.25, 0.5)
@@ -36,6 +37,7 @@ class EvalConfig:
     chats: int = 2
     recall: int = 4
     variants: bool = True
+    sink: int = 0
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -106,15 +108,15 @@ def run(truncator: Truncator, sequences: list[Sequence], cfg: EvalConfig, *, con
             for cut, ratio, n_drop in cuts(seq, W, C, cfg.ratios, cfg.variants):
                 t0 = time.perf_counter()
                 res = {"Full": full}
-                for m in ("TT", "CA", "NKVT"):
-                    res[m] = truncator.run(m, hist, n_drop, cont, targets)
+                for m in ("TT", "CA", "NKVT") + (SINK_METHODS if cfg.sink else ()):
+                    res[m] = truncator.run(m, hist, n_drop, cont, targets, sink=cfg.sink)
                 tt = res["TT"].top1
                 rows.append({
                     "source": seq.source, "seq": seq.index, "W": W, "cut": cut, "ratio": ratio, "n_drop": n_drop,
                     "kept": W - n_drop, "C": C, "wall_s": round(time.perf_counter() - t0, 3),
                     "kv_exact": {m: res[m].kv_exact for m in ("CA", "NKVT")},
-                    "nll": {m: [round(float(x), 5) for x in res[m].nll] for m in METHODS},
-                    "agree_tt": {m: float(np.mean(res[m].top1 == tt)) for m in METHODS},
+                    "nll": {m: [round(float(x), 5) for x in r.nll] for m, r in res.items()},
+                    "agree_tt": {m: float(np.mean(r.top1 == tt)) for m, r in res.items()},
                 })
                 tick(f"{seq.source} W={W} {cut} {ratio}", 1)
         if conversations and tokenizer is not None and cfg.recall:
@@ -148,8 +150,8 @@ def _recall(truncator: Truncator, conversations, tokenizer, W: int, cfg: EvalCon
             # the window is the history: the question overflows it, whole turns go (the engine's plan)
             n_drop = plan_truncation(item.history, len(cont), 0, len(item.history), r, boundary)
             hit = {"Full": recalled(full.top1, targets, a)}
-            for m in ("TT", "CA", "NKVT"):
-                hit[m] = recalled(truncator.run(m, hist, n_drop, cont, targets).top1, targets, a)
+            for m in ("TT", "CA", "NKVT") + (SINK_METHODS if cfg.sink else ()):
+                hit[m] = recalled(truncator.run(m, hist, n_drop, cont, targets, sink=cfg.sink).top1, targets, a)
             out.append({"W": W, "item": i, "ratio": r, "n_drop": n_drop, "history": len(item.history),
                         "fact": item.fact, "fact_kept": bool(n_drop <= item.turn_starts[-2]), "recalled": hit})
             tick(f"recall W={W} {r}", 1)

@@ -13,6 +13,11 @@ Legend: L layers, K kv heads, Dh head dim, H history tokens, C continuation toke
   continuation starts at position ``H - n_drop``.
 * **Full**: no truncation (the window is ignored), the ceiling.
 
+Two more, measured because CA lost to TT on SmolLM2 (docs/truncation.md): **CA+sink** keeps the
+first ``sink`` tokens' stored KV and drops the ``n_drop`` tokens after them (StreamingLLM's attention
+sink; the store has no such operation yet, so the rows are selected here from the loaded KV), and
+**TT+sink** recomputes the same kept tokens.
+
 Every path ends in :func:`score`: per-token negative log-likelihood of the targets and the top-1
 prediction. The CA and NKVT paths check that what the store hands back is bit-for-bit the KV that
 was saved, minus the dropped rows (no silent recompute); a mismatch raises.
@@ -33,6 +38,7 @@ from jax_cachedattn.model import ModelConfig, bucket_length, forward, prefill
 from jax_cachedattn.store import KVLayout, StoreConfig, TieredStore
 
 METHODS = ("TT", "CA", "NKVT", "Full")
+SINK_METHODS = ("TT+sink", "CA+sink")
 
 
 class StoredKVMismatch(RuntimeError):
@@ -168,9 +174,30 @@ class Truncator:
         logits, _ = self._prefill(np.asarray(cont, np.int32), cache, kept, naive=(mode == "naive"))
         return Continued(*score(logits[: len(targets)], targets), kv_exact=exact)
 
-    def run(self, method: str, hist: History, n_drop: int, cont, targets) -> Continued:
+    def tt_sink(self, hist: History, n_drop: int, cont, targets, sink: int) -> Continued:
+        """TT keeping the first ``sink`` tokens: recompute ``ids[:sink] + ids[sink + n_drop:]`` and the continuation."""
+        kept = History(np.concatenate([hist.ids[:sink], hist.ids[sink + n_drop :]]), {})
+        return self.tt(kept, 0, cont, targets)
+
+    def ca_sink(self, hist: History, n_drop: int, cont, targets, sink: int) -> Continued:
+        """CA keeping the first ``sink`` tokens: the stored KV of ``[0, sink)`` and ``[sink + n_drop, H)``,
+        loaded through the store, renumbered from 0 (RoPE applied at the new positions)."""
+        full, exact = self.kept_kv(hist, 0)
+        if not exact:
+            raise StoredKVMismatch("the KV loaded from the store is not the stored KV")
+        H = len(hist.ids)
+        kept = H - n_drop
+        rows = jnp.concatenate([full[:, :, :sink], full[:, :, sink + n_drop : H]], axis=2)
+        cache = jnp.pad(rows, ((0, 0), (0, 0), (0, full.shape[2] - kept), (0, 0), (0, 0)))
+        logits, _ = self._prefill(np.asarray(cont, np.int32), cache, kept, naive=False)
+        return Continued(*score(logits[: len(targets)], targets), kv_exact=exact)
+
+    def run(self, method: str, hist: History, n_drop: int, cont, targets, sink: int = 4) -> Continued:
         if method == "Full":
             return self.full(hist, cont, targets)
+        if method in SINK_METHODS:
+            # the n_drop tokens after the sink go: as many tokens are kept as by the plain methods
+            return (self.tt_sink if method == "TT+sink" else self.ca_sink)(hist, n_drop, cont, targets, sink)
         fn = {"TT": self.tt, "CA": self.ca, "NKVT": self.nkvt}.get(method)
         if fn is None:
             raise ValueError(f"unknown method {method!r}; one of {METHODS}")

@@ -15,7 +15,12 @@ from typing import Any
 
 import numpy as np
 
-from jax_cachedattn.evaluation.methods import METHODS
+from jax_cachedattn.evaluation.methods import METHODS, SINK_METHODS
+
+
+def _methods(rows) -> tuple[str, ...]:
+    have = set(rows[0]) if rows else set()
+    return METHODS + tuple(m for m in SINK_METHODS if m in have)
 
 
 def _ppl(nlls: list[list[float]]) -> float:
@@ -30,10 +35,11 @@ def summarize(results: dict) -> dict:
     ppl = []
     for (src, W, cut, ratio), rs in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][2],
                                                                         kv[0][3] if kv[0][3] is not None else -1)):
+        ms = _methods([r["nll"] for r in rs])
         row = {"source": src, "W": W, "cut": cut, "ratio": ratio, "sequences": len(rs),
                "tokens": sum(len(r["nll"]["TT"]) for r in rs), "n_drop_mean": float(np.mean([r["n_drop"] for r in rs])),
-               "ppl": {m: _ppl([r["nll"][m] for r in rs]) for m in METHODS},
-               "agree_tt": {m: float(np.mean([r["agree_tt"][m] for r in rs])) for m in METHODS},
+               "ppl": {m: _ppl([r["nll"][m] for r in rs]) for m in ms},
+               "agree_tt": {m: float(np.mean([r["agree_tt"][m] for r in rs])) for m in ms},
                "kv_exact": all(all(v is not False for v in r["kv_exact"].values()) for r in rs)}
         row["ca_over_tt"] = row["ppl"]["CA"] / row["ppl"]["TT"]
         ppl.append(row)
@@ -41,8 +47,8 @@ def summarize(results: dict) -> dict:
     for r in results.get("recall", []):
         rec_groups[(r["W"], r["ratio"])].append(r)
     recall = [{"W": W, "ratio": ratio, "items": len(rs),
-               "accuracy": {m: float(np.mean([r["recalled"][m] for r in rs])) for m in METHODS},
-               "correct": {m: int(sum(r["recalled"][m] for r in rs)) for m in METHODS}}
+               "accuracy": {m: float(np.mean([r["recalled"][m] for r in rs])) for m in _methods([r["recalled"] for r in rs])},
+               "correct": {m: int(sum(r["recalled"][m] for r in rs)) for m in _methods([r["recalled"] for r in rs])}}
               for (W, ratio), rs in sorted(rec_groups.items())]
     return {"perplexity": ppl, "recall": recall}
 
@@ -57,19 +63,30 @@ def markdown(summary: dict, model: str) -> str:
              "top-1 agreement with TT in parentheses.", "",
              "| source | W | cut | ratio | dropped | TT | CA | NKVT | Full | CA/TT | seqs × tokens |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
+    sink = any("CA+sink" in g["ppl"] for g in summary["perplexity"])
+    if sink:
+        lines[2] = lines[2].replace(" CA/TT |", " CA/TT | TT+sink | CA+sink | CA+sink / TT+sink |")
+        lines[3] += "---|---|---|"
     for g in summary["perplexity"]:
         p, a = g["ppl"], g["agree_tt"]
+        extra = ""
+        if "CA+sink" in p:
+            extra = (f" {p['TT+sink']:.3f} | {p['CA+sink']:.3f} ({a['CA+sink']:.0%}) | "
+                     f"{(p['CA+sink'] / p['TT+sink'] - 1) * 100:+.2f} % |")
         lines.append(
             f"| {g['source']} | {g['W']} | {g['cut']} | {_r(g['ratio'])} | {g['n_drop_mean']:.0f} | {p['TT']:.3f} | "
             f"{p['CA']:.3f} ({a['CA']:.0%}) | {p['NKVT']:.3f} ({a['NKVT']:.0%}) | {p['Full']:.3f} ({a['Full']:.0%}) | "
-            f"{(g['ca_over_tt'] - 1) * 100:+.2f} % | {g['sequences']} × {g['tokens'] // max(1, g['sequences'])} |")
+            f"{(g['ca_over_tt'] - 1) * 100:+.2f} % |{extra} {g['sequences']} × {g['tokens'] // max(1, g['sequences'])} |")
     if summary["recall"]:
         lines += ["", f"**{model}**: recall (exact match of the fact's tokens under greedy decoding).", "",
                   "| W | ratio | items | TT | CA | NKVT | Full |", "|---|---|---|---|---|---|---|"]
+        rm = ("TT", "CA", "NKVT", "Full") + tuple(m for m in SINK_METHODS if m in summary["recall"][0]["correct"])
+        lines[-2] = "| W | ratio | items | " + " | ".join(rm) + " |"
+        lines[-1] = "|---|---|---|" + "---|" * len(rm)
         for g in summary["recall"]:
             c, n = g["correct"], g["items"]
             lines.append(f"| {g['W']} | {_r(g['ratio'])} | {n} | " + " | ".join(
-                f"{c[m]}/{n} ({g['accuracy'][m]:.0%})" for m in ("TT", "CA", "NKVT", "Full")) + " |")
+                f"{c[m]}/{n} ({g['accuracy'][m]:.0%})" for m in rm) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -81,7 +98,7 @@ def position_curves(results: dict, source: str, W: int, ratio: float, cut: str, 
     n = min(len(r["nll"]["TT"]) for r in rs)
     edges = list(range(0, n, bin_size))
     out = {"x": [e + min(bin_size, n - e) / 2 for e in edges]}
-    for m in METHODS:
+    for m in _methods([r["nll"] for r in rs]):
         arr = np.asarray([r["nll"][m][:n] for r in rs], np.float64)
         out[m] = [float(math.exp(arr[:, e : e + bin_size].mean())) for e in edges]
     return out
@@ -101,7 +118,8 @@ def plot(results: dict, path: Path, ratio: float = 0.5, bin_size: int = 16) -> P
     srcs = sorted({k[0] for k in keys})
     Ws = sorted({k[1] for k in keys})
     fig, axes = plt.subplots(len(srcs), len(Ws), figsize=(4 * len(Ws), 3.2 * len(srcs)), squeeze=False)
-    styles = {"TT": ("k", "-"), "CA": ("tab:blue", "--"), "NKVT": ("tab:red", "-"), "Full": ("tab:green", ":")}
+    styles = {"TT": ("k", "-"), "CA": ("tab:blue", "--"), "NKVT": ("tab:red", "-"), "Full": ("tab:green", ":"),
+              "TT+sink": ("tab:gray", "-."), "CA+sink": ("tab:purple", "--")}
     for i, s in enumerate(srcs):
         for j, W in enumerate(Ws):
             ax = axes[i][j]
@@ -110,7 +128,7 @@ def plot(results: dict, path: Path, ratio: float = 0.5, bin_size: int = 16) -> P
             if not cur:
                 ax.set_visible(False)
                 continue
-            for m in METHODS:
+            for m in [k for k in cur if k != "x"]:
                 c, ls = styles[m]
                 ax.plot(cur["x"], cur[m], color=c, linestyle=ls, label=m)
             ax.set_yscale("log")
