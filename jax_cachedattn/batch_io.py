@@ -1,4 +1,5 @@
-"""A batch job's output file (header, whole-line appends, torn-line repair) and its progress bar.
+"""A batch job's output file (header, whole-line appends, torn-line repair), its summary line and its
+progress bar.
 
 The file is JSON Lines::
 
@@ -15,10 +16,55 @@ again, and so is a run's summary line, so a resumed run's summary is again the l
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
+
+
+@dataclasses.dataclass
+class BatchSummary:
+    """What one run of a job did (``to_json`` is the output's summary line)."""
+
+    turns_total: int = 0            # replies the input asks for
+    turns_done_before: int = 0      # found in the output when the run started
+    turns_written: int = 0          # computed and written by this run
+    turns_recovered: int = 0        # rebuilt from the store (killed after commit, before the line)
+    conversations: int = 0
+    bad_records: list[str] = dataclasses.field(default_factory=list)
+    failed_conversations: list[str] = dataclasses.field(default_factory=list)
+    torn_line_dropped: bool = False
+    history_tokens: int = 0
+    reused_tokens: int = 0
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    computed_tokens: int = 0        # tokens prefilled (prompt, plus history when recomputed)
+    fresh_prefill_s: float = 0.0    # ttft of turns with nothing cached: the recompute estimate's rate
+    fresh_prefill_tokens: int = 0
+    wall_s: float = 0.0
+
+    @property
+    def skipped(self) -> bool:
+        return bool(self.bad_records or self.failed_conversations)
+
+    def to_json(self) -> dict[str, Any]:
+        rate = self.fresh_prefill_tokens / self.fresh_prefill_s if self.fresh_prefill_s > 0 else None
+        return {"summary": {
+            "turns_total": self.turns_total, "turns_done_before": self.turns_done_before,
+            "turns_written": self.turns_written, "turns_recovered": self.turns_recovered,
+            "conversations": self.conversations, "bad_records": len(self.bad_records),
+            "failed_conversations": len(self.failed_conversations), "wall_s": round(self.wall_s, 3),
+            "turns_per_min": round(60 * self.turns_written / self.wall_s, 3) if self.wall_s > 0 else None,
+            "tokens_per_s": round((self.computed_tokens + self.generated_tokens) / self.wall_s, 3)
+            if self.wall_s > 0 else None,
+            "token_hit_rate": round(self.reused_tokens / self.history_tokens, 4) if self.history_tokens else None,
+            "history_tokens": self.history_tokens, "reused_tokens": self.reused_tokens,
+            "recomputed_history_tokens": self.history_tokens - self.reused_tokens,
+            "prompt_tokens": self.prompt_tokens, "generated_tokens": self.generated_tokens,
+            "time_saved_estimate_s": round(self.reused_tokens / rate, 3) if rate else None,
+        }}
 
 
 class OutputFileError(ValueError):

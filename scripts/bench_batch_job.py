@@ -49,8 +49,10 @@ def synthetic_file(path: Path, n: int, turns: int, doc_words: int, follow_words:
             f.write(json.dumps({"id": f"synth-{c:04d}", "messages": msgs}) + "\n")
 
 
-def run_cli(inp: Path, out: Path, store: Path, max_new: int, extra: list[str], kill_at: int | None = None) -> dict:
-    """One ``cachedattn batch`` process; with ``kill_at``, SIGKILL it once that many turn lines exist."""
+def run_cli(inp: Path, out: Path, store: Path, max_new: int, extra: list[str], kill_at: int | None = None,
+            kill_delay: float = 0.0) -> dict:
+    """One ``cachedattn batch`` process; with ``kill_at``, SIGKILL it ``kill_delay`` seconds after that
+    many turn lines exist (inside the next turn's compute)."""
     cmd = [sys.executable, "-m", "jax_cachedattn.cli", "batch", "--input", str(inp), "--output", str(out),
            "--store", str(store), "--max-new-tokens", str(max_new), "--no-progress", *extra]
     t0 = time.perf_counter()
@@ -61,7 +63,7 @@ def run_cli(inp: Path, out: Path, store: Path, max_new: int, extra: list[str], k
             n = _turn_lines(out)
             if n != lines:
                 lines, last_line_at = n, time.perf_counter()
-            if n >= kill_at:
+            if n >= kill_at and time.perf_counter() - last_line_at >= kill_delay:
                 p.send_signal(signal.SIGKILL)
                 break
             time.sleep(0.05)
@@ -160,6 +162,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--systems", default="cachedattn,recompute,transformers,kill",
                    help="comma-separated subset of cachedattn,recompute,transformers,kill")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--kill-lines", type=int, default=None, help="kill once this many turns are written "
+                   "(default: half the turns, plus one)")
+    p.add_argument("--kill-delay", type=float, default=3.0, help="seconds after that line before the kill")
+    p.add_argument("--base", default=None, help="a previous --out JSON: take its uninterrupted cachedattn run "
+                   "(with --systems kill, to measure the kill alone)")
     p.add_argument("--warmup", type=int, default=2, help="conversations of an untimed run first (compile cache)")
     p.add_argument("--workdir", default=None, help="scratch folder (default: a temporary one under runs/)")
     p.add_argument("--out", default=None, help="write the JSON result here")
@@ -187,7 +194,9 @@ def main(argv: list[str] | None = None) -> int:
             t = time.perf_counter()
             run_cli(warm, work / f"warmup{len(mode)}.jsonl", work / f"store-warmup{len(mode)}", args.max_new_tokens, mode)
             print(f"warm-up {mode or ['cached']}: {time.perf_counter() - t:.1f} s", file=sys.stderr, flush=True)
-    if "cachedattn" in systems or "kill" in systems:
+    if args.base:
+        sysres["cachedattn"] = json.loads(Path(args.base).read_text())["systems"]["cachedattn"]
+    elif "cachedattn" in systems or "kill" in systems:
         sysres["cachedattn"] = run_cli(inp, work / "cached.jsonl", work / "store-cached", args.max_new_tokens, [])
         say("cachedattn")
     if "recompute" in systems:
@@ -199,7 +208,9 @@ def main(argv: list[str] | None = None) -> int:
         say("transformers")
     if "kill" in systems:
         out, store = work / "killed.jsonl", work / "store-killed"
-        first = run_cli(inp, out, store, args.max_new_tokens, [], kill_at=total // 2)
+        # Past half the turns, inside a conversation (its earlier turns are in the store).
+        first = run_cli(inp, out, store, args.max_new_tokens, [], kill_at=args.kill_lines or total // 2 + 1,
+                        kill_delay=args.kill_delay)
         second = run_cli(inp, out, store, args.max_new_tokens, [])
         lines = [json.loads(x) for x in out.read_text(encoding="utf-8").splitlines()[1:-1]]
         keys = [(r["conversation"], r["turn"]) for r in lines]
