@@ -25,7 +25,7 @@ def add_bench_command(sub) -> None:
     b.add_argument("--config", required=True, help="YAML config (configs/bench/*.yaml)")
     b.add_argument("--out", required=True, help="output folder (results.json and PNG plots)")
     b.add_argument("--mode", choices=["real", "simulate"], default=None, help="override the config's mode")
-    b.add_argument("--workload", default=None, help="override: sharegpt:FILE or synthetic:PRESET (sharegpt|paper|long)")
+    b.add_argument("--workload", default=None, help="override: sharegpt:FILE, sharegpt:package (the sharegpt extra) or synthetic:PRESET (sharegpt|paper|long)")
     b.add_argument("--systems", default=None, help="override: comma-separated systems, e.g. recompute,cachedattn,lru")
     b.add_argument("--seed", type=int, default=None, help="override the config's seed")
     b.add_argument("--sessions", type=int, default=None, help="override the number of sessions (the warm-up scaled with it)")

@@ -77,9 +77,11 @@ def summarize(records: list[Record], *, wall_s: float, prices: dict | None = Non
         "wall_s": float(wall_s),
     }
     if prices:
-        hours = span / 3600.0
+        # the accelerator is paid for the time it computes (its busy seconds), the memory and disk for
+        # the whole trace (they hold the sessions between turns)
+        hours, busy_h = span / 3600.0, compute_s / 3600.0
         gb = 1e9
-        cost = (prices.get("gpu_per_h", 5.0) * hours + prices.get("dram_per_gb_h", 0.0088) * host_bytes / gb * hours
+        cost = (prices.get("gpu_per_h", 5.0) * busy_h + prices.get("dram_per_gb_h", 0.0088) * host_bytes / gb * hours
                 + prices.get("ssd_per_gb_h", 0.000082) * disk_bytes / gb * hours)
         out["cost_usd"] = float(cost)
         out["cost_usd_per_1k_jobs"] = float(cost / len(recs) * 1000)

@@ -198,6 +198,7 @@ def run_bench(cfg: dict, out: str | Path, *, console=None, progress: bool = True
                     continue
                 task = bar.add_task(system.name, total=workload.num_turns)
                 results["systems"][system.name] = bench.run_system(system, on_job=lambda r, t=task: bar.advance(t))
+                _write(out, results)  # after every system: a stopped run keeps what it measured
         bench.close()
     else:
         workload = build_workload(cfg)
@@ -210,6 +211,7 @@ def run_bench(cfg: dict, out: str | Path, *, console=None, progress: bool = True
                 task = bar.add_task(system.name, total=workload.num_turns)
                 res, _ = run_sim_system(system, cfg, workload, on_job=lambda r, t=task: bar.advance(t))
                 results["systems"][system.name] = res
+                _write(out, results)
             sweep = cfg.get("sweep")
             if sweep:
                 scfg, swl = cfg, workload
@@ -229,7 +231,7 @@ def run_bench(cfg: dict, out: str | Path, *, console=None, progress: bool = True
                 results["sweep"]["sessions"] = len(swl.sessions)
                 results["sweep"]["turns"] = swl.num_turns
                 results["sweep"]["disk_bytes"] = C.store_bytes(scfg["store"], "disk", None)
-    (out / "results.json").write_text(json.dumps(results, indent=1, default=_json_default))
+    _write(out, results)
     print_table(results, console)
     write_plots(results, out)
     return results
@@ -260,6 +262,12 @@ def run_sweep(cfg: dict, workload: Workload, sweep: dict, bar) -> dict:
             bar.advance(task)
         out["policies"][name] = rows
     return out
+
+
+def _write(out: Path, results: dict) -> None:
+    tmp = out / "results.json.tmp"
+    tmp.write_text(json.dumps(results, indent=1, default=_json_default))
+    tmp.replace(out / "results.json")
 
 
 def _json_default(x):

@@ -64,7 +64,7 @@ class _Bookkeeping(EvictionPolicy):
             self._uses[sid] = self._uses.get(sid, 0) + 1
 
     # hooks the scheduler calls on every policy; policies that ignore them keep these no-ops
-    def set_windows(self, prefetch: int, eviction: int, horizon_s: float | None = None) -> None:
+    def set_windows(self, prefetch: int, eviction: int, horizon_s: dict | None = None) -> None:
         pass
 
     def arrived(self, sid: str, now: float) -> None:
@@ -136,7 +136,7 @@ class QueueAwarePolicy(_Bookkeeping):
         self._pos: dict[str, int] = {}
         self._evict_window = 0
         self._queue_len = 0
-        self.horizon_s = 30.0
+        self.horizon_s = {"device": 30.0, "host": 30.0, "disk": 300.0}
 
     def set_future(self, order: Sequence[str]) -> None:
         with self._lock:
@@ -145,13 +145,13 @@ class QueueAwarePolicy(_Bookkeeping):
                 self._pos.setdefault(sid, i)
             self._queue_len = len(order)
 
-    def set_windows(self, prefetch: int, eviction: int, horizon_s: float | None = None) -> None:
-        """Window sizes in jobs; ``horizon_s``: about how long a session kept in host memory stays
-        there (the prefetch window over the job rate), the horizon the short-queue ranking uses."""
+    def set_windows(self, prefetch: int, eviction: int, horizon_s: dict | None = None) -> None:
+        """Window sizes in jobs; ``horizon_s[tier]``: about how long a session kept in that tier stays
+        there (the tier's window over the job rate), the horizon the short-queue ranking uses."""
         with self._lock:
             self._evict_window = max(0, int(eviction))
-            if horizon_s is not None:
-                self.horizon_s = horizon_s
+            if horizon_s:
+                self.horizon_s.update(horizon_s)
 
     def arrived(self, sid: str, now: float) -> None:
         self.predictor.arrived(sid, now)
@@ -178,7 +178,7 @@ class QueueAwarePolicy(_Bookkeeping):
             if predict and idle.any():
                 self.predictor.update_ended(self.now)
                 ids = [sid for sid, i in zip(cands, idle) if i]
-                probs = self.predictor.return_probs(ids, self.now, self.horizon_s)
+                probs = self.predictor.return_probs(ids, self.now, self.horizon_s.get(tier, self.horizon_s["host"]))
                 score[idle] = np.where(np.isnan(probs), -np.inf, probs)
             # classes: 0 no queued job (least likely back soon first, then LRU), 1 queued beyond the
             # eviction window (furthest first), 2 in the window (its tail first)

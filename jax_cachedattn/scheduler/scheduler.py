@@ -133,7 +133,8 @@ class Scheduler:
         self.policy.now = now
         l_pw, l_ew = self.windows()
         self.prefetch_window, self.eviction_window = l_pw, l_ew
-        self.policy.set_windows(l_pw, l_ew, self.horizon_s(l_pw))
+        h_mem, h_all = self.horizon_s(l_pw), self.horizon_s(l_ew)
+        self.policy.set_windows(l_pw, l_ew, None if h_mem is None else {"device": h_mem, "host": h_mem, "disk": h_all})
         self.policy.set_future(self.queue.sessions())
         # a prefetch that landed, or whose session left the disk tier, is done with
         self._prefetched = {s for s in self._prefetched if self.store.tier_of(s) == "disk"}
