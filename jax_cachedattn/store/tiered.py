@@ -168,6 +168,12 @@ class TieredStore:
         err.__cause__ = root
         return err
 
+    def _open_error(self, s: Session, t: Turn) -> BaseException:
+        """Under the lock: the one-line error for a save into turn ``t`` whose asynchronous part failed."""
+        if isinstance(t.error, (DiskFull, TurnFailed, KVLost)):
+            return t.error
+        return self._turn_error(s, t, t.error, s.durable.turn if s.durable is not None else 0)
+
     def _on_fail(self, s: Session, turn: Turn, cause: BaseException) -> BaseException:
         """A turn failed (committer): fail it and every later pending turn, rewind to the last durable turn."""
         core = self._core
@@ -359,7 +365,7 @@ class TieredStore:
             broken = s.open if s.open is not None and not s.open.live else s.failed_open
             if broken is not None:
                 if start == broken.pend[layer] - broken.base_offset or start != (s.num_tokens if s.kv_valid else 0):
-                    raise broken.error  # a save that continues the failed turn gets its error
+                    raise self._open_error(s, broken)  # a save that continues the failed turn gets its error
                 self._give_up_open(s)  # a save from the committed end: a new attempt of the turn
             restart = not s.kv_valid and s.open is None
             if restart and start != 0:
@@ -375,7 +381,7 @@ class TieredStore:
             self._ensure_host(s)  # saving on a session that left the host tier: read it back (pinned now)
         with core.lock:
             if not turn.live:
-                raise turn.error
+                raise self._open_error(s, turn)
             a0 = turn.base_offset + start
             if a0 != turn.pend[layer]:
                 raise LayoutMismatch(f"session {sid!r} layer {layer}: save starts at token {start}, "
@@ -393,12 +399,15 @@ class TieredStore:
                 if dgrow:
                     with self._reserve("disk", core.disk_bytes(dgrow), s) as dres:
                         with core.lock:
-                            more = max(0, nb - s.disk_blocks)  # another layer's save may have reserved them
+                            if not turn.live or s.gone:
+                                raise self._open_error(s, turn)
+                            # another layer's save may have reserved some; never more than this reservation
+                            more = min(dgrow, max(0, nb - s.disk_blocks))
                             s.held["disk"].absorb(dres, core.disk_bytes(more))
                             s.disk_blocks += more
                 with core.lock:
                     if not turn.live:
-                        raise turn.error
+                        raise self._open_error(s, turn)
                     self._wb.submit_save(s, turn, layer, kv_new, a0, a1, host_res)
             except BaseException:
                 host_res.release()
@@ -541,13 +550,23 @@ class TieredStore:
                 if s.host is not None:
                     hl = s.host.get(layer, f, nb)
                     if hl is None:
-                        raise StoreError(f"session {sid!r} layer {layer}: the host tier misses blocks of the "
-                                         "committed history (a bug)")
-                    core.stats.add("hits", tier="host")
-                    came = "host"
-                    blocks = hl
-                    break
-                mine, p = self._promoter.claim(s)
+                        # A turn committed in memory whose saves failed (or died) published nothing: its
+                        # commit fails and rewinds the session. Wait for that, then look again.
+                        waits = [t.done for t in s.log]
+                        if not waits:
+                            raise StoreError(f"session {sid!r} layer {layer}: the host tier misses blocks of the "
+                                             "committed history (a bug)")
+                        p = None
+                    else:
+                        core.stats.add("hits", tier="host")
+                        came, blocks = "host", hl
+                        break
+                else:
+                    mine, p = self._promoter.claim(s)
+            if p is None:
+                for w in waits:
+                    w.exception()
+                continue
             if mine:
                 core.stats.add("prefetches_issued")
                 self._io.submit(self._promoter.run, s, p)
