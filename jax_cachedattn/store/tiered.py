@@ -446,6 +446,12 @@ class TieredStore:
             if bad:
                 raise LayoutMismatch(f"session {sid!r}: {len(tok)} token ids but layers {bad[:5]} hold "
                                      f"{[t.pend[i] - t.base_offset for i in bad[:5]]} tokens")
+            if t.base_offset == s.offset and s.kv_valid and not np.array_equal(tok[: len(s.token_ids)], s.token_ids):
+                # The turn was saved onto this history: its ids must continue it (a caller that looked
+                # up the history before an earlier turn failed and rewound it would otherwise publish
+                # ids that do not match the KV).
+                raise LayoutMismatch(f"session {sid!r}: the token ids do not continue the session's history "
+                                     f"of {len(s.token_ids)} tokens (turn {s.turn})")
             prev = s.log[-1].done if s.log else None
             t = s.seal(tok, want, self.layout, core.B)
             self._wb.seal(s, t, prev)

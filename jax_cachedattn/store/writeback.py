@@ -132,7 +132,8 @@ class Writeback:
 
     def _write_chunk(self, s: Session, turn: Turn, layer: int, b: int, data: np.ndarray) -> None:
         core = self.core
-        core.wait_gate(s.sid)
+        # No wait for a removal of an earlier session of this id: it is a task of this same worker,
+        # queued before any task of the new session (FIFO), so it already ran.
         with core.lock:
             if not turn.live:
                 return

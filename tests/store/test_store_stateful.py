@@ -25,8 +25,16 @@ SIDS = ["a", "b", "c"]
 MAX_TOKENS = 28
 
 
+def ids_of(rows: np.ndarray) -> np.ndarray:
+    """Token ids derived from the rows (unique in practice): a turn saved onto a history that went back
+    meanwhile carries ids that do not continue the store's, and `commit_turn` refuses it."""
+    return (np.frombuffer(np.ascontiguousarray(rows[0, 0, :, 0, 0]).tobytes(), np.uint32) >> 1).astype(np.int64)
+
+
 class Model:
-    """One session: the durable state and the commits in flight (future, rows after it)."""
+    """One session: the durable rows and the operations in flight, in order: ("turn", future, rows
+    before, rows after) or ("trunc", future, k). A truncation issued after an earlier turn failed
+    applies to the rewound history (it takes no expected length)."""
 
     def __init__(self):
         self.durable: np.ndarray | None = None  # [L, 2, n, K, D] or None: not in the store
@@ -34,10 +42,22 @@ class Model:
 
     @property
     def latest(self):
-        return self.chain[-1][1] if self.chain else self.durable
+        cur = self.durable
+        for op in self.chain:
+            cur = op[3] if op[0] == "turn" else (None if cur is None else cur[:, :, op[2]:])
+        return cur
 
     def states(self):
-        return [self.durable] + [s for _, s in self.chain]
+        out, cur = [self.durable], self.durable
+        for op in self.chain:
+            if op[0] == "turn":
+                cur = op[3]
+            else:
+                cur = None if cur is None else cur[:, :, op[2]:]
+                if self.durable is not None:
+                    out.append(self.durable[:, :, op[2]:])
+            out.append(cur)
+        return out
 
 
 class StoreMachine(RuleBasedStateMachine):
@@ -75,18 +95,23 @@ class StoreMachine(RuleBasedStateMachine):
 
     # ---- helpers -------------------------------------------------------------------------------
     def settle(self, sid):
-        """Resolve the session's commits in flight; apply them to the model in order."""
+        """Resolve the session's operations in flight; apply those that succeeded, in order."""
         m = self.models[sid]
         failed = False
-        for fut, state in m.chain:
+        cur = m.durable
+        for op in m.chain:
             try:
-                fut.result(timeout=60)
-                assert not failed, f"{sid}: a commit succeeded after an earlier one failed"
-                m.durable = state
+                op[1].result(timeout=60)
             except StoreError:
                 failed = True
                 self.failures += 1
-        m.chain = []
+                continue
+            if op[0] == "turn":
+                assert (cur is None and op[2] is None) or np.array_equal(cur, op[2]), f"{sid}: turn onto another history"
+                cur = op[3]
+            else:
+                cur = None if cur is None else cur[:, :, op[2]:]
+        m.durable, m.chain = cur, []
         info = self.store.lookup(sid)
         if m.durable is None:
             assert info is None, f"{sid} exists but no commit of it succeeded"
@@ -112,7 +137,8 @@ class StoreMachine(RuleBasedStateMachine):
         try:
             for layer in range(L):
                 self.store.save_layer(sid, layer, new[layer], start)
-            fut = self.store.commit_turn(sid, np.arange(start + n) % 50)
+            full = new if old is None else np.concatenate([old, new], axis=2)
+            fut = self.store.commit_turn(sid, ids_of(full))
         except StoreError as e:
             # Only when this turn's own queued save failed (an injected fault: a one-line DiskFull /
             # TurnFailed), or an earlier commit failed in the background (the history went back).
@@ -121,7 +147,7 @@ class StoreMachine(RuleBasedStateMachine):
             assert self.settle(sid) or own, f"{sid}: save refused with no failed commit: {e!r}"
             self.failures += own
             return
-        m.chain.append((fut, new if old is None else np.concatenate([old, new], axis=2)))
+        m.chain.append(("turn", fut, old, new if old is None else np.concatenate([old, new], axis=2)))
 
     @rule(sid=st.sampled_from(SIDS), n=st.integers(1, 6))
     def aborted_turn(self, sid, n):
@@ -147,7 +173,7 @@ class StoreMachine(RuleBasedStateMachine):
         except (LayoutMismatch, UnknownSession):
             assert self.settle(sid)
             return
-        m.chain.append((fut, old[:, :, k:]))
+        m.chain.append(("trunc", fut, k))
 
     @rule(sid=st.sampled_from(SIDS), layer=st.integers(0, L - 1), pad=st.booleans())
     def load(self, sid, layer, pad):
