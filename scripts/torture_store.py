@@ -65,7 +65,7 @@ class Tally:
     def __init__(self):
         self.lock = threading.Lock()
         self.schedules = self.rows = self.wrong = self.leaked = self.kills = self.reopens = 0
-        self.failed_turns = 0
+        self.failed_turns = self.refused = 0
         self.lost: list[str] = []
         self.faults = 0
 
@@ -111,6 +111,9 @@ def check_rows(store, sid, ids_options, tally, layer=None, where="") -> None:
     for lay in ([layer] if layer is not None else range(L)):
         try:
             got = np.asarray(store.load_layer(sid, lay))
+        except BudgetError:  # the host tier is full of sessions with turns in flight: refused, not wrong
+            tally.add(refused=1)
+            return
         except UnknownSession:
             if any(o is not None for o in ids_options):
                 if all(o is not None for o in ids_options):
@@ -411,7 +414,7 @@ def main(argv=None) -> int:
     print(f"seed {args.seed}, {wall / 60:.1f} min ({wall:.0f} s)")
     print(f"schedules run:       {tally.schedules}  (reopened {tally.reopens}x, SIGKILLed a writer {tally.kills}x)")
     print(f"faults injected:     {tally.faults}  (turns that failed: {tally.failed_turns})")
-    print(f"rows served:         {tally.rows}")
+    print(f"rows served:         {tally.rows}  (loads refused by a full host budget: {tally.refused})")
     print(f"wrong rows served:   {tally.wrong}")
     print(f"sessions lost:       {len(tally.lost)}")
     for reason in tally.lost[:20]:
