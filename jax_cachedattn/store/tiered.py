@@ -95,6 +95,7 @@ class TieredStore:
             self._wb = Writeback(core, self._mem, self._on_fail)
             self._promoter = Promoter(core, self._mem, self._reserve, self._mark_lost)
             self._io = cf.ThreadPoolExecutor(2, thread_name_prefix="kvstore-io")
+            self._io_futs: list[cf.Future] = []
             recovery.open_store(core, self._mem, self._promoter, self._reserve)
         except BaseException:
             if self._rootlock is not None:
@@ -575,7 +576,7 @@ class TieredStore:
                 continue
             if mine:
                 core.stats.add("prefetches_issued")
-                self._io.submit(self._promoter.run, s, p)
+                self._track(self._io.submit(self._promoter.run, s, p))
             part = p.wait_layer(layer, sid)
             with core.lock:
                 if p.epoch != s.epoch or s.gone or not s.kv_valid or self._mem.span(s)[1] != nb:
@@ -654,8 +655,13 @@ class TieredStore:
             if not mine:
                 return p.done
             core.stats.add("prefetches_issued")
-        self._io.submit(self._promoter.run, s, p)
+        self._track(self._io.submit(self._promoter.run, s, p))
         return p.done
+
+    def _track(self, fut: cf.Future) -> None:
+        """Remember a promotion running on the I/O pool (flush waits for it, even if its session goes)."""
+        with self._core.lock:
+            self._io_futs = [f for f in self._io_futs if not f.done()] + [fut]
 
     def _settle(self, s: Session) -> None:
         """Wait for the session's queued work (errors are reported by their own futures)."""
@@ -728,7 +734,9 @@ class TieredStore:
                     pf.result()
                 except BaseException:  # noqa: BLE001 - a prefetch is a hint; its load reports
                     pass
-        for g in gates:
+        with core.lock:
+            ios = list(self._io_futs)
+        for g in gates + ios:  # file removals; promotions (a deleted session's still holds its reservation)
             try:
                 g.result()
             except BaseException:  # noqa: BLE001
