@@ -92,18 +92,20 @@ class Model:
         return cur
 
     def candidates(self) -> list:
-        """States a load may see now: every prefix of the chain applied, and a truncation applied to
-        the durable state (when the turns before it failed)."""
-        out, cur = [self.durable], self.durable
-        for op in self.chain:
-            if op[0] == "turn":
-                cur = op[3]
-            else:
-                cur = None if cur is None else cur[op[2]:]
-                if self.durable is not None:
-                    out.append(self.durable[op[2]:])
-            out.append(cur)
-        return out
+        """States a load may see now: the durable state with any subset of the operations in flight
+        applied in order (each succeeded or failed), and every prefix of those (a turn's rows can be
+        read before its commit resolves). A turn applies only onto the history it continued."""
+        states = {None if self.durable is None else tuple(self.durable.tolist())}
+        for op in self.chain[:12]:
+            nxt = set(states)
+            for st in states:
+                if op[0] == "turn":
+                    if (st is None and len(op[2]) == 0) or (st is not None and st == tuple(op[2].tolist())):
+                        nxt.add(tuple(op[3].tolist()))
+                elif st is not None:
+                    nxt.add(st[op[2]:])
+            states = nxt
+        return [None if st is None else np.asarray(st, np.int64) for st in states]
 
 
 def check_rows(store, sid, ids_options, tally, layer=None, where="") -> None:
