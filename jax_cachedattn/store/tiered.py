@@ -306,7 +306,7 @@ class TieredStore:
     def _tier_of(self, s: Session) -> str | None:
         if not s.kv_valid:
             return None
-        if self._mem.holds(s, "device"):
+        if s.device is not None:  # a device copy (blocks a save touched may be in transfer: loads then use host)
             return "device"
         if s.host is not None:
             return "host"
