@@ -1,6 +1,8 @@
 """``cachedattn``: run, chat, demo, store inspection, Hugging Face import.
 
-Bad input exits with status 2 and a one-line error on stderr; ``--json`` prints one JSON object.
+Bad input exits with status 2 and a one-line error on stderr; a retryable failure (a full disk, a
+store in use by another process) with status 1 and one line; ``--verbose`` adds the underlying error
+(paths, TensorStore's text). ``--json`` prints one JSON object.
 """
 
 from __future__ import annotations
@@ -32,6 +34,23 @@ def add_model_arg(p: argparse.ArgumentParser) -> None:
     from jax_cachedattn.runtime import MODEL_SPEC_HELP
 
     p.add_argument("--model", default="smollm2", metavar="SPEC", help=f"the model: {MODEL_SPEC_HELP}")
+
+
+def _retryable_types() -> tuple[type[BaseException], ...]:
+    from jax_cachedattn.store import DiskFull
+    from jax_cachedattn.store.errors import StoreLocked
+
+    return (DiskFull, StoreLocked)
+
+
+def _one_line(e: BaseException, verbose: bool = False) -> str:
+    msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+    if verbose:
+        cause = e.__cause__ or e.__context__
+        while cause is not None:
+            msg += f"\n  caused by {type(cause).__name__}: {cause}"
+            cause = cause.__cause__ or cause.__context__
+    return msg
 
 
 def _engine_args(p: argparse.ArgumentParser) -> None:
@@ -113,10 +132,14 @@ def cmd_chat(args) -> int:
             try:
                 res = engine.turn(args.session, line)
             except _bad_input_types() as e:
-                _err.print(f"error: {e}", markup=False)
+                _err.print(f"error: {_one_line(e, getattr(args, 'verbose', False))}", markup=False)
                 continue
             print(f"assistant> {res.reply}")
             _status(res)
+            try:
+                engine.flush()  # a turn that could not be saved says so now, in one line; the chat goes on
+            except _retryable_types() as e:
+                _err.print(f"error: {_one_line(e, getattr(args, 'verbose', False))}", markup=False)
         engine.flush()
     finally:
         engine.close()
@@ -200,6 +223,7 @@ def cmd_import_hf(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="cachedattn", description="CachedAttention: multi-turn KV reuse over device/host/disk.")
+    p.add_argument("--verbose", action="store_true", help="on an error, also print the underlying error chain")
     sub = p.add_subparsers(dest="command", required=True)
 
     r = sub.add_parser("run", help="run one turn of a conversation; its KV is kept in the store for the next")
@@ -263,9 +287,11 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
         return 130
+    except _retryable_types() as e:  # a full disk, a store in use: nothing wrong with the input, try again later
+        print(f"cachedattn: error: {_one_line(e, args.verbose)}", file=sys.stderr)
+        return 1
     except _bad_input_types() as e:
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        print(f"cachedattn: error: {msg}", file=sys.stderr)
+        print(f"cachedattn: error: {_one_line(e, args.verbose)}", file=sys.stderr)
         return 2
 
 

@@ -230,6 +230,35 @@ def machine_info(folder: str) -> dict:
     }
 
 
+def decode_amplification(folder: str, model: str, hist: int, n: int, every: int, cfg_kw: dict) -> dict:
+    """Disk bytes the store writes while a turn decodes ``n`` tokens after a ``hist``-token history,
+    saved ``every`` tokens (as the engine does), committed at the end; over the KV bytes produced."""
+    from jax_cachedattn.store import KVLayout, StoreConfig, TieredStore
+
+    L, K, D, dt = MODELS[model]
+    lay = KVLayout(L, K, D, dt, fingerprint="bench-decode")
+    root = tempfile.mkdtemp(prefix="decode_", dir=folder)
+    store = TieredStore(StoreConfig(root=root, host_bytes=8 << 30, **cfg_kw), lay)
+    try:
+        x = np.zeros((2, hist + n, K, D), lay.np_dtype)
+        for layer in range(L):
+            store.save_layer("d", layer, x[:, :hist], 0)
+        store.commit_turn("d", np.arange(hist)).result()
+        w0 = store.stats.bytes_written["disk"]
+        for lo in range(hist, hist + n, every):
+            hi = min(hist + n, lo + every)
+            for layer in range(L):
+                store.save_layer("d", layer, x[:, lo:hi], lo)
+        store.commit_turn("d", np.arange(hist + n)).result()
+        written = store.stats.bytes_written["disk"] - w0
+    finally:
+        store.close()
+        shutil.rmtree(root, ignore_errors=True)
+    produced = n * lay.bytes_per_token
+    return {"model": model, "history": hist, "decoded": n, "save_every": every, "bytes_written": written,
+            "kv_bytes_produced": produced, "write_amplification": written / produced}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
                                  epilog=__doc__.split("\n\n", 1)[1])
@@ -246,7 +275,21 @@ def main(argv=None) -> int:
     ap.add_argument("--token-block", type=int, default=None, help="StoreConfig.token_block (default: the store's)")
     ap.add_argument("--io-concurrency", type=int, default=None, help="StoreConfig.io_concurrency (default: the store's)")
     ap.add_argument("--copy-concurrency", type=int, default=None, help="StoreConfig.copy_concurrency (default: the store's)")
+    ap.add_argument("--decode", default=None, metavar="HIST,N,EVERY",
+                    help="instead: decode write amplification (disk bytes written / KV bytes produced) of a turn that "
+                         "decodes N tokens after HIST, saved every EVERY tokens, e.g. 1000,2048,16")
     args = ap.parse_args(argv)
+    if args.decode:
+        hist, n, every = (int(v) for v in args.decode.split(","))
+        kw = {"token_block": args.token_block} if args.token_block else {}
+        folder = tempfile.mkdtemp(prefix=".bench_store_", dir=args.dir or os.getcwd())
+        try:
+            for model in args.models.split(","):
+                r = decode_amplification(folder, model, hist, n, every, kw)
+                print(json.dumps(r), flush=True)
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+        return 0
 
     cfg_kw = {k: v for k, v in (("token_block", args.token_block), ("io_concurrency", args.io_concurrency),
                                  ("copy_concurrency", args.copy_concurrency)) if v is not None}

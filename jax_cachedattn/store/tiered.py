@@ -95,6 +95,7 @@ class TieredStore:
             self._wb = Writeback(core, self._mem, self._on_fail)
             self._promoter = Promoter(core, self._mem, self._reserve, self._mark_lost)
             self._io = cf.ThreadPoolExecutor(2, thread_name_prefix="kvstore-io")
+            self._io_futs: list[cf.Future] = []
             recovery.open_store(core, self._mem, self._promoter, self._reserve)
         except BaseException:
             if self._rootlock is not None:
@@ -167,6 +168,12 @@ class TieredStore:
             err = TurnFailed(f"{what} of session {s.sid!r} was not saved ({reason}); the session stays at turn {kept}")
         err.__cause__ = root
         return err
+
+    def _open_error(self, s: Session, t: Turn) -> BaseException:
+        """Under the lock: the one-line error for a save into turn ``t`` whose asynchronous part failed."""
+        if isinstance(t.error, (DiskFull, TurnFailed, KVLost)):
+            return t.error
+        return self._turn_error(s, t, t.error, s.durable.turn if s.durable is not None else 0)
 
     def _on_fail(self, s: Session, turn: Turn, cause: BaseException) -> BaseException:
         """A turn failed (committer): fail it and every later pending turn, rewind to the last durable turn."""
@@ -299,7 +306,7 @@ class TieredStore:
     def _tier_of(self, s: Session) -> str | None:
         if not s.kv_valid:
             return None
-        if self._mem.holds(s, "device"):
+        if s.device is not None:  # a device copy (blocks a save touched may be in transfer: loads then use host)
             return "device"
         if s.host is not None:
             return "host"
@@ -359,7 +366,7 @@ class TieredStore:
             broken = s.open if s.open is not None and not s.open.live else s.failed_open
             if broken is not None:
                 if start == broken.pend[layer] - broken.base_offset or start != (s.num_tokens if s.kv_valid else 0):
-                    raise broken.error  # a save that continues the failed turn gets its error
+                    raise self._open_error(s, broken)  # a save that continues the failed turn gets its error
                 self._give_up_open(s)  # a save from the committed end: a new attempt of the turn
             restart = not s.kv_valid and s.open is None
             if restart and start != 0:
@@ -375,7 +382,7 @@ class TieredStore:
             self._ensure_host(s)  # saving on a session that left the host tier: read it back (pinned now)
         with core.lock:
             if not turn.live:
-                raise turn.error
+                raise self._open_error(s, turn)
             a0 = turn.base_offset + start
             if a0 != turn.pend[layer]:
                 raise LayoutMismatch(f"session {sid!r} layer {layer}: save starts at token {start}, "
@@ -393,12 +400,15 @@ class TieredStore:
                 if dgrow:
                     with self._reserve("disk", core.disk_bytes(dgrow), s) as dres:
                         with core.lock:
-                            more = max(0, nb - s.disk_blocks)  # another layer's save may have reserved them
+                            if not turn.live or s.gone:
+                                raise self._open_error(s, turn)
+                            # another layer's save may have reserved some; never more than this reservation
+                            more = min(dgrow, max(0, nb - s.disk_blocks))
                             s.held["disk"].absorb(dres, core.disk_bytes(more))
                             s.disk_blocks += more
                 with core.lock:
                     if not turn.live:
-                        raise turn.error
+                        raise self._open_error(s, turn)
                     self._wb.submit_save(s, turn, layer, kv_new, a0, a1, host_res)
             except BaseException:
                 host_res.release()
@@ -437,6 +447,12 @@ class TieredStore:
             if bad:
                 raise LayoutMismatch(f"session {sid!r}: {len(tok)} token ids but layers {bad[:5]} hold "
                                      f"{[t.pend[i] - t.base_offset for i in bad[:5]]} tokens")
+            if t.base_offset == s.offset and s.kv_valid and not np.array_equal(tok[: len(s.token_ids)], s.token_ids):
+                # The turn was saved onto this history: its ids must continue it (a caller that looked
+                # up the history before an earlier turn failed and rewound it would otherwise publish
+                # ids that do not match the KV).
+                raise LayoutMismatch(f"session {sid!r}: the token ids do not continue the session's history "
+                                     f"of {len(s.token_ids)} tokens (turn {s.turn})")
             prev = s.log[-1].done if s.log else None
             t = s.seal(tok, want, self.layout, core.B)
             self._wb.seal(s, t, prev)
@@ -541,16 +557,26 @@ class TieredStore:
                 if s.host is not None:
                     hl = s.host.get(layer, f, nb)
                     if hl is None:
-                        raise StoreError(f"session {sid!r} layer {layer}: the host tier misses blocks of the "
-                                         "committed history (a bug)")
-                    core.stats.add("hits", tier="host")
-                    came = "host"
-                    blocks = hl
-                    break
-                mine, p = self._promoter.claim(s)
+                        # A turn committed in memory whose saves failed (or died) published nothing: its
+                        # commit fails and rewinds the session. Wait for that, then look again.
+                        waits = [t.done for t in s.log]
+                        if not waits:
+                            raise StoreError(f"session {sid!r} layer {layer}: the host tier misses blocks of the "
+                                             "committed history (a bug)")
+                        p = None
+                    else:
+                        core.stats.add("hits", tier="host")
+                        came, blocks = "host", hl
+                        break
+                else:
+                    mine, p = self._promoter.claim(s)
+            if p is None:
+                for w in waits:
+                    w.exception()
+                continue
             if mine:
                 core.stats.add("prefetches_issued")
-                self._io.submit(self._promoter.run, s, p)
+                self._track(self._io.submit(self._promoter.run, s, p))
             part = p.wait_layer(layer, sid)
             with core.lock:
                 if p.epoch != s.epoch or s.gone or not s.kv_valid or self._mem.span(s)[1] != nb:
@@ -629,8 +655,13 @@ class TieredStore:
             if not mine:
                 return p.done
             core.stats.add("prefetches_issued")
-        self._io.submit(self._promoter.run, s, p)
+        self._track(self._io.submit(self._promoter.run, s, p))
         return p.done
+
+    def _track(self, fut: cf.Future) -> None:
+        """Remember a promotion running on the I/O pool (flush waits for it, even if its session goes)."""
+        with self._core.lock:
+            self._io_futs = [f for f in self._io_futs if not f.done()] + [fut]
 
     def _settle(self, s: Session) -> None:
         """Wait for the session's queued work (errors are reported by their own futures)."""
@@ -703,7 +734,9 @@ class TieredStore:
                     pf.result()
                 except BaseException:  # noqa: BLE001 - a prefetch is a hint; its load reports
                     pass
-        for g in gates:
+        with core.lock:
+            ios = list(self._io_futs)
+        for g in gates + ios:  # file removals; promotions (a deleted session's still holds its reservation)
             try:
                 g.result()
             except BaseException:  # noqa: BLE001

@@ -108,9 +108,14 @@ class Writeback:
                     return
                 for i, b in enumerate(range(b0, b1)):
                     self.mem.put(s, "host", layer, b, hblocks[i], res)
-                if s.device is not None:  # its device copy of this layer is stale now
-                    self.mem.free(s, "device", s.device.drop_layer(layer))
-                s.layer_ver[layer] = s.layer_ver.get(layer, 0) + 1
+                dev = s.device is not None and any(blk is not None for blk in s.device.layers[layer])
+                if dev:  # the touched device blocks are stale now: out of the table until replaced below
+                    dl, gone = s.device.layers[layer], 0
+                    for b in range(b0, min(b1, len(dl))):
+                        if dl[b] is not None:
+                            dl[b], gone = None, gone + 1
+                    self.mem.free(s, "device", gone)
+                s.layer_ver[layer] = ver = s.layer_ver.get(layer, 0) + 1
                 dirty = turn.dirty.setdefault(layer, {})
                 for i, b in enumerate(range(b0, b1)):
                     if a1 >= (b + 1) * B:
@@ -119,8 +124,28 @@ class Writeback:
                     else:
                         dirty[b] = new[i]
             core.stats.add("bytes_written", x.nbytes, tier="host")
+            if dev:  # keep the device copy of the layer current: the touched blocks, moved outside the lock
+                self._refresh_device(s, turn, layer, b0, new, ver)
             for b, data in full:
                 self._write_chunk(s, turn, layer, b, data)
+
+    def _refresh_device(self, s: Session, turn: Turn, layer: int, b0: int, new: np.ndarray, ver: int) -> None:
+        core = self.core
+        nbytes = len(new) * core.block_bytes
+        with core.lock:
+            if not core.budgets["device"].fits(nbytes):
+                if s.device is not None:
+                    self.mem.free(s, "device", s.device.drop_layer(layer))
+                return
+            res = core.take("device", nbytes)
+        with res:
+            dblocks = jax.device_put(list(new), core.dev_sharding)
+            with core.lock:
+                if s.device is None or not turn.live or s.layer_ver.get(layer) != ver:
+                    return  # evicted, or saved again meanwhile: that save refreshes it
+                for i, blk in enumerate(dblocks):
+                    self.mem.put(s, "device", layer, b0 + i, blk, res)
+            core.stats.add("bytes_written", nbytes, tier="device")
 
     def _flush(self, s: Session, turn: Turn) -> None:
         self.core.hooks.point("commit.flush", s.sid)
@@ -132,7 +157,8 @@ class Writeback:
 
     def _write_chunk(self, s: Session, turn: Turn, layer: int, b: int, data: np.ndarray) -> None:
         core = self.core
-        core.wait_gate(s.sid)
+        # No wait for a removal of an earlier session of this id: it is a task of this same worker,
+        # queued before any task of the new session (FIFO), so it already ran.
         with core.lock:
             if not turn.live:
                 return

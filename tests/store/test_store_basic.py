@@ -86,7 +86,7 @@ def test_truncate_front_keeps_rest_bit_identical(tmp_path):
     more = rand(lay, 10, 2)
     for layer in range(L):
         st.save_layer("t", layer, more[layer], 21)
-    st.commit_turn("t", np.arange(31)).result()
+    st.commit_turn("t", np.arange(19, 50)).result()  # the kept ids (19..39), then the new ones
     st.close()
     st = TieredStore(cfg(tmp_path), lay)
     assert st.lookup("t").num_tokens == 31

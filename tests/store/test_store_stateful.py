@@ -1,73 +1,228 @@
-"""Hypothesis state machine: random saves/appends/prefetches/loads/truncations/evictions vs a model."""
+"""Hypothesis state machine: the store under concurrent, un-awaited work and injected faults vs a model.
+
+Saves and commits are not awaited (the engine never waits on a commit); a background thread keeps
+prefetching and evicting; truncations, aborted turns and injected ENOSPC/EIO in chunk writes,
+resizes and manifests happen at any step. The model keeps, per session, the last durable state and
+the chain of commits in flight; a failed commit fails every later one and leaves the last durable
+state. Every served row is checked against the model's bytes (a load may see any state of the chain:
+a failure rewinds in the background). The model never forgives a lost session: no KV is damaged here,
+so ``kv_valid`` must stay True and every session must stay (the disk budget is unlimited).
+"""
+
+import threading
 
 import numpy as np
 from hypothesis import HealthCheck, settings, strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
+from jax_cachedattn.store.errors import TurnFailed
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from jax_cachedattn.store import KVLayout, StoreConfig, TieredStore
+from jax_cachedattn.store import BudgetError, DiskFull, KVLayout, LayoutMismatch, StoreConfig, StoreError, TieredStore, UnknownSession
 
 L, K, D, B = 2, 1, 4, 4
 LAY = KVLayout(num_layers=L, kv_heads=K, head_dim=D, dtype="float32", fingerprint="h")
 BLK = B * LAY.bytes_per_token_layer
 SIDS = ["a", "b", "c"]
+MAX_TOKENS = 28
+
+
+def ids_of(rows: np.ndarray) -> np.ndarray:
+    """Token ids derived from the rows (unique in practice): a turn saved onto a history that went back
+    meanwhile carries ids that do not continue the store's, and `commit_turn` refuses it."""
+    return (np.frombuffer(np.ascontiguousarray(rows[0, 0, :, 0, 0]).tobytes(), np.uint32) >> 1).astype(np.int64)
+
+
+class Model:
+    """One session: the durable rows and the operations in flight, in order: ("turn", future, rows
+    before, rows after) or ("trunc", future, k). A truncation issued after an earlier turn failed
+    applies to the rewound history (it takes no expected length)."""
+
+    def __init__(self):
+        self.durable: np.ndarray | None = None  # [L, 2, n, K, D] or None: not in the store
+        self.chain: list[tuple] = []
+
+    @property
+    def latest(self):
+        cur = self.durable
+        for op in self.chain:
+            cur = op[3] if op[0] == "turn" else (None if cur is None else cur[:, :, op[2]:])
+        return cur
+
+    def states(self):
+        out, cur = [self.durable], self.durable
+        for op in self.chain:
+            if op[0] == "turn":
+                cur = op[3]
+            else:
+                cur = None if cur is None else cur[:, :, op[2]:]
+                if self.durable is not None:
+                    out.append(self.durable[:, :, op[2]:])
+            out.append(cur)
+        return out
 
 
 class StoreMachine(RuleBasedStateMachine):
     @initialize()
     def setup(self):
         self.store = TieredStore(
-            StoreConfig(kvstore={"driver": "memory"}, token_block=B, host_bytes=L * 8 * BLK,
-                        device_bytes=L * 5 * BLK, disk_bytes=L * 14 * BLK), LAY)
-        self.model: dict[str, np.ndarray] = {}  # sid -> [L, 2, n, K, D]
+            StoreConfig(kvstore={"driver": "memory"}, token_block=B, host_bytes=L * 12 * BLK,
+                        device_bytes=L * 5 * BLK), LAY)
+        self.models = {sid: Model() for sid in SIDS}
         self.seed = 0
+        self.failures = 0
+        self.bg_errors: list = []
+        self.stop = threading.Event()
+        self.bg = threading.Thread(target=self._background, daemon=True)
+        self.bg.start()
 
-    @rule(sid=st.sampled_from(SIDS), n=st.integers(1, 9))
-    def append(self, sid, n):
+    def _background(self):
+        rng = np.random.default_rng(0)
+        while not self.stop.is_set():
+            sid = SIDS[rng.integers(len(SIDS))]
+            try:
+                if rng.random() < 0.5:
+                    self.store.prefetch(sid)
+                else:
+                    self.store.evict(sid, ["host", "device"][rng.integers(2)])
+                used = self.store.usage()
+                for tier, cap in self.store.budget.items():
+                    if cap is not None and used[tier] > cap:
+                        self.bg_errors.append(f"{tier} over budget: {used}")
+            except (UnknownSession, BudgetError):
+                pass
+            except Exception as e:  # noqa: BLE001 - anything else is a bug
+                self.bg_errors.append(repr(e))
+            self.stop.wait(0.002)
+
+    # ---- helpers -------------------------------------------------------------------------------
+    def settle(self, sid):
+        """Resolve the session's operations in flight; apply those that succeeded, in order."""
+        m = self.models[sid]
+        failed = False
+        cur = m.durable
+        for op in m.chain:
+            try:
+                op[1].result(timeout=60)
+            except StoreError:
+                failed = True
+                self.failures += 1
+                continue
+            if op[0] == "turn":
+                assert (cur is None and op[2] is None) or np.array_equal(cur, op[2]), f"{sid}: turn onto another history"
+                cur = op[3]
+            else:
+                cur = None if cur is None else cur[:, :, op[2]:]
+        m.durable, m.chain = cur, []
+        info = self.store.lookup(sid)
+        if m.durable is None:
+            assert info is None, f"{sid} exists but no commit of it succeeded"
+        else:
+            assert info is not None, f"{sid} was lost"
+            assert info.kv_valid, f"{sid} lost its KV although nothing damaged it"
+            assert info.num_tokens == m.durable.shape[2], (sid, info.num_tokens, m.durable.shape[2])
+        return failed
+
+    def fresh(self, n):
         self.seed += 1
-        new = np.random.default_rng(self.seed).standard_normal((L, 2, n, K, D)).astype(np.float32)
-        old = self.model.get(sid)
+        return np.random.default_rng(self.seed).standard_normal((L, 2, n, K, D)).astype(np.float32)
+
+    # ---- rules ---------------------------------------------------------------------------------
+    @rule(sid=st.sampled_from(SIDS), n=st.integers(1, 9), device=st.booleans())
+    def append(self, sid, n, device):
+        m = self.models[sid]
+        old = m.latest
         start = 0 if old is None else old.shape[2]
-        if start + n > 24:
+        if start + n > MAX_TOKENS:
             return
-        for layer in range(L):
-            self.store.save_layer(sid, layer, new[layer], start)
-        self.store.commit_turn(sid, np.arange(start + n)).result()
-        self.model[sid] = new if old is None else np.concatenate([old, new], axis=2)
-        for other in list(self.model):  # the disk budget may have deleted whole sessions
-            if self.store.lookup(other) is None:
-                del self.model[other]
-
-    @rule(sid=st.sampled_from(SIDS), layer=st.integers(0, L - 1), pad=st.booleans())
-    def load(self, sid, layer, pad):
-        if sid not in self.model:
-            assert self.store.lookup(sid) is None
+        new = self.fresh(n)
+        try:
+            for layer in range(L):
+                self.store.save_layer(sid, layer, new[layer], start)
+            full = new if old is None else np.concatenate([old, new], axis=2)
+            fut = self.store.commit_turn(sid, ids_of(full))
+        except StoreError as e:
+            # Only when this turn's own queued save failed (an injected fault: a one-line DiskFull /
+            # TurnFailed), or an earlier commit failed in the background (the history went back).
+            self.store.abort_turn(sid) if self.store.lookup(sid) is not None else None
+            own = isinstance(e, (DiskFull, TurnFailed)) and "the new turn" in str(e)
+            assert self.settle(sid) or own, f"{sid}: save refused with no failed commit: {e!r}"
+            self.failures += own
             return
-        want = self.model[sid][layer]
-        got = np.asarray(self.store.load_layer(sid, layer, pad_to=32 if pad else None))
-        np.testing.assert_array_equal(got[:, : want.shape[1]], want)
-        assert not got[:, want.shape[1]:].any()
+        m.chain.append(("turn", fut, old, new if old is None else np.concatenate([old, new], axis=2)))
 
-    @rule(sid=st.sampled_from(SIDS))
-    def prefetch(self, sid):
-        if sid in self.model:
-            self.store.prefetch(sid).result()
-
-    @rule(sid=st.sampled_from(SIDS), tier=st.sampled_from(["device", "host", "disk"]))
-    def evict(self, sid, tier):
-        if sid in self.model:
-            self.store.evict(sid, tier)
-            if tier == "disk":
-                del self.model[sid]
+    @rule(sid=st.sampled_from(SIDS), n=st.integers(1, 6))
+    def aborted_turn(self, sid, n):
+        m = self.models[sid]
+        old = m.latest
+        if old is None:
+            return
+        try:
+            self.store.save_layer(sid, 0, self.fresh(n)[0], old.shape[2])
+        except StoreError:
+            pass
+        if self.store.lookup(sid) is not None:
+            self.store.abort_turn(sid)
 
     @rule(sid=st.sampled_from(SIDS), k=st.integers(0, 6))
     def truncate(self, sid, k):
-        if sid in self.model and k <= self.model[sid].shape[2]:
-            self.store.truncate_front(sid, k).result()
-            self.model[sid] = self.model[sid][:, :, k:]
+        m = self.models[sid]
+        old = m.latest
+        if old is None or k > old.shape[2]:
+            return
+        try:
+            fut = self.store.truncate_front(sid, k)
+        except (LayoutMismatch, UnknownSession):
+            assert self.settle(sid)
+            return
+        m.chain.append(("trunc", fut, k))
+
+    @rule(sid=st.sampled_from(SIDS), layer=st.integers(0, L - 1), pad=st.booleans())
+    def load(self, sid, layer, pad):
+        m = self.models[sid]
+        try:
+            got = np.asarray(self.store.load_layer(sid, layer, pad_to=MAX_TOKENS + 4 if pad else None))
+        except UnknownSession:
+            assert m.durable is None, f"{sid} vanished"
+            return
+        ok = False
+        for state in m.states():
+            if state is None:
+                continue
+            n = state.shape[2]
+            if (got.shape[1] == n or pad) and np.array_equal(got[:, :n], state[layer]) and not got[:, n:].any():
+                if pad or got.shape[1] == n:
+                    ok = True
+                    break
+        assert ok, f"{sid} layer {layer}: served rows match no state the model allows"
+
+    @rule(op=st.sampled_from(["chunk_write", "resize", "manifest"]), kind=st.sampled_from(["ENOSPC", "EIO"]),
+          after=st.integers(0, 4))
+    def inject(self, op, kind, after):
+        self.store.disk.faults.add(op, kind, after=after)
+
+    @rule(sid=st.sampled_from(SIDS))
+    def settle_one(self, sid):
+        self.settle(sid)
 
     @rule(order=st.permutations(SIDS))
     def hint(self, order):
         self.store.policy.set_future(order[:1])
+
+    @precondition(lambda self: hasattr(self, "store"))
+    @rule()
+    def settle_all(self):
+        for sid in SIDS:
+            self.settle(sid)
+        try:
+            self.store.flush()
+        except StoreError:
+            pass  # failures already seen through their futures
+        self.check_quiet()
+
+    def check_quiet(self):
+        self.store.disk.faults.clear()
+        self.store.flush() if False else None
+        acc = self.store.accounting()
+        assert acc == {"device": 0, "host": 0, "disk": 0} or any(self.models[s].chain for s in SIDS), acc
 
     @invariant()
     def budgets_held(self):
@@ -75,14 +230,43 @@ class StoreMachine(RuleBasedStateMachine):
             used = self.store.usage()
             for tier, cap in self.store.budget.items():
                 assert cap is None or used[tier] <= cap, (tier, used)
-            assert sorted(self.model) == self.store.sessions()
+            assert not self.bg_errors, self.bg_errors[:3]
 
     def teardown(self):
         if hasattr(self, "store"):
+            self.stop.set()
+            self.bg.join()
+            self.store.disk.faults.clear()
+            for sid in SIDS:
+                self.settle(sid)
+            try:
+                self.store.flush()
+            except StoreError:
+                pass
+            assert self.store.accounting() == {"device": 0, "host": 0, "disk": 0}, self.store.accounting()
+            # every session the model knows is there with exactly its bytes
+            for sid, m in self.models.items():
+                if m.durable is not None:
+                    for layer in range(L):
+                        np.testing.assert_array_equal(np.asarray(self.store.load_layer(sid, layer)), m.durable[layer])
+            assert self.store.sessions() == sorted(s for s, m in self.models.items() if m.durable is not None)
+            STATS["examples"] += 1
+            STATS["failed_commits"] += self.failures
+            STATS["faults"] += sum(self.store.disk.faults.injected.values())
             self.store.close()
 
 
+STATS = {"examples": 0, "failed_commits": 0, "faults": 0}
+
+
+def teardown_module(module):
+    print(f"\nstore state machine: {STATS}")
+    # the faults rules must have fired: a machine whose injections never hit tests nothing
+    assert STATS["faults"] > 0 and STATS["failed_commits"] > 0, STATS
+
+
 StoreMachine.TestCase.settings = settings(
-    max_examples=80, stateful_step_count=30, deadline=None, suppress_health_check=list(HealthCheck)
+    max_examples=40, stateful_step_count=30, deadline=None, suppress_health_check=list(HealthCheck),
+    derandomize=True, database=None, print_blob=True,
 )
 TestStoreMachine = StoreMachine.TestCase

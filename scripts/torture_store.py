@@ -1,0 +1,429 @@
+#!/usr/bin/env python
+"""Torture the tiered KV store: randomized fault schedules against a model; count what goes wrong.
+
+Each schedule runs on one store root (a ``file`` kvstore) that lives across schedules: two driver
+threads, each owning its own sessions, issue turns (prefill-sized or decode-sized saves), aborted
+turns, truncations, deletions and loads without waiting for commits, while a third thread keeps
+prefetching and evicting and the schedule injects ENOSPC/EIO into chunk writes, resizes and
+manifests. At the end of a schedule every commit's fate is settled against the model (a failed
+turn fails every later one and leaves the last durable turn), every row of every session is read
+and compared, and the budgets' accounting must be exact; some schedules close and reopen the store
+(recovery) and check again. Every ``--kill-every`` schedules a child process runs random turns on
+the root and is SIGKILLed at a random moment; the reopened store must hold whole turns only.
+
+Row ``i`` of a session is a function of its token id (``value(sid, id, layer)``, ids never reused), so
+any served row can be checked without knowing which turn produced it.
+
+Prints: schedules run, faults injected, rows served, wrong rows served, sessions lost (with the
+reason), leaked bytes. Exit status 1 if any row was wrong, any session lost or any byte leaked.
+
+  python scripts/torture_store.py --minutes 10 --seed 1
+  python scripts/torture_store.py --seconds 5 --seed 0      (the short run inside the test suite)
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import numpy as np  # noqa: E402
+
+from jax_cachedattn.store import (  # noqa: E402
+    BudgetError, KVLayout, StoreConfig, StoreError, TieredStore, UnknownSession,
+)
+from jax_cachedattn.store.faults import FaultInjector  # noqa: E402
+
+L, K, D, B = 2, 1, 8, 8
+LAY = KVLayout(num_layers=L, kv_heads=K, head_dim=D, dtype="float32", fingerprint="torture")
+BLK = B * LAY.bytes_per_token_layer
+MAX_TOKENS = 80
+SIDS = [f"s{i}" for i in range(6)]  # driver 0 owns s0..s2, driver 1 s3..s5
+
+
+def value(sid: str, ids: np.ndarray, layer: int) -> np.ndarray:
+    """[2, n, K, D]: the rows of tokens ``ids`` of ``sid`` in ``layer`` (exact in float32)."""
+    base = ((int(sid[1:]) * 7919 + ids.astype(np.int64) * 31 + layer * 3) % 65536).astype(np.float32)
+    k = base[:, None, None] + np.arange(K * D, dtype=np.float32).reshape(K, D) / 64
+    return np.stack([k, -k])
+
+
+def config(root: str) -> StoreConfig:
+    return StoreConfig(root=root, token_block=B, host_bytes=L * 24 * BLK, device_bytes=L * 8 * BLK)
+
+
+class Tally:
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.schedules = self.rows = self.wrong = self.leaked = self.kills = self.reopens = 0
+        self.failed_turns = self.refused = 0
+        self.lost: list[str] = []
+        self.faults = 0
+
+    def add(self, **kw):
+        with self.lock:
+            for k, v in kw.items():
+                setattr(self, k, getattr(self, k) + v)
+
+
+class Model:
+    """One session: durable token ids (None: absent) and the operations in flight, in order:
+    ("turn", future, ids before, ids after) or ("trunc", future, k)."""
+
+    def __init__(self):
+        self.durable: np.ndarray | None = None
+        self.chain: list = []
+        self.gen = 0  # bumps when the session starts again (ids never reused)
+
+    @property
+    def latest(self):
+        cur = self.durable
+        for op in self.chain:
+            cur = op[3] if op[0] == "turn" else (None if cur is None else cur[op[2]:])
+        return cur
+
+    def candidates(self) -> list:
+        """States a load may see now: the durable state with any subset of the operations in flight
+        applied in order (each succeeded or failed), and every prefix of those (a turn's rows can be
+        read before its commit resolves). A turn applies only onto the history it continued."""
+        states = {None if self.durable is None else tuple(self.durable.tolist())}
+        for op in self.chain[:12]:
+            nxt = set(states)
+            for st in states:
+                if op[0] == "turn":
+                    if (st is None and len(op[2]) == 0) or (st is not None and st == tuple(op[2].tolist())):
+                        nxt.add(tuple(op[3].tolist()))
+                elif st is not None:
+                    nxt.add(st[op[2]:])
+            states = nxt
+        return [None if st is None else np.asarray(st, np.int64) for st in states]
+
+
+def check_rows(store, sid, ids_options, tally, layer=None, where="") -> None:
+    """Load ``sid`` (one layer or all) and compare with every allowed token id list."""
+    for lay in ([layer] if layer is not None else range(L)):
+        try:
+            got = np.asarray(store.load_layer(sid, lay))
+        except BudgetError:  # the host tier is full of sessions with turns in flight: refused, not wrong
+            tally.add(refused=1)
+            return
+        except UnknownSession:
+            if any(o is not None for o in ids_options):
+                if all(o is not None for o in ids_options):
+                    tally.lost.append(f"{sid}: unknown to the store {where}")
+            return
+        ok = any(o is not None and got.shape[1] == len(o) and np.array_equal(got, value(sid, o, lay)) for o in ids_options)
+        tally.add(rows=got.shape[1])
+        if not ok:
+            best = min((o for o in ids_options if o is not None), key=lambda o: abs(len(o) - got.shape[1]), default=None)
+            wrong = got.shape[1] if best is None or len(best) != got.shape[1] else int(
+                (~np.all(got == value(sid, best, lay), axis=(0, 2, 3))).sum())
+            tally.add(wrong=wrong)
+            print(f"WRONG ROWS {where}: {sid} layer {lay}: {wrong} of {got.shape[1]}", flush=True)
+            if os.environ.get("TORTURE_DEBUG"):
+                print("  got bases", got[0, :, 0, 0].astype(int).tolist(), flush=True)
+                for o in ids_options:
+                    if o is not None:
+                        print("  want", value(sid, o, lay)[0, :, 0, 0].astype(int).tolist(), o.tolist(), flush=True)
+
+
+class Driver:
+    def __init__(self, store, sids, models, rng, tally):
+        self.store, self.sids, self.models, self.rng, self.tally = store, sids, models, rng, tally
+
+    def settle(self, sid) -> bool:
+        """Resolve the session's operations in flight: apply those that succeeded to the durable state."""
+        m = self.models[sid]
+        failed = False
+        cur = m.durable
+        for op in m.chain:
+            try:
+                op[1].result(timeout=120)
+            except StoreError:
+                failed = True
+                self.tally.add(failed_turns=1)
+                continue
+            if op[0] == "turn":
+                before = op[2]
+                if (cur is None and len(before)) or (cur is not None and not np.array_equal(cur, before)):
+                    self.tally.lost.append(f"{sid}: a turn saved onto another history than the one it continued")
+                cur = op[3]
+            else:
+                cur = None if cur is None else cur[op[2]:]
+        m.durable, m.chain = cur, []
+        return failed
+
+    def turn(self, sid, decode: bool):
+        st, m, rng = self.store, self.models[sid], self.rng
+        old = m.latest
+        if old is None:
+            m.gen += 1
+            old_ids, start = np.zeros(0, np.int64), 0
+        else:
+            old_ids, start = old, len(old)
+        n = int(rng.integers(1, 6 if decode else 24))
+        if start + n > MAX_TOKENS:
+            return self.truncate(sid, start // 2)
+        first = m.gen * 100000 + (int(old_ids[-1]) % 100000 + 1 if len(old_ids) else 0)
+        ids = np.arange(first, first + n)
+        try:
+            pieces = [(0, n)] if not decode else [(i, min(n, i + 2)) for i in range(0, n, 2)]
+            for lo, hi in pieces:
+                for layer in range(L):
+                    st.save_layer(sid, layer, value(sid, ids[lo:hi], layer), start + lo)
+            fut = st.commit_turn(sid, np.concatenate([old_ids, ids]))
+        except StoreError:
+            if st.lookup(sid) is not None:
+                st.abort_turn(sid)
+            self.settle(sid)  # an earlier turn failed (the history went back) or this turn's save did
+            return
+        m.chain.append(("turn", fut, old_ids, np.concatenate([old_ids, ids])))
+
+    def truncate(self, sid, k):
+        m = self.models[sid]
+        old = m.latest
+        if old is None or k > len(old):
+            return
+        try:
+            fut = self.store.truncate_front(sid, k)
+        except (StoreError, UnknownSession):
+            self.settle(sid)
+            return
+        m.chain.append(("trunc", fut, k))
+
+    def step(self):
+        rng, st = self.rng, self.store
+        sid = self.sids[int(rng.integers(len(self.sids)))]
+        m = self.models[sid]
+        r = rng.random()
+        if r < 0.35:
+            self.turn(sid, decode=False)
+        elif r < 0.55:
+            self.turn(sid, decode=True)
+        elif r < 0.62:
+            self.truncate(sid, int(rng.integers(0, 12)))
+        elif r < 0.70 and m.latest is not None:  # a turn given up by the engine
+            try:
+                st.save_layer(sid, 0, value(sid, np.arange(3) + 99999, 0), len(m.latest))
+            except StoreError:
+                pass
+            if st.lookup(sid) is not None:
+                st.abort_turn(sid)
+        elif r < 0.73 and m.latest is not None:
+            try:
+                st.delete(sid)
+            except UnknownSession:
+                pass
+            self.settle(sid)
+            m.durable, m.chain = None, []
+        else:
+            opts = m.candidates()
+            check_rows(st, sid, opts, self.tally, layer=int(rng.integers(L)), where="(during a schedule)")
+
+
+def background(store, stop, rng, tally):
+    while not stop.is_set():
+        sid = SIDS[int(rng.integers(len(SIDS)))]
+        try:
+            if rng.random() < 0.5:
+                store.prefetch(sid)
+            else:
+                store.evict(sid, ["host", "device"][int(rng.integers(2))])
+            used = store.usage()
+            for tier, cap in store.budget.items():
+                if cap is not None and used[tier] > cap:
+                    tally.lost.append(f"budget exceeded: {tier} {used[tier]} > {cap}")
+        except (UnknownSession, BudgetError):
+            pass
+        except StoreError as e:
+            tally.lost.append(f"background: {e!r}")
+        stop.wait(0.001)
+
+
+def verify_all(store, models, tally, where) -> None:
+    for sid in SIDS:
+        m = models[sid]
+        info = store.lookup(sid)
+        if m.durable is None:
+            if info is not None:
+                tally.lost.append(f"{sid}: present {where} although no commit of it succeeded")
+            continue
+        if info is None:
+            tally.lost.append(f"{sid}: lost {where} (model: {len(m.durable)} tokens)")
+            m.durable = None
+            continue
+        if not info.kv_valid:
+            tally.lost.append(f"{sid}: KV marked lost {where} with nothing damaged")
+        if not np.array_equal(info.token_ids, m.durable):
+            tally.lost.append(f"{sid}: token ids differ from the last durable turn {where}")
+        check_rows(store, sid, [m.durable], tally, where=where)
+
+
+def schedule(store, models, rng, tally, faults: FaultInjector) -> None:
+    for _ in range(int(rng.integers(0, 3))):
+        faults.add(str(rng.choice(["chunk_write", "resize", "manifest"])), str(rng.choice(["ENOSPC", "EIO"])),
+                   after=int(rng.integers(0, 12)))
+    stop = threading.Event()
+    bg = threading.Thread(target=background, args=(store, stop, np.random.default_rng(int(rng.integers(1 << 30))), tally))
+    drivers = [Driver(store, SIDS[:3], models, np.random.default_rng(int(rng.integers(1 << 30))), tally),
+               Driver(store, SIDS[3:], models, np.random.default_rng(int(rng.integers(1 << 30))), tally)]
+    steps = int(rng.integers(4, 14))
+
+    def run(d):
+        for _ in range(steps):
+            d.step()
+
+    threads = [threading.Thread(target=run, args=(d,)) for d in drivers]
+    bg.start()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    stop.set()
+    bg.join()
+    faults.clear()
+    for d in drivers:
+        for sid in d.sids:
+            d.settle(sid)
+    try:
+        store.flush()
+    except StoreError:
+        pass  # every failure was seen through its turn's future
+    acc = store.accounting()
+    if any(acc.values()):
+        tally.add(leaked=sum(abs(v) for v in acc.values()))
+        print(f"LEAK: {acc}", flush=True)
+    verify_all(store, models, tally, "after a schedule")
+
+
+def child(root: str, seed: int) -> None:
+    """Random turns on ``root`` until SIGKILLed (ids continue those on disk: rows stay checkable)."""
+    store = TieredStore(config(root), LAY)
+    models = {sid: Model() for sid in SIDS}
+    for sid in SIDS:
+        info = store.lookup(sid)
+        if info is not None and info.kv_valid:
+            models[sid].durable = np.asarray(info.token_ids, np.int64)
+            models[sid].gen = int(info.token_ids[-1]) // 100000 + 1 if len(info.token_ids) else 1
+        elif info is not None:
+            store.delete(sid)
+    rng = np.random.default_rng(seed)
+    store.disk.faults.add("chunk_write", "ENOSPC", prob=0.02, times=None)
+    print("ready", flush=True)
+    d = Driver(store, SIDS, models, rng, Tally())
+    while True:
+        d.step()
+
+
+def kill_round(root: str, rng, tally, env) -> None:
+    proc = subprocess.Popen([sys.executable, __file__, "--child", root, "--seed", str(int(rng.integers(1 << 30)))],
+                            stdout=subprocess.PIPE, env=env, text=True)
+    if proc.stdout.readline().strip() != "ready":
+        proc.kill()
+        proc.wait()
+        tally.lost.append("the child writer did not start")
+        return
+    time.sleep(float(rng.uniform(0.05, 1.0)))
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    tally.add(kills=1)
+
+
+def reopen_check(root, tally) -> tuple[TieredStore, dict]:
+    """Open after a kill: every session must hold whole turns whose rows match their token ids."""
+    store = TieredStore(config(root), LAY)
+    models = {sid: Model() for sid in SIDS}
+    for sid in SIDS:
+        info = store.lookup(sid)
+        if info is None:
+            continue
+        if not info.kv_valid:
+            tally.lost.append(f"{sid}: KV lost after a SIGKILL")
+            store.delete(sid)
+            continue
+        ids = np.asarray(info.token_ids, np.int64)
+        models[sid].durable = ids
+        models[sid].gen = int(ids[-1]) // 100000 + 1 if len(ids) else 1
+        check_rows(store, sid, [ids], tally, where="after a SIGKILL")
+    return store, models
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--minutes", type=float, default=None, help="run time in minutes")
+    p.add_argument("--seconds", type=float, default=None, help="run time in seconds (overrides --minutes)")
+    p.add_argument("--seed", type=int, default=0, help="seed of every random choice")
+    p.add_argument("--root", default=None, help="store folder (default: a new temporary folder, removed at the end)")
+    p.add_argument("--kill-every", type=int, default=400, help="a SIGKILL round every N schedules (0: none)")
+    p.add_argument("--reopen-every", type=int, default=10, help="close and reopen the store every N schedules")
+    p.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.child:
+        child(args.child, args.seed)
+        return 0
+    seconds = args.seconds if args.seconds is not None else 60 * (args.minutes if args.minutes is not None else 1)
+    own = args.root is None
+    root = args.root or tempfile.mkdtemp(prefix="torture-store-")
+    rng = np.random.default_rng(args.seed)
+    random.seed(args.seed)
+    tally = Tally()
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                                       os.environ.get("PYTHONPATH", "")]))
+    t0 = time.monotonic()
+    faults = FaultInjector(seed=args.seed)
+    store = TieredStore(config(root), LAY, faults=faults)
+    models = {sid: Model() for sid in SIDS}
+    last = t0
+    try:
+        while time.monotonic() - t0 < seconds:
+            schedule(store, models, rng, tally, faults)
+            tally.add(schedules=1)
+            if args.reopen_every and tally.schedules % args.reopen_every == 0:
+                store.close()
+                store = TieredStore(config(root), LAY, faults=faults)
+                tally.add(reopens=1)
+                verify_all(store, models, tally, "after a reopen")
+            if args.kill_every and tally.schedules % args.kill_every == 0:
+                tally.faults += sum(faults.injected.values())
+                faults.injected = {k: 0 for k in faults.injected}
+                store.close()
+                kill_round(root, rng, tally, env)
+                store, models = reopen_check(root, tally)
+                store.close()
+                store = TieredStore(config(root), LAY, faults=faults)
+            if time.monotonic() - last > 30:
+                last = time.monotonic()
+                print(f"[{last - t0:.0f} s] schedules {tally.schedules}, rows served {tally.rows}, wrong {tally.wrong}, "
+                      f"lost {len(tally.lost)}, leaked {tally.leaked}", flush=True)
+    finally:
+        try:
+            store.close()
+        except StoreError:
+            pass
+        if own:
+            shutil.rmtree(root, ignore_errors=True)
+    tally.faults += sum(faults.injected.values())
+    wall = time.monotonic() - t0
+    print(f"seed {args.seed}, {wall / 60:.1f} min ({wall:.0f} s)")
+    print(f"schedules run:       {tally.schedules}  (reopened {tally.reopens}x, SIGKILLed a writer {tally.kills}x)")
+    print(f"faults injected:     {tally.faults}  (turns that failed: {tally.failed_turns})")
+    print(f"rows served:         {tally.rows}  (loads refused by a full host budget: {tally.refused})")
+    print(f"wrong rows served:   {tally.wrong}")
+    print(f"sessions lost:       {len(tally.lost)}")
+    for reason in tally.lost[:20]:
+        print(f"  - {reason}")
+    print(f"leaked bytes:        {tally.leaked}")
+    return 1 if (tally.wrong or tally.lost or tally.leaked) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,17 @@
+"""A short seeded run of scripts/torture_store.py (the long run is in the README): 0 wrong rows, 0 lost
+sessions, 0 leaked bytes."""
+
+import importlib.util
+import os
+
+
+def test_short_torture_run(tmp_path, capsys):
+    path = os.path.join(os.path.dirname(__file__), "..", "..", "scripts", "torture_store.py")
+    spec = importlib.util.spec_from_file_location("torture_store", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    rc = mod.main(["--seconds", "4", "--seed", "0", "--kill-every", "0", "--reopen-every", "2",
+                   "--root", str(tmp_path / "st")])
+    out = capsys.readouterr().out
+    assert "wrong rows served:   0" in out and "leaked bytes:        0" in out, out
+    assert rc == 0, out
