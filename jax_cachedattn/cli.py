@@ -1,6 +1,8 @@
 """``cachedattn``: run, chat, demo, store inspection, Hugging Face import.
 
-Bad input exits with status 2 and a one-line error on stderr; ``--json`` prints one JSON object.
+Bad input exits with status 2 and a one-line error on stderr; a retryable failure (full disk, an I/O
+error) and an internal error exit with status 1 (``--verbose`` prints an internal error's traceback);
+``--json`` prints one JSON object.
 """
 
 from __future__ import annotations
@@ -22,9 +24,22 @@ class _Usage(Exception):
 
 
 def _bad_input_types() -> tuple[type[BaseException], ...]:
-    from jax_cachedattn.store import StoreError
+    """Errors that mean the user's input cannot be served (exit 2); anything else is not bad input."""
+    from jax_cachedattn.checkpoint.gguf import GGUFError
+    from jax_cachedattn.checkpoint.hf import HFCheckpointError
+    from jax_cachedattn.engine import ContextOverflow, InputError
+    from jax_cachedattn.model import TokenError
+    from jax_cachedattn.store import FingerprintMismatch, InvalidSessionId, UnknownSession
 
-    return (ValueError, StoreError, _Usage)
+    return (_Usage, InputError, ContextOverflow, TokenError, InvalidSessionId, UnknownSession, FingerprintMismatch,
+            GGUFError, HFCheckpointError)
+
+
+def _retryable_types() -> tuple[type[BaseException], ...]:
+    """Failures that may pass when tried again (exit 1, one line): a full disk or budget, an I/O error."""
+    from jax_cachedattn.store import BudgetError
+
+    return (BudgetError, OSError)
 
 
 def _engine_args(p: argparse.ArgumentParser) -> None:
@@ -46,8 +61,15 @@ def _open(args):
     from jax_cachedattn.engine import EngineConfig
     from jax_cachedattn.runtime import LoadedModel, load_model, open_engine
 
-    ec = EngineConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                      seed=args.seed, use_cache=not args.no_cache, truncation_ratio=args.truncation_ratio)
+    try:  # the flags' values are the user's input: a value the config rejects is bad input
+        ec = EngineConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                          seed=args.seed, use_cache=not args.no_cache, truncation_ratio=args.truncation_ratio)
+        for name in ("device_mib", "host_mib", "disk_mib", "max_context"):
+            v = getattr(args, name)
+            if v is not None and v < (1 if name in ("host_mib", "max_context") else 0):
+                raise ValueError(f"--{name.replace('_', '-')} must be >= {1 if name in ('host_mib', 'max_context') else 0}, got {v}")
+    except ValueError as e:
+        raise _Usage(str(e)) from e
     with _err.status("loading SmolLM2-135M-Instruct…"):
         m = load_model("smollm2", args.dtype)
     if args.max_context is not None:
@@ -171,6 +193,7 @@ def cmd_import_hf(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="cachedattn", description="CachedAttention: multi-turn KV reuse over device/host/disk.")
+    p.add_argument("-v", "--verbose", action="store_true", help="print the traceback of an internal error")
     sub = p.add_subparsers(dest="command", required=True)
 
     r = sub.add_parser("run", help="run one turn of a conversation; its KV is kept in the store for the next")
@@ -211,9 +234,23 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     except _bad_input_types() as e:
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        print(f"cachedattn: error: {msg}", file=sys.stderr)
+        print(f"cachedattn: error: {_one_line(e)}", file=sys.stderr)
         return 2
+    except _retryable_types() as e:
+        print(f"cachedattn: error: {_one_line(e)} (retryable)", file=sys.stderr)
+        return 1
+    except Exception as e:  # noqa: BLE001 - an internal error: never reported as bad input
+        if getattr(args, "verbose", False):
+            import traceback
+
+            traceback.print_exc()
+        print(f"cachedattn: internal error: {type(e).__name__}: {_one_line(e)}"
+              + ("" if getattr(args, "verbose", False) else " (run with --verbose for the traceback)"), file=sys.stderr)
+        return 1
+
+
+def _one_line(e: BaseException) -> str:
+    return str(e).splitlines()[0] if str(e) else type(e).__name__
 
 
 if __name__ == "__main__":
