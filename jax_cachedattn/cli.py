@@ -51,7 +51,7 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-cache", action="store_true", help="recompute the whole history (the baseline)")
     p.add_argument("--truncation-ratio", type=float, default=0.5, help="fraction of history dropped on overflow")
     p.add_argument("--max-context", type=int, default=None, help="override the model's context window (tokens)")
-    p.add_argument("--device-mib", type=int, default=512, help="device-tier budget in MiB (default 512)")
+    p.add_argument("--device-mib", type=int, default=512, help="device KV pool in MiB (the device tier; default 512)")
     p.add_argument("--host-mib", type=int, default=2048, help="host-tier budget in MiB (default 2048)")
     p.add_argument("--disk-mib", type=int, default=None, help="disk-tier budget in MiB (default unlimited)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="model and KV dtype")

@@ -50,6 +50,15 @@ def open_store(root: str | Path, layout: KVLayout, *, device_mib: int = 512, hos
 
 def open_engine(store_dir: str | Path | None, *, model: LoadedModel | None = None, engine_config: EngineConfig | None = None,
                 **store_kwargs: Any) -> Engine:
+    """An engine over the store at ``store_dir``. The engine's paged pool is the device tier:
+    ``device_mib`` sizes the pool (unless ``engine_config.pool_tokens`` is set) and the store's own
+    device tier is off (budget 0), so a session's KV is never held twice on the device."""
     m = model or load_model()
-    store = open_store(store_dir, kv_layout(m.config, m.fingerprint), **store_kwargs) if store_dir is not None else None
-    return Engine(m.config, m.params, store, m.tokenizer, engine_config or EngineConfig())
+    ec = engine_config or EngineConfig()
+    device_mib = store_kwargs.pop("device_mib", 512)
+    if ec.pool_tokens is None:
+        ec = ec.replace(pool_tokens=max(m.config.max_context, device_mib * MiB // m.config.kv_bytes_per_token))
+    store = None
+    if store_dir is not None:
+        store = open_store(store_dir, kv_layout(m.config, m.fingerprint), device_mib=0, **store_kwargs)
+    return Engine(m.config, m.params, store, m.tokenizer, ec)
