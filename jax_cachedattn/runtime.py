@@ -52,7 +52,9 @@ def open_engine(store_dir: str | Path | None, *, model: LoadedModel | None = Non
                 **store_kwargs: Any) -> Engine:
     """An engine over the store at ``store_dir``. The engine's paged pool is the device tier:
     ``device_mib`` sizes the pool (unless ``engine_config.pool_tokens`` is set) and the store's own
-    device tier is off (budget 0), so a session's KV is never held twice on the device."""
+    device tier is off (budget 0), so a session's KV is never held twice on the device. A model loaded
+    here is owned by the engine (its stacked layer weights are freed once unstacked)."""
+    own = model is None
     m = model or load_model()
     ec = engine_config or EngineConfig()
     device_mib = store_kwargs.pop("device_mib", 512)
@@ -61,4 +63,4 @@ def open_engine(store_dir: str | Path | None, *, model: LoadedModel | None = Non
     store = None
     if store_dir is not None:
         store = open_store(store_dir, kv_layout(m.config, m.fingerprint), device_mib=0, **store_kwargs)
-    return Engine(m.config, m.params, store, m.tokenizer, ec)
+    return Engine(m.config, m.params, store, m.tokenizer, ec, own_params=own)

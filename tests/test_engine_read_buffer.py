@@ -67,3 +67,12 @@ def test_weights_held_once(tiny):
     held = sum(x.nbytes for x in jax.tree.leaves((eng.params, eng.layers)))
     assert held == sum(x.nbytes for x in jax.tree.leaves(params))
     assert eng.turn("x", [1, 2, 3]).generated_tokens == 2
+
+
+def test_owned_params_are_freed_once_unstacked(tiny):
+    cfg, params0 = tiny
+    params = jax.tree.map(lambda a: a + 0, params0)  # a copy the engine may own
+    eng = Engine(cfg, params, None, None, EngineConfig(max_new_tokens=2), own_params=True)
+    assert all(leaf.is_deleted() for leaf in jax.tree.leaves(params["layers"]))
+    assert eng.turn("x", [1, 2, 3]).reply_tokens == Engine(cfg, params0, None, None, EngineConfig(max_new_tokens=2)).turn(
+        "x", [1, 2, 3]).reply_tokens

@@ -60,15 +60,19 @@ class Engine:
 
     ``Engine(model_config, params, store, tokenizer, config)``; ``store=None`` keeps nothing across
     turns. With a tokenizer, messages are text rendered with the chat template; without one, token
-    ids. The engine holds each layer's weights once (unstacked); pass it params you no longer need.
+    ids. The engine holds each layer's weights once (unstacked); with ``own_params`` it deletes the
+    stacked ``params["layers"]`` it was given, so the process holds them once too.
     """
 
     def __init__(self, model_config: ModelConfig, params: dict, store: TieredStore | None = None,
-                 tokenizer: Any = None, config: EngineConfig | None = None):
+                 tokenizer: Any = None, config: EngineConfig | None = None, *, own_params: bool = False):
         mc = self.model_config = model_config
         ec = self.config = config or EngineConfig()
         self.layers = tuple(unstack_layers(params))
         self.params = {k: v for k, v in params.items() if k != "layers"}  # one copy of the weights
+        if own_params:
+            for leaf in jax.tree.leaves(params["layers"]):
+                leaf.delete()
         self.store, self.tokenizer = store, tokenizer
         if store is not None:
             lay = store.layout
