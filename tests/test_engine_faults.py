@@ -80,8 +80,8 @@ def _inject(stage, monkeypatch, store):
         monkeypatch.setattr(store.disk, "write_manifest", write_manifest)
 
 
-@pytest.mark.parametrize("stage", ["prefill", "decode", "save", "commit"])
-@pytest.mark.parametrize("keep_pages", [True, False])
+@pytest.mark.parametrize("stage,keep_pages", [("prefill", True), ("decode", True), ("save", True), ("commit", True),
+                                              ("decode", False)])
 def test_failed_turn_leaves_session_usable(tiny, tmp_path, monkeypatch, stage, keep_pages):
     cfg, params = tiny
     lay = KVLayout(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, cfg.dtype, "faults")
