@@ -116,14 +116,19 @@ def test_compile_count_fixed_across_jobs(model, tmp_path):
     old_level = log.level
     log.addHandler(h)
     log.setLevel(logging.DEBUG)
+
+    def round_(r):
+        # New sessions (17-24 tokens), then a second turn of each against its 22-29 token history in
+        # the pool (17-32 new tokens), with different reply budgets: one prompt and one history bucket.
+        eng.run_batch([(f"r{r}s{i}", _ids(cfg, 17 + (i + r) % 8, 40 * r + i), 2 + (i + r) % 4) for i in range(4)])
+        eng.run_batch([(f"r{r}s{i}", _ids(cfg, 17 + 5 * i + r, 40 * r + 9 + i), 5 - i % 3) for i in range(4)])
+
     try:
         with jax.log_compiles(True):
-            eng.run_batch([(f"s{i}", _ids(cfg, 20 + i, i)) for i in range(4)])  # warm-up: new sessions
-            eng.run_batch([(f"s{i}", _ids(cfg, 21 + 2 * i, 10 + i)) for i in range(4)])  # device hits
+            round_(0)
             warm = dict(h.count)
-            for rnd in range(2):
-                eng.run_batch([(f"s{i}", _ids(cfg, 17 + 3 * i + rnd, 20 + i), 3 + i) for i in range(4)]
-                              + [(f"n{rnd}", _ids(cfg, 19 + rnd, 30))])
+            round_(1)
+            round_(2)
     finally:
         log.removeHandler(h)
         log.setLevel(old_level)
