@@ -121,7 +121,7 @@ def test_compile_count_fixed_across_jobs(model, tmp_path):
         # New sessions (17-24 tokens), then a second turn of each against its 22-29 token history in
         # the pool (17-32 new tokens), with different reply budgets: one prompt and one history bucket.
         eng.run_batch([(f"r{r}s{i}", _ids(cfg, 17 + (i + r) % 8, 40 * r + i), 2 + (i + r) % 4) for i in range(4)])
-        eng.run_batch([(f"r{r}s{i}", _ids(cfg, 17 + 5 * i + r, 40 * r + 9 + i), 5 - i % 3) for i in range(4)])
+        eng.run_batch([(f"r{r}s{i}", _ids(cfg, 17 + 4 * i + r, 40 * r + 9 + i), 5 - i % 3) for i in range(4)])
 
     try:
         with jax.log_compiles(True):
