@@ -41,8 +41,9 @@ def test_engine_read_ahead_follows_measured_load_times(tiny, monkeypatch):
     store = TieredStore(StoreConfig(kvstore={"driver": "memory"}, host_bytes=1 << 24, token_block=64), lay)
     eng = Engine(cfg, params, store, None, EngineConfig(max_new_tokens=3, preload="layerwise", keep_pages=False))
     r = np.random.RandomState(0)
-    msgs = [r.randint(0, cfg.vocab_size, 200).astype(np.int32) for _ in range(4)]
+    msgs = [r.randint(0, cfg.vocab_size, 200).astype(np.int32) for _ in range(5)]
     eng.turn("s", msgs[0])
+    eng.turn("s", msgs[4][:100])  # compiles the per-layer shapes: a compile is never taken for compute
     fast = eng.turn("s", msgs[1])
     assert fast.source == "host" and fast.read_ahead == 2  # tiny loads: default
     real = store.load_layer
@@ -55,6 +56,7 @@ def test_engine_read_ahead_follows_measured_load_times(tiny, monkeypatch):
 
     monkeypatch.setattr(store, "load_layer", slow_load)
     eng.turn("s", msgs[2])  # measures the slow load
+    eng.turn("s", msgs[2][:50])
     assert eng.read_ahead.load_s_per_byte is not None and eng.read_ahead.comp_s_per_token is not None
     assert eng.turn("s", msgs[3]).read_ahead == cfg.num_layers  # every layer in flight
     eng.close()

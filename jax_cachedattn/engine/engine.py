@@ -28,7 +28,7 @@ from jax_cachedattn.engine.pool import PagePool, PoolFull, block_table
 from jax_cachedattn.engine.prefill import Context, Rows, prefill
 from jax_cachedattn.engine.read_buffer import ReadAhead, ReadBuffer
 from jax_cachedattn.engine.truncation import ContextOverflow
-from jax_cachedattn.model import ModelConfig, TokenError, bucket_length, unstack_layers, validate_tokens
+from jax_cachedattn.model import TRACE_COUNTS, ModelConfig, TokenError, bucket_length, unstack_layers, validate_tokens
 from jax_cachedattn.store import KVLost, TieredStore, UnknownSession, validate_session_id
 
 
@@ -185,7 +185,8 @@ class Engine:
             pool.release(pages)
             raise
         ttft = time.perf_counter() - t0
-        if plan.source in ("new", "recompute", "device"):  # no loads in the way: a compute measurement
+        if plan.source in ("new", "recompute", "device") and sum(TRACE_COUNTS.values()) == traced:
+            # No loads in the way and nothing compiled: a compute measurement.
             self.read_ahead.observe_compute(len(plan.compute_ids), mc.num_layers, ttft)
         length = plan.cached_len + n_comp
         return _Active(index, plan, pages, table, arrival, t0, ttft, [first], length, length, pf, prompt_logits,
