@@ -153,6 +153,7 @@ class Engine:
             pages = []
         pages = pages + pool.alloc(need - len(pages), keep=plan.sid)
         table = block_table(pages, self._width)
+        traced = sum(TRACE_COUNTS.values())
         try:
             device_hist = None
             if plan.source == "device":
