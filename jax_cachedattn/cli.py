@@ -1,8 +1,9 @@
 """``cachedattn``: run, chat, demo, store inspection, Hugging Face import.
 
 Bad input exits with status 2 and a one-line error on stderr; a retryable failure (a full disk, a
-store in use by another process) with status 1 and one line; ``--verbose`` adds the underlying error
-(paths, TensorStore's text). ``--json`` prints one JSON object.
+store in use by another process, an I/O error) exits with status 1 and one line; so does an internal
+error. ``--verbose`` adds the underlying error chain (paths, TensorStore's text) and an internal error's
+traceback. ``--json`` prints one JSON object.
 """
 
 from __future__ import annotations
@@ -16,17 +17,36 @@ from pathlib import Path
 
 from rich.console import Console
 
+from jax_cachedattn.errors import UsageError as _Usage  # bad command-line input: exit 2
+
 _err = Console(stderr=True)
 
 
-class _Usage(Exception):
-    pass
-
-
 def _bad_input_types() -> tuple[type[BaseException], ...]:
-    from jax_cachedattn.store import StoreError
+    """Errors that mean the user's input cannot be served (exit 2); anything else is not bad input."""
+    from jax_cachedattn.batch import StrictStop
+    from jax_cachedattn.batch_io import OutputFileError
+    from jax_cachedattn.bench.config import ConfigError
+    from jax_cachedattn.chat_template import ChatTemplateError
+    from jax_cachedattn.checkpoint.hf import HFCheckpointError
+    from jax_cachedattn.engine import ContextOverflow, InputError
+    from jax_cachedattn.gguf_file import GGUFError
+    from jax_cachedattn.model import TokenError
+    from jax_cachedattn.runtime import ModelSpecError
+    from jax_cachedattn.store import FingerprintMismatch, InvalidSessionId, UnknownSession
+    from jax_cachedattn.tokenizer import TokenizerError
 
-    return (ValueError, StoreError, _Usage)
+    return (_Usage, InputError, ContextOverflow, TokenError, InvalidSessionId, UnknownSession, FingerprintMismatch,
+            GGUFError, HFCheckpointError, ModelSpecError, TokenizerError, ChatTemplateError, ConfigError,
+            OutputFileError, StrictStop)
+
+
+def _retryable_types() -> tuple[type[BaseException], ...]:
+    """Failures that may pass when tried again (exit 1, one line): a full disk or budget, an I/O error."""
+    from jax_cachedattn.store import BudgetError
+    from jax_cachedattn.store.errors import StoreLocked
+
+    return (BudgetError, StoreLocked, OSError)
 
 
 def add_model_arg(p: argparse.ArgumentParser) -> None:
@@ -34,13 +54,6 @@ def add_model_arg(p: argparse.ArgumentParser) -> None:
     from jax_cachedattn.runtime import MODEL_SPEC_HELP
 
     p.add_argument("--model", default="smollm2", metavar="SPEC", help=f"the model: {MODEL_SPEC_HELP}")
-
-
-def _retryable_types() -> tuple[type[BaseException], ...]:
-    from jax_cachedattn.store import DiskFull
-    from jax_cachedattn.store.errors import StoreLocked
-
-    return (DiskFull, StoreLocked)
 
 
 def _one_line(e: BaseException, verbose: bool = False) -> str:
@@ -63,7 +76,7 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-cache", action="store_true", help="recompute the whole history (the baseline)")
     p.add_argument("--truncation-ratio", type=float, default=0.5, help="fraction of history dropped on overflow")
     p.add_argument("--max-context", type=int, default=None, help="override the model's context window (tokens)")
-    p.add_argument("--device-mib", type=int, default=512, help="device-tier budget in MiB (default 512)")
+    p.add_argument("--device-mib", type=int, default=512, help="device KV pool in MiB (the device tier; default 512)")
     p.add_argument("--host-mib", type=int, default=2048, help="host-tier budget in MiB (default 2048)")
     p.add_argument("--disk-mib", type=int, default=None, help="disk-tier budget in MiB (default unlimited)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="model and KV dtype")
@@ -73,8 +86,15 @@ def _open(args):
     from jax_cachedattn.engine import EngineConfig
     from jax_cachedattn.runtime import load_model, open_engine
 
-    ec = EngineConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                      seed=args.seed, use_cache=not args.no_cache, truncation_ratio=args.truncation_ratio)
+    try:  # the flags' values are the user's input: a value the config rejects is bad input
+        ec = EngineConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                          seed=args.seed, use_cache=not args.no_cache, truncation_ratio=args.truncation_ratio)
+        for name in ("device_mib", "host_mib", "disk_mib", "max_context"):
+            v = getattr(args, name)
+            if v is not None and v < (1 if name in ("host_mib", "max_context") else 0):
+                raise ValueError(f"--{name.replace('_', '-')} must be >= {1 if name in ('host_mib', 'max_context') else 0}, got {v}")
+    except ValueError as e:
+        raise _Usage(str(e)) from e
     with _err.status(f"loading {args.model}…"):
         m = load_model(args.model, args.dtype)
     if args.max_context is not None:
@@ -223,7 +243,8 @@ def cmd_import_hf(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="cachedattn", description="CachedAttention: multi-turn KV reuse over device/host/disk.")
-    p.add_argument("--verbose", action="store_true", help="on an error, also print the underlying error chain")
+    p.add_argument("-v", "--verbose", action="store_true",
+                   help="on an error, also print the underlying error chain and an internal error's traceback")
     sub = p.add_subparsers(dest="command", required=True)
 
     r = sub.add_parser("run", help="run one turn of a conversation; its KV is kept in the store for the next")
@@ -287,12 +308,20 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
         return 130
-    except _retryable_types() as e:  # a full disk, a store in use: nothing wrong with the input, try again later
-        print(f"cachedattn: error: {_one_line(e, args.verbose)}", file=sys.stderr)
-        return 1
     except _bad_input_types() as e:
         print(f"cachedattn: error: {_one_line(e, args.verbose)}", file=sys.stderr)
         return 2
+    except _retryable_types() as e:  # a full disk, a store in use: nothing wrong with the input, try again later
+        print(f"cachedattn: error: {_one_line(e, args.verbose)}", file=sys.stderr)
+        return 1
+    except Exception as e:  # noqa: BLE001 - an internal error: never reported as bad input
+        if getattr(args, "verbose", False):
+            import traceback
+
+            traceback.print_exc()
+        print(f"cachedattn: internal error: {type(e).__name__}: {_one_line(e)}"
+              + ("" if getattr(args, "verbose", False) else " (run with --verbose for the traceback)"), file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -145,8 +145,19 @@ def open_engine(store_dir: str | Path | None, *, model: LoadedModel | str | None
                 engine_config: EngineConfig | None = None, compilation_cache: bool = True, **store_kwargs: Any) -> Engine:
     """An engine over ``model`` (a :class:`LoadedModel` or a spec for :func:`load_model`; default ``smollm2``)
     and the store at ``store_dir`` (None: no store). Turns on JAX's persistent compilation cache unless
-    ``compilation_cache=False`` or ``$CACHEDATTN_NO_XLA_CACHE`` is set, so a new process does not recompile."""
+    ``compilation_cache=False`` or ``$CACHEDATTN_NO_XLA_CACHE`` is set, so a new process does not recompile.
+    The engine's paged pool is the device tier: ``device_mib`` sizes the pool (unless
+    ``engine_config.pool_tokens`` is set) and the store's own device tier is off (budget 0), so a session's
+    KV is never held twice on the device. A model loaded here is owned by the engine (its stacked layer
+    weights are freed once unstacked)."""
     enable_compilation_cache(compilation_cache)
+    own = not isinstance(model, LoadedModel)
     m = model if isinstance(model, LoadedModel) else load_model(model or "smollm2")
-    store = open_store(store_dir, kv_layout(m.config, m.fingerprint), **store_kwargs) if store_dir is not None else None
-    return Engine(m.config, m.params, store, m.tokenizer, engine_config or EngineConfig())
+    ec = engine_config or EngineConfig()
+    device_mib = store_kwargs.pop("device_mib", 512)
+    if ec.pool_tokens is None:
+        ec = ec.replace(pool_tokens=max(m.config.max_context, device_mib * MiB // m.config.kv_bytes_per_token))
+    store = None
+    if store_dir is not None:
+        store = open_store(store_dir, kv_layout(m.config, m.fingerprint), device_mib=0, **store_kwargs)
+    return Engine(m.config, m.params, store, m.tokenizer, ec, own_params=own)

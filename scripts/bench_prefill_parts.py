@@ -31,7 +31,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from jax_cachedattn.engine.engine import prompt_bucket_length  # noqa: E402
+from jax_cachedattn.engine.prefill import prompt_bucket_length  # noqa: E402
 from jax_cachedattn.model.config import ModelConfig  # noqa: E402
 from jax_cachedattn.model.forward import bucket_length, init_params, query_block, unstack_layers  # noqa: E402
 from jax_cachedattn.model.layers import apply_rope, attention, layer_rope_tables, layer_step, mlp, rms_norm  # noqa: E402

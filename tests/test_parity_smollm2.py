@@ -49,7 +49,8 @@ def test_weights_identical_to_transformers(both):
                                       sd[f"model.layers.{i}.self_attn.k_proj.weight"].numpy().T)
         np.testing.assert_array_equal(np.asarray(params["layers"]["w_down"][i]),
                                       sd[f"model.layers.{i}.mlp.down_proj.weight"].numpy().T)
-    assert cfg.rope_theta == hf.config.rope_parameters["rope_theta"] if hasattr(hf.config, "rope_parameters") else True
+    hf_theta = hf.config.rope_parameters["rope_theta"] if hasattr(hf.config, "rope_parameters") else hf.config.rope_theta
+    assert cfg.rope_theta == hf_theta
 
 
 def test_logits_and_greedy_match_transformers(both):

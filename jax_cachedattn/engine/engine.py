@@ -28,7 +28,7 @@ from jax_cachedattn.engine.pool import PagePool, PoolFull, block_table
 from jax_cachedattn.engine.prefill import Context, Rows, prefill
 from jax_cachedattn.engine.read_buffer import ReadAhead, ReadBuffer
 from jax_cachedattn.engine.truncation import ContextOverflow
-from jax_cachedattn.model import ModelConfig, TokenError, bucket_length, unstack_layers, validate_tokens
+from jax_cachedattn.model import TRACE_COUNTS, ModelConfig, TokenError, bucket_length, unstack_layers, validate_tokens
 from jax_cachedattn.store import KVLost, TieredStore, UnknownSession, validate_session_id
 
 
@@ -60,15 +60,19 @@ class Engine:
 
     ``Engine(model_config, params, store, tokenizer, config)``; ``store=None`` keeps nothing across
     turns. With a tokenizer, messages are text rendered with the chat template; without one, token
-    ids. The engine holds each layer's weights once (unstacked); pass it params you no longer need.
+    ids. The engine holds each layer's weights once (unstacked); with ``own_params`` it deletes the
+    stacked ``params["layers"]`` it was given, so the process holds them once too.
     """
 
     def __init__(self, model_config: ModelConfig, params: dict, store: TieredStore | None = None,
-                 tokenizer: Any = None, config: EngineConfig | None = None):
+                 tokenizer: Any = None, config: EngineConfig | None = None, *, own_params: bool = False):
         mc = self.model_config = model_config
         ec = self.config = config or EngineConfig()
         self.layers = tuple(unstack_layers(params))
         self.params = {k: v for k, v in params.items() if k != "layers"}  # one copy of the weights
+        if own_params:
+            for leaf in jax.tree.leaves(params["layers"]):
+                leaf.delete()
         self.store, self.tokenizer = store, tokenizer
         if store is not None:
             lay = store.layout
@@ -149,6 +153,7 @@ class Engine:
             pages = []
         pages = pages + pool.alloc(need - len(pages), keep=plan.sid)
         table = block_table(pages, self._width)
+        traced = sum(TRACE_COUNTS.values())
         try:
             device_hist = None
             if plan.source == "device":
@@ -181,7 +186,8 @@ class Engine:
             pool.release(pages)
             raise
         ttft = time.perf_counter() - t0
-        if plan.source in ("new", "recompute", "device"):  # no loads in the way: a compute measurement
+        if plan.source in ("new", "recompute", "device") and sum(TRACE_COUNTS.values()) == traced:
+            # No loads in the way and nothing compiled: a compute measurement.
             self.read_ahead.observe_compute(len(plan.compute_ids), mc.num_layers, ttft)
         length = plan.cached_len + n_comp
         return _Active(index, plan, pages, table, arrival, t0, ttft, [first], length, length, pf, prompt_logits,

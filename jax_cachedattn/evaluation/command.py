@@ -19,6 +19,8 @@ from typing import Any
 
 import numpy as np
 
+from jax_cachedattn.errors import UsageError
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="smollm2", help="smollm2 (default) or an orbax checkpoint folder (tiny byte model)")
@@ -41,14 +43,14 @@ def _ints(s: str, what: str) -> tuple:
     try:
         return tuple(int(x) for x in s.split(",") if x.strip())
     except ValueError:
-        raise ValueError(f"--{what} must be comma-separated integers, got {s!r}") from None
+        raise UsageError(f"--{what} must be comma-separated integers, got {s!r}") from None
 
 
 def _floats(s: str, what: str) -> tuple:
     try:
         return tuple(float(x) for x in s.split(",") if x.strip())
     except ValueError:
-        raise ValueError(f"--{what} must be comma-separated numbers, got {s!r}") from None
+        raise UsageError(f"--{what} must be comma-separated numbers, got {s!r}") from None
 
 
 def load(spec: str) -> tuple[Any, Any, Any, str, str]:
@@ -62,11 +64,11 @@ def load(spec: str) -> tuple[Any, Any, Any, str, str]:
 
     path = Path(spec)
     if not path.is_dir():
-        raise ValueError(f"--model: {spec!r} is neither 'smollm2' nor an orbax checkpoint folder")
+        raise UsageError(f"--model: {spec!r} is neither 'smollm2' nor an orbax checkpoint folder")
     config = load_config(path)
     params = restore_params(path)
     if config.vocab_size != 256:
-        raise ValueError(f"--model {spec}: only byte-level checkpoints (vocabulary 256) have a tokenizer here")
+        raise UsageError(f"--model {spec}: only byte-level checkpoints (vocabulary 256) have a tokenizer here")
     return config, params, None, params_fingerprint(config, params), config.name
 
 

@@ -1,0 +1,147 @@
+"""Continuous batching on SmolLM2 fp32: decode tokens/s and finished turns/min with 1..16 sessions at
+once, beside transformers' batched ``generate`` (left-padded, same weights, same machine, same run),
+and the device pool's KV bytes against tokens held x bytes per token.
+
+Each session first gets a history (a first turn of a ragged length, also the compile warm-up); the
+measured round is one more turn of every session at once (history from the device pool). Messages
+are token ids (no stop token), so every turn generates exactly ``--new-tokens`` tokens on both sides.
+
+    JAX_PLATFORMS=cpu python scripts/bench_batch.py --sessions 1,2,4,8,16 --out runs/bench_batch.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def ours(cfg, params, hists, prompts, new: int, steps: int) -> dict:
+    import jax
+
+    from jax_cachedattn.engine import Engine, EngineConfig
+    from jax_cachedattn.engine import slots as SL
+    from jax_cachedattn.store import KVLayout, StoreConfig, TieredStore
+
+    n = len(hists)
+    lay = KVLayout(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, cfg.dtype, "bench-batch")
+    store = TieredStore(StoreConfig(kvstore={"driver": "memory"}, host_bytes=4 << 30, token_block=64), lay)
+    held = sum(len(h) + len(p) + 2 * new + 8 for h, p in zip(hists, prompts))
+    eng = Engine(cfg, params, store, None, EngineConfig(max_new_tokens=new, max_slots=n, decode_steps=steps,
+                                                        pool_tokens=held + 64 * (2 * n + 1)))
+    real = SL.generate
+    acc = {"s": 0.0, "tokens": 0, "ratio": 0.0}
+
+    def timed(*a, **k):
+        t = time.perf_counter()
+        out = real(*a, **k)
+        em = np.asarray(out[2])  # the host sync the loop makes anyway
+        acc["s"] += time.perf_counter() - t
+        acc["tokens"] += int((em >= 0).sum())
+        tokens = sum(int(x) for x in np.asarray(out[0].lengths)) + eng.pool.cached_tokens()
+        acc["ratio"] = max(acc["ratio"], eng.pool.used_bytes() / max(1, tokens * cfg.kv_bytes_per_token))
+        return out
+
+    SL.generate = timed
+    try:
+        eng.run_batch([(f"s{i}", h) for i, h in enumerate(hists)])  # histories + compile
+        eng.run_batch([(f"s{i}", p) for i, p in enumerate(prompts)])  # compile the device-hit shapes
+        for k in acc:
+            acc[k] = 0.0 if k != "tokens" else 0
+        t = time.perf_counter()
+        res = eng.run_batch([(f"s{i}", p) for i, p in enumerate(prompts)])
+        wall = time.perf_counter() - t
+    finally:
+        SL.generate = real
+    eng.close()
+    jax.clear_caches()
+    return {"decode_tok_s": acc["tokens"] / acc["s"], "turns_per_min": 60 * n / wall, "wall_s": wall,
+            "ttft_mean_s": float(np.mean([r.ttft_s for r in res])), "sources": sorted({r.source for r in res}),
+            "device_kv_over_held": acc["ratio"]}
+
+
+def transformers_generate(gguf: Path, hists, prompts, new: int, threads: int) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.set_num_threads(threads)
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    model.eval()
+    seqs = [np.concatenate([h, p]) for h, p in zip(hists, prompts)]
+    L = max(len(s) for s in seqs)
+    ids = torch.zeros((len(seqs), L), dtype=torch.long)
+    mask = torch.zeros((len(seqs), L), dtype=torch.long)
+    for i, s in enumerate(seqs):  # left-padded
+        ids[i, L - len(s):] = torch.tensor(s)
+        mask[i, L - len(s):] = 1
+
+    def gen(k):
+        t = time.perf_counter()
+        with torch.no_grad():
+            model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=k, min_new_tokens=k, do_sample=False,
+                           pad_token_id=0)
+        return time.perf_counter() - t
+
+    gen(2)  # warm-up
+    t1, tn = gen(1), gen(new)
+    return {"decode_tok_s": len(seqs) * (new - 1) / max(1e-9, tn - t1), "turns_per_min": 60 * len(seqs) / tn,
+            "wall_s": tn, "prefill_s": t1}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sessions", default="1,2,4,8,16", help="comma-separated concurrent session counts")
+    ap.add_argument("--hist-min", type=int, default=64, help="shortest history (tokens)")
+    ap.add_argument("--hist-max", type=int, default=512, help="longest history (tokens)")
+    ap.add_argument("--prompt", type=int, default=24, help="tokens of each new message")
+    ap.add_argument("--new-tokens", type=int, default=16, help="tokens generated per turn")
+    ap.add_argument("--decode-steps", type=int, default=4, help="decode steps per dispatch (EngineConfig.decode_steps)")
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 2, help="torch threads for transformers")
+    ap.add_argument("--skip-hf", action="store_true", help="do not run transformers")
+    ap.add_argument("--out", default="runs/bench_batch.json", help="JSON result file")
+    args = ap.parse_args()
+
+    from jax_cachedattn.assets import smollm2_gguf_path
+    from jax_cachedattn.runtime import load_model
+
+    m = load_model("smollm2")
+    r = np.random.RandomState(0)
+    rows = []
+    for n in [int(x) for x in args.sessions.split(",")]:
+        hists = [r.randint(0, m.config.vocab_size, int(x)).astype(np.int32)
+                 for x in np.linspace(args.hist_min, args.hist_max, n).round()]
+        prompts = [r.randint(0, m.config.vocab_size, args.prompt).astype(np.int32) for _ in range(n)]
+        row = {"sessions": n, "ours": ours(m.config, m.params, hists, prompts, args.new_tokens, args.decode_steps)}
+        if not args.skip_hf:
+            # transformers sees the same conversation as one prompt per sequence (history + message).
+            # Same lengths as our measured turn: history, reply, message, reply, then the new message.
+            z = np.zeros(args.new_tokens, np.int32)
+            hh = [np.concatenate([h, z, p, z]) for h, p in zip(hists, prompts)]
+            row["transformers"] = transformers_generate(smollm2_gguf_path(), hh, prompts, args.new_tokens, args.threads)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    base = rows[0]["ours"]["decode_tok_s"]
+    print("\n| sessions | ours decode tok/s | x vs 1 | transformers decode tok/s | ours/transformers | ours turns/min |"
+          " transformers turns/min | device KV / held |")
+    print("|---|---|---|---|---|---|---|---|")
+    for row in rows:
+        o, h = row["ours"], row.get("transformers")
+        print(f"| {row['sessions']} | {o['decode_tok_s']:.1f} | {o['decode_tok_s'] / base:.2f} | "
+              f"{h['decode_tok_s'] if h else float('nan'):.1f} | {o['decode_tok_s'] / h['decode_tok_s'] if h else float('nan'):.2f} | "
+              f"{o['turns_per_min']:.1f} | {h['turns_per_min'] if h else float('nan'):.1f} | {o['device_kv_over_held']:.2f} |")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps({"machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
+                                          "args": vars(args), "rows": rows}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
