@@ -19,8 +19,8 @@ means the reply is in the store, and its line is rebuilt from the stored tokens 
 true``) instead of being computed again. So every turn is written exactly once and no finished turn
 is recomputed. A finished conversation's sessions are deleted (``keep_sessions`` keeps them).
 
-Sampling keys are derived from ``seed``, the conversation id and the turn index, so a resumed or
-re-sharded run samples the same replies.
+Sampling keys are derived by the engine from its seed (``EngineConfig.seed``), the session id (one
+per conversation) and the turn index, so a resumed or re-sharded run samples the same replies.
 """
 
 from __future__ import annotations
@@ -30,7 +30,6 @@ import hashlib
 import re
 import secrets
 import time
-import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -40,7 +39,7 @@ from jax_cachedattn.engine import ContextOverflow, Engine, InputError
 from jax_cachedattn.model import TokenError
 
 __all__ = ["BatchOptions", "BatchSummary", "OutputFileError", "StrictStop", "Unit", "plan_units", "run_batch_job",
-           "session_ids", "turn_key"]
+           "session_ids"]
 
 FORMAT_VERSION = 1
 
@@ -53,14 +52,13 @@ class StrictStop(ValueError):
 class BatchOptions:
     """history: ``generated`` (the model's replies are the history) or ``given`` (the file's).
     reply_all: with ``given``, also answer the user turns that the file answers.
-    max_new_tokens: reply budget per turn. seed: sampling seed (keys per conversation and turn).
+    max_new_tokens: reply budget per turn.
     strict: stop at the first bad input record instead of skipping it.
     keep_sessions: keep each finished conversation's KV in the store (default: delete it)."""
 
     history: str = "generated"
     reply_all: bool = False
     max_new_tokens: int = 64
-    seed: int = 0
     strict: bool = False
     keep_sessions: bool = False
 
@@ -117,14 +115,6 @@ def session_ids(job: str, conv_id: str) -> tuple[str, str]:
     return sid, sid + ".r"
 
 
-def turn_key(seed: int, conv_id: str, turn: int):
-    """The PRNG key of one reply: from the seed, the conversation id and the turn index."""
-    import jax
-
-    key = jax.random.fold_in(jax.random.key(seed), zlib.crc32(conv_id.encode("utf-8")))
-    return jax.random.fold_in(key, turn)
-
-
 def run_batch_job(engine: Engine, input_path: str | Path, output_path: str | Path,
                   options: BatchOptions = BatchOptions(), *, progress: bool = True,
                   report: Callable[[str], None] | None = None,
@@ -169,7 +159,7 @@ def _stderr(line: str) -> None:
 def _header(engine: Engine, o: BatchOptions) -> dict:
     ec, mc = engine.config, engine.model_config
     return {"version": FORMAT_VERSION, "history": o.history, "reply_all": o.reply_all,
-            "max_new_tokens": o.max_new_tokens, "seed": o.seed, "temperature": ec.temperature,
+            "max_new_tokens": o.max_new_tokens, "seed": ec.seed, "temperature": ec.temperature,
             "top_p": ec.top_p, "max_context": mc.max_context, "truncation_ratio": ec.truncation_ratio,
             "model": engine.store.layout.fingerprint}
 
@@ -287,10 +277,8 @@ class _Runner:
 
     def _turn(self, conv: Conversation, u: Unit, sid: str, ids: list[int]):
         self.event({"event": "compute", "conversation": conv.id, "turn": u.turn, "scratch": u.scratch})
-        if self.engine.config.temperature > 0:
-            # The engine draws from one key per engine; a reply's key must depend on the conversation
-            # and the turn only (resumable, re-shardable). Engine.turn(..., key=) would replace this.
-            self.engine._key = turn_key(self.o.seed, conv.id, u.turn)
+        # Sampling keys: the engine derives each reply's key from its seed, the session id and the
+        # turn (engine.py), so a resumed or re-sharded job samples the same replies.
         return self.engine.turn(sid, ids, max_new_tokens=self.o.max_new_tokens)
 
     def _main_turn(self, conv: Conversation, u: Unit, sid: str) -> None:

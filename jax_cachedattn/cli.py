@@ -172,7 +172,7 @@ def cmd_batch(args) -> int:
     from jax_cachedattn.store import DiskFull
 
     opts = BatchOptions(history=args.history, reply_all=args.reply_all, max_new_tokens=args.max_new_tokens,
-                        seed=args.seed, strict=args.strict, keep_sessions=args.keep_sessions)
+                        strict=args.strict, keep_sessions=args.keep_sessions)
     if not Path(args.input).is_file():
         raise _Usage(f"--input {args.input}: no such file")
     engine = _open(args)
