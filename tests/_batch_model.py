@@ -18,7 +18,15 @@ from jax_cachedattn.tokenizer import Tokenizer, _bytes_to_unicode
 def byte_tokenizer() -> Tokenizer:
     """256 byte tokens (any UTF-8 text encodes) and the three ChatML control tokens: 259 ids."""
     tokens = list(_bytes_to_unicode().values()) + ["<|im_start|>", "<|im_end|>", "<|endoftext|>"]
-    return Tokenizer(tokens, [], [1] * 256 + [3, 3, 3], eos_id=258)
+    return Tokenizer.from_gguf_fields({
+        "tokenizer.ggml.model": "gpt2", "tokenizer.ggml.tokens": tokens, "tokenizer.ggml.merges": [],
+        "tokenizer.ggml.token_type": [1] * 256 + [3, 3, 3], "tokenizer.ggml.eos_token_id": 258,
+        "tokenizer.chat_template": CHATML})
+
+
+# ChatML as SmolLM2 ships it, with no default system block (the batch job renders what the file holds).
+CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+          "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
 
 
 @functools.cache

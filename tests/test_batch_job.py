@@ -311,9 +311,9 @@ def test_sampling_keys_follow_the_conversation_not_the_order(tmp_path):
     recs = [_chat(f"p{i}", ("user", "same words"), ("user", "more")) for i in range(3)]
     a = _jsonl(tmp_path / "a.jsonl", recs)
     b = _jsonl(tmp_path / "b.jsonl", recs[::-1])
-    opts = BatchOptions(max_new_tokens=6, seed=3)
-    _run(tmp_path, a, tmp_path / "a.out", opts, store="sa", temperature=1.0)
-    _run(tmp_path, b, tmp_path / "b.out", opts, store="sb", temperature=1.0)
+    opts = BatchOptions(max_new_tokens=6)   # the engine's seed: keys per session and turn
+    _run(tmp_path, a, tmp_path / "a.out", opts, store="sa", temperature=1.0, seed=3)
+    _run(tmp_path, b, tmp_path / "b.out", opts, store="sb", temperature=1.0, seed=3)
     ra = {(r["conversation"], r["turn"]): r["reply"] for r in _lines(tmp_path / "a.out")[1]}
     rb = {(r["conversation"], r["turn"]): r["reply"] for r in _lines(tmp_path / "b.out")[1]}
     assert ra == rb
