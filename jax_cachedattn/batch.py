@@ -19,8 +19,9 @@ means the reply is in the store, and its line is rebuilt from the stored tokens 
 true``) instead of being computed again. So every turn is written exactly once and no finished turn
 is recomputed. A finished conversation's sessions are deleted (``keep_sessions`` keeps them).
 
-Sampling keys are derived by the engine from its seed (``EngineConfig.seed``), the session id (one
-per conversation) and the turn index, so a resumed or re-sharded run samples the same replies.
+Sampling keys are derived by the engine from its seed (``EngineConfig.seed``), the conversation id
+and the user turn's index (``Engine.turn(..., sample_name=)``), so a resumed or re-sharded run
+samples the same replies.
 """
 
 from __future__ import annotations
@@ -277,9 +278,10 @@ class _Runner:
 
     def _turn(self, conv: Conversation, u: Unit, sid: str, ids: list[int]):
         self.event({"event": "compute", "conversation": conv.id, "turn": u.turn, "scratch": u.scratch})
-        # Sampling keys: the engine derives each reply's key from its seed, the session id and the
-        # turn (engine.py), so a resumed or re-sharded job samples the same replies.
-        return self.engine.turn(sid, ids, max_new_tokens=self.o.max_new_tokens)
+        # Sampling keys: the engine derives each reply's key from its seed, the name given here (the
+        # conversation id and the user turn) and the turn index, so a resumed or re-sharded job
+        # samples the same replies.
+        return self.engine.turn(sid, ids, max_new_tokens=self.o.max_new_tokens, sample_name=f"{conv.id}\x00{u.turn}")
 
     def _main_turn(self, conv: Conversation, u: Unit, sid: str) -> None:
         info = self.store.lookup(sid)

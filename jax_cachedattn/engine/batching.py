@@ -11,6 +11,7 @@ session never share the decode slots: the second waits for the first and runs ag
 from __future__ import annotations
 
 import collections
+import dataclasses
 import time
 from collections.abc import Iterable, Iterator
 from typing import Any
@@ -40,8 +41,10 @@ class Loop:
             except StopIteration:
                 self._done_reading = True
                 break
-            sid, msg, *rest = job  # (session, message) or (session, message, max_new_tokens)
-            self.pending.append((i, sid, msg, time.perf_counter(), int(rest[0]) if rest else self.max_new))
+            # (session, message), (session, message, max_new_tokens) or (..., max_new_tokens, sample_name)
+            sid, msg, *rest = job
+            max_new = int(rest[0]) if rest and rest[0] is not None else self.max_new
+            self.pending.append((i, sid, msg, time.perf_counter(), max_new, rest[1] if len(rest) > 1 else None))
 
     def _ready(self) -> tuple | None:
         """The first pending job whose session is neither decoding nor queued earlier."""
@@ -79,8 +82,10 @@ class Loop:
             job = self._ready()
             if job is None:
                 return
-            i, sid, msg, t0, max_new = job
+            i, sid, msg, t0, max_new, name = job
             plan = e._plan(sid, msg, max_new)
+            if name is not None:
+                plan = dataclasses.replace(plan, sample_name=name)
             self._starting = plan.sid
             try:
                 e._slots[free[0]] = e._start(i, plan, free[0], t0, time.perf_counter())

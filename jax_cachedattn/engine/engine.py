@@ -175,7 +175,7 @@ class Engine:
             chat = plan.chat and bool(self._end)
             end = np.zeros(max(1, len(self._end)), np.int32)
             end[: len(self._end)] = self._end
-            key = jax.random.fold_in(jax.random.fold_in(jax.random.key(ec.seed), zlib.crc32(plan.sid.encode())),
+            key = jax.random.fold_in(jax.random.fold_in(jax.random.key(ec.seed), zlib.crc32((plan.sample_name or plan.sid).encode())),
                                      plan.turn or 0)
             self.state, first = SL.insert(
                 self.state, jnp.int32(slot), jnp.asarray(table), jnp.int32(plan.cached_len + n_comp), logits, key,
@@ -249,7 +249,8 @@ class Engine:
     # ---- the loop ---------------------------------------------------------------------------------------
     def serve(self, jobs: Iterable[tuple[str, Any]], *, window: int = 4, max_new_tokens: int | None = None
               ) -> Iterator[tuple[int, TurnResult]]:
-        """Run ``(session, message)`` (or ``(session, message, max_new_tokens)``) jobs, up to ``max_slots`` at once; yields ``(job index, result)``
+        """Run ``(session, message)`` (or ``(session, message, max_new_tokens[, sample_name])``) jobs, up to
+        ``max_slots`` at once; yields ``(job index, result)``
         as turns finish. Jobs of one session run in order, each against the history the one before
         left. If a job fails, every turn in flight is given up (each session back at its last committed
         turn) and the error is raised."""
@@ -261,12 +262,14 @@ class Engine:
         return [out[i] for i in range(len(out))]
 
     def turn(self, session_id: str, message, *, max_new_tokens: int | None = None,
-             next_session: str | None = None) -> TurnResult:
+             next_session: str | None = None, sample_name: str | None = None) -> TurnResult:
         """One turn of ``session_id`` (a batch of one). ``next_session``: the job queued after this one;
-        its first layers are preloaded while this turn decodes."""
+        its first layers are preloaded while this turn decodes. ``sample_name``: names the sampling key
+        (with ``EngineConfig.seed`` and the turn index; default the session id), so a caller can make
+        replies follow its own identity of a conversation rather than the session id."""
         max_new = self.config.max_new_tokens if max_new_tokens is None else int(max_new_tokens)
         hint = next_session if next_session != session_id else None
-        return list(Loop(self, [(session_id, message)], 0, max_new, hint).run())[0][1]
+        return list(Loop(self, [(session_id, message, max_new, sample_name)], 0, max_new, hint).run())[0][1]
 
     def evict(self, sid: str, tier: str) -> None:
         """Drop ``sid``'s copy in ``tier`` and every faster one: "device" (its pages in the pool and

@@ -33,6 +33,7 @@ class TurnPlan:
     turn: int | None
     num_tokens: int
     kv_valid: bool = False
+    sample_name: str | None = None  # names the turn's sampling key (default: the session id)
 
     @property
     def reused(self) -> int:
