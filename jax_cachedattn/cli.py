@@ -44,9 +44,9 @@ def _bad_input_types() -> tuple[type[BaseException], ...]:
 def _retryable_types() -> tuple[type[BaseException], ...]:
     """Failures that may pass when tried again (exit 1, one line): a full disk or budget, an I/O error."""
     from jax_cachedattn.store import BudgetError
-    from jax_cachedattn.store.errors import StoreLocked
+    from jax_cachedattn.store.errors import StoreLocked, TurnFailed
 
-    return (BudgetError, StoreLocked, OSError)
+    return (BudgetError, StoreLocked, TurnFailed, OSError)
 
 
 def add_model_arg(p: argparse.ArgumentParser) -> None:

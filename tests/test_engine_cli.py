@@ -11,7 +11,7 @@ ARGS = ["run", "--store", "unused", "--session", "a", "--prompt", "hi"]
 
 @pytest.mark.parametrize("exc,status,text", [
     (InputError("the message is empty"), 2, "error: the message is empty"),
-    (DiskFull("no space left"), 1, "(retryable)"),
+    (DiskFull("no space left"), 1, "cachedattn: error: no space left"),
     (ValueError("a bug deep inside"), 1, "internal error: ValueError: a bug deep inside"),
     (KeyError("k"), 1, "internal error: KeyError"),
 ])

@@ -9,6 +9,7 @@ from jax_cachedattn.engine import Engine, EngineConfig
 from jax_cachedattn.engine import programs, slots
 from jax_cachedattn.model import ModelConfig, forward, init_params
 from jax_cachedattn.store import KVLayout, StoreConfig, TieredStore
+from jax_cachedattn.store.errors import TurnFailed
 
 TOL = 1e-5
 
@@ -97,8 +98,9 @@ def test_failed_turn_leaves_session_usable(tiny, tmp_path, monkeypatch, stage, k
     _inject(stage, monkeypatch, store)
     if stage == "commit":
         eng.turn("s", m1)  # the turn itself returns; its commit fails on the committer thread
-        with pytest.raises(OSError):
+        with pytest.raises(TurnFailed) as failed:  # the store's one-line turn error, the I/O error its cause
             eng.flush()
+        assert isinstance(failed.value.__cause__, OSError)
     else:
         with pytest.raises(Boom):
             eng.turn("s", m1)

@@ -245,7 +245,8 @@ def open_system(system: System, cfg: dict, model, root: Path, policy):
     store = TieredStore(scfg, kv_layout(model.config, model.fingerprint), policy)
     ec = EngineConfig(max_new_tokens=cfg["engine"].get("max_new_tokens", 64),
                       prompt_bucket=cfg["engine"].get("prompt_bucket", 16),
-                      preload="upfront" if not system.overlap else "auto")
+                      preload="upfront" if not system.overlap else "auto",
+                      keep_pages=False)  # the store's device tier is the device tier the scheduler sees
     engine = Engine(model.config, model.params, store, model.tokenizer, ec)
     rengine = engine if system.reuse else Engine(model.config, model.params, store, model.tokenizer,
                                                  ec.replace(use_cache=False))

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 
+from jax_cachedattn.bench.config import ConfigError
+
 
 @dataclasses.dataclass(frozen=True)
 class System:
@@ -53,7 +55,7 @@ def get_systems(names) -> list[System]:
     out = []
     for n in names:
         if n not in SYSTEMS:
-            raise ValueError(f"unknown system {n!r}; expected some of {', '.join(SYSTEMS)}")
+            raise ConfigError(f"unknown system {n!r}; expected some of {', '.join(SYSTEMS)}")
         out.append(SYSTEMS[n])
     return out
 

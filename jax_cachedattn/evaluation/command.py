@@ -82,9 +82,12 @@ def main(args: argparse.Namespace) -> int:
     from jax_cachedattn.evaluation.tiny import encode_bytes
 
     console = Console(stderr=True)
-    cfg = experiment.EvalConfig(windows=_ints(args.windows, "windows"), ratios=_floats(args.ratios, "ratios"),
-                                continuation=args.continuation, prose=args.prose, chats=args.chats,
-                                recall=args.recall, variants=not args.no_variants, sink=args.sink, seed=args.seed)
+    try:  # the flags' values are the user's input: a value the config rejects is bad input
+        cfg = experiment.EvalConfig(windows=_ints(args.windows, "windows"), ratios=_floats(args.ratios, "ratios"),
+                                    continuation=args.continuation, prose=args.prose, chats=args.chats,
+                                    recall=args.recall, variants=not args.no_variants, sink=args.sink, seed=args.seed)
+    except ValueError as e:
+        raise UsageError(str(e).splitlines()[0]) from None
     t0 = time.perf_counter()
     with console.status(f"loading {args.model}…"):
         config, params, tok, fp, name = load(args.model)
