@@ -110,6 +110,7 @@ def test_disk_round_trip_is_bit_exact_on_real_weights(smol, tmp_path):
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.slow  # ~2.5 min: a SmolLM2 process per turn (make test-all); the CLI's cross-process path is also in test_byom
 def test_new_process_per_turn_equals_recompute(smol, recomputed, tmp_path):
     """``cachedattn run`` in a fresh process per turn continues the conversation from the disk store."""
     env = dict(os.environ, JAX_PLATFORMS="cpu")
