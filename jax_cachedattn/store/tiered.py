@@ -212,6 +212,11 @@ class TieredStore:
 
     def _forget(self, s: Session) -> None:
         """Under the lock: remove ``s`` from the store and schedule the removal of its files."""
+        self._schedule_removal(s)
+
+    def _schedule_removal(self, s: Session) -> cf.Future:
+        """Under the lock: delete ``s`` (its queued work killed once, out of the table, its copies dropped)
+        and queue the removal of its files on the save worker, after every task queued before it."""
         core = self._core
         if not s.gone:
             s.kill_from(None, StoreError(f"session {s.sid!r} was deleted"))
@@ -221,20 +226,6 @@ class TieredStore:
         self._mem.drop(s, "device")
         self._mem.drop(s, "host")
         core.policy.forget(s.sid)
-        self._schedule_removal(s, forget_only=True)
-
-    def _schedule_removal(self, s: Session, forget_only: bool = False) -> cf.Future:
-        """Under the lock: delete ``s`` (unless ``forget_only``: already out of the table) and queue the
-        removal of its files on the save worker, after every task queued before it."""
-        core = self._core
-        if not forget_only:
-            s.kill_from(None, StoreError(f"session {s.sid!r} was deleted"))
-            s.gone = True
-            if core.sessions.get(s.sid) is s:
-                del core.sessions[s.sid]
-            self._mem.drop(s, "device")
-            self._mem.drop(s, "host")
-            core.policy.forget(s.sid)
         s.freeing = s.held["disk"].nbytes  # counted as soon free by eviction (make_room) until removed
         core.freeing += s.freeing
         gate = self._wb.submit(s, None, self._remove_files)
