@@ -15,6 +15,8 @@ IM_START, IM_END, NL = 1, 2, 3
 class FakeChat:
     """The tokenizer surface the engine uses, over a tiny vocabulary: text -> ids by a fixed hash."""
 
+    turn_boundary_id = IM_START
+
     def __init__(self, eot: int):
         self.stop_ids = {eot, IM_END}
 

@@ -78,7 +78,7 @@ class Engine:
             lay = store.layout
             if (lay.num_layers, lay.kv_heads, lay.head_dim, lay.dtype) != (mc.num_layers, mc.num_kv_heads, mc.head_dim, mc.dtype):
                 raise ValueError(f"store layout {lay} does not match the model {mc.name}")
-        self._boundary_id = tokenizer.turn_boundary_id if tokenizer is not None else None  # where truncation may cut
+        self._boundary_id = getattr(tokenizer, "turn_boundary_id", None)  # where truncation may cut (None: anywhere)
         self._end = list(tokenizer.assistant_end()) if tokenizer is not None else []
         stops = sorted(tokenizer.stop_ids) if tokenizer is not None else []
         self._stop_set = set(stops)
