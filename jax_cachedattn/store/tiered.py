@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import recovery
+from . import ranges, recovery
 from .budget import Reservation
 from .core import TIERS, Core, ceil_div
 from .disk import DiskTier, is_enospc
@@ -478,20 +478,94 @@ class TieredStore:
 
     def truncate_front(self, sid: str, n_drop: int) -> cf.Future:
         """Drop the oldest ``n_drop`` tokens; the rest stays bit-identical. Returns a future (manifest);
-        if that fails the session goes back to its last durable state (like a failed turn)."""
+        if that fails the session goes back to its last durable state (like a failed turn).
+        The same as ``drop_range(sid, 0, n_drop)``."""
+        s = self._get(sid)
+        with self._core.lock:
+            n = self._check_drop(s, 0, n_drop)
+        return self.drop_range(sid, 0, n)
+
+    def _check_drop(self, s: Session, start, stop) -> int:
+        """Under the lock: refuse a change of the history while a turn is open; validate the range."""
+        if s.open is not None and s.open.live:
+            raise LayoutMismatch(f"session {s.sid!r}: commit or abort the turn before dropping tokens")
+        for v in (start, stop):
+            if not isinstance(v, (int, np.integer)) or isinstance(v, bool):
+                raise LayoutMismatch(f"token index {v!r} is not an int")
+        if not 0 <= start <= stop <= s.num_tokens:
+            raise LayoutMismatch(f"cannot drop tokens [{start}, {stop}) of {s.num_tokens}")
+        return int(stop)
+
+    def drop_range(self, sid: str, start: int, stop: int) -> cf.Future:
+        """Remove tokens ``[start, stop)`` of the session's committed history: the tokens before
+        ``start`` and from ``stop`` on stay bit-identical, the later ones move down by ``stop - start``
+        (keys are stored before RoPE). ``drop_range(sid, 0, n)`` is `truncate_front`; ``(sid, sink,
+        sink + n)`` keeps ``sink`` attention-sink tokens; ``(sid, k, num_tokens)`` drops the tail.
+
+        Refused (`LayoutMismatch`) while a turn is open. Returns a future that resolves once the new
+        manifest is durable; if it fails, the session goes back to its last durable state (like a
+        failed turn). A kill at any point leaves the old or the new history on disk. Dropping a middle
+        range copies the kept rows to fresh blocks (the session must fit twice in the host budget
+        for that moment: else `BudgetError`, nothing changed); front and tail drops are metadata only."""
         s = self._get(sid)
         core = self._core
         with core.lock:
-            if s.open is not None and s.open.live:
-                raise LayoutMismatch(f"session {sid!r}: commit or abort the turn before truncating")
+            self._check_drop(s, start, stop)
+            start, stop = int(start), int(stop)
             self._give_up_open(s)  # a failed turn left behind: its error was reported
-            if not isinstance(n_drop, (int, np.integer)) or not 0 <= n_drop <= s.num_tokens:
-                raise LayoutMismatch(f"cannot drop {n_drop!r} of {s.num_tokens} tokens")
-            s.offset += int(n_drop)
-            s.token_ids = s.token_ids[n_drop:].copy()
-            prev = s.log[-1].done if s.log else None
-            t = s.add_meta("truncate", self.layout, core.B)
-            self._wb.seal(s, t, prev)
+            if start == stop:
+                return s.log[-1].done if s.log else _Done(s.turn)
+            p = ranges.plan(s.offset, s.end, start, stop)
+            if p[0] == "front":
+                s.offset = p[1]
+                s.token_ids = s.token_ids[stop:].copy()
+                return self._seal_meta(s, "truncate", None)
+            if not s.kv_valid:  # token ids only: nothing to move
+                s.token_ids = np.concatenate([s.token_ids[:start], s.token_ids[stop:]])
+                s.end = s.offset + len(s.token_ids)
+                return self._seal_meta(s, "drop", ("ids",))
+            if p[0] == "tail":
+                s.end = p[1]
+                s.token_ids = s.token_ids[:start].copy()
+                return self._seal_meta(s, "drop", p)
+            n = s.num_tokens
+        # A move: the session's rows must be in the host tier (pinned there once the turn is queued).
+        kept = n - (stop - start)
+        for attempt in range(3):
+            self._ensure_host(s)
+            with core.lock:
+                dst = s.end
+                d0, d1 = dst // core.B, ceil_div(dst + kept, core.B)
+            res = self._take("host", core.L * (d1 - d0) * self.block_bytes, s, True)
+            try:
+                dgrow = max(0, d1 - s.disk_blocks)
+                with self._reserve("disk", core.disk_bytes(dgrow), s) as dres:
+                    with core.lock:
+                        self._check_drop(s, start, stop)
+                        if s.num_tokens != n or s.end != dst or not s.kv_valid:
+                            raise LayoutMismatch(f"session {sid!r} changed while tokens were dropped from it")
+                        if s.host is None:
+                            continue  # evicted meanwhile: bring it back
+                        more = min(dgrow, max(0, d1 - s.disk_blocks))
+                        s.held["disk"].absorb(dres, core.disk_bytes(more))
+                        s.disk_blocks += more
+                        p = ranges.plan(s.offset, s.end, start, stop)
+                        s.offset, s.end = dst, dst + kept
+                        s.token_ids = np.concatenate([s.token_ids[:start], s.token_ids[stop:]])
+                        fut = self._seal_meta(s, "drop", p, res)
+                        res = None
+                        return fut
+            finally:
+                if res is not None:
+                    res.release()
+        raise StoreError(f"session {sid!r} kept leaving the host tier while tokens were dropped from it")
+
+    def _seal_meta(self, s: Session, kind: str, plan, res=None) -> cf.Future:
+        """Under the lock: queue the change of ``s``'s history made in memory; its manifest's future."""
+        prev = s.log[-1].done if s.log else None
+        t = s.add_meta(kind, self.layout, self._core.B)
+        t.plan, t.res = plan, res
+        self._wb.seal(s, t, prev)
         return t.done
 
     def _ensure_host(self, s: Session) -> None:

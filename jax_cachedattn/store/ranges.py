@@ -1,0 +1,125 @@
+"""Dropping a range of rows from a session's history (`TieredStore.drop_range`): the plan and its work.
+
+A session's kept history is one contiguous run of absolute rows ``[offset, end)`` (block i holds
+rows ``[i*B, (i+1)*B)``). Dropping rows ``[start, stop)`` of it (relative to the kept history) is:
+
+* ``start == 0`` -- a front truncation: ``offset += stop``; metadata only (`truncate_front`).
+* ``stop == num_tokens`` -- a tail drop: ``end = offset + start``; metadata only. The next turn's
+  writes go to rows the older manifests still call valid, so the save worker holds every later task
+  (a barrier) until this drop's manifest is durable or failed: a kill leaves the old manifest over
+  untouched rows or the new one, never a manifest over rewritten rows.
+* otherwise -- a move: the kept rows ``[offset, offset+start)`` and ``[offset+stop, end)`` are copied,
+  in order, to fresh rows from ``dst = end`` on (rows no older manifest covers; block ``end // B``'s
+  rows before ``end`` are rewritten with their own bytes, as an append does), then ``offset = end``,
+  ``end = end + kept``. The manifest, written last, switches from the old run to the new one. Bytes
+  rewritten: the kept rows (every layer, K and V); the old blocks leave the memory tiers once copied.
+
+Keys are stored before RoPE, so the rows after the dropped range stay valid where they land.
+"""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+
+from .core import ceil_div
+from .errors import StoreError
+from .promotion import aligned_empty
+
+
+def plan(offset: int, end: int, start: int, stop: int) -> tuple:
+    """The plan of dropping kept rows ``[start, stop)`` from the run ``[offset, end)`` (stop > start)."""
+    if start == 0:
+        return ("front", offset + stop)
+    if stop == end - offset:
+        return ("tail", offset + start)
+    return ("move", offset, end, offset + start, offset + stop, end)
+
+
+def submit(wb, s, turn) -> None:
+    """Queue a drop turn's work on the save worker (under the lock)."""
+    if turn.plan[0] == "ids":  # a session without KV: its token ids only
+        return
+    if turn.plan[0] == "tail":
+        wb.submit(s, turn, _trim_tail, wb)
+    else:
+        fut = wb.submit(s, turn, _move, wb, turn.res)
+        for layer in range(wb.core.L):  # read-your-writes: a load waits for the copy of its layer
+            s.layer_task[layer] = fut
+
+
+def _trim_tail(s, turn, wb) -> None:
+    core = wb.core
+    core.hooks.point("drop.tail", s.sid)
+    with core.lock:
+        if turn.live:
+            wb.mem.trim(s, ceil_div(turn.plan[1], core.B))
+
+
+def barrier(s, _no_turn, turn) -> None:
+    """A save-worker task (of no turn): wait until ``turn``'s manifest is durable or failed (errors
+    reported there)."""
+    try:
+        turn.done.result()
+    except BaseException:  # noqa: BLE001 - the turn's future carries it
+        pass
+
+
+def _gather(blocks: list, lo: int, hi: int, B: int) -> np.ndarray:
+    """Rows ``[lo, hi)`` [2, hi-lo, K, D] of a layer's host blocks (absolute rows)."""
+    parts = []
+    for b in range(lo // B, ceil_div(hi, B)):
+        blk = blocks[b] if b < len(blocks) else None
+        if blk is None:
+            raise StoreError(f"block {b} left the host tier while a drop_range needed its rows (a bug: "
+                             "a session with a change in flight is pinned there)")
+        x = np.asarray(blk)
+        parts.append(x[:, max(lo, b * B) - b * B : min(hi, (b + 1) * B) - b * B])
+    return np.concatenate(parts, axis=1) if parts else None
+
+
+def _move(s, turn, wb, res) -> None:
+    """Copy the kept rows to their new blocks (host tier, then disk), then drop the old blocks."""
+    core, mem, B = wb.core, wb.mem, wb.core.B
+    _, o, e, a, b, dst = turn.plan
+    kept = (a - o) + (e - b)
+    d0, d1 = dst // B, ceil_div(dst + kept, B)
+    with res:
+        core.hooks.point("drop.move", s.sid)
+        with core.lock:
+            if not turn.live:
+                return
+            if s.host is None:
+                raise StoreError(f"session {s.sid!r} left the host tier while a drop_range needed it (a bug)")
+            src = [list(bl) for bl in s.host.layers]
+        news = []
+        for layer in range(core.L):
+            bl = src[layer]
+            shape = (2, (d1 - d0) * B, core.layout.kv_heads, core.layout.head_dim)
+            flat = np.zeros(shape, core.layout.np_dtype)  # the new blocks' rows, in order
+            if dst > d0 * B:  # block d0's rows before ``dst``: the history's last partial block, unchanged
+                flat[:, : dst - d0 * B] = _gather(bl, d0 * B, dst, B)
+            at = dst - d0 * B
+            for lo, hi in ((o, a), (b, e)):
+                if hi > lo:
+                    flat[:, at : at + hi - lo] = _gather(bl, lo, hi, B)
+                    at += hi - lo
+            new = aligned_empty((d1 - d0, 2, B) + shape[2:], core.layout.np_dtype)
+            new[:] = flat.reshape(2, d1 - d0, B, *shape[2:]).transpose(1, 0, 2, 3, 4)
+            news.append(new)
+        core.stats.add("bytes_written", core.L * kept * core.layout.bytes_per_token_layer, tier="host")
+        hosts = [jax.device_put(list(new), core.host_sharding, may_alias=True) for new in news]
+        with core.lock:
+            if not turn.live:
+                return
+            for layer in range(core.L):
+                for i in range(d1 - d0):
+                    mem.put(s, "host", layer, d0 + i, hosts[layer][i], res)
+                s.layer_ver[layer] = s.layer_ver.get(layer, 0) + 1
+            mem.drop(s, "device")  # the device copy held the old run
+    for layer in range(core.L):
+        for i in range(d1 - d0):
+            wb._write_chunk(s, turn, layer, d0 + i, news[layer][i])
+    with core.lock:
+        if turn.live:
+            mem.drop_front(s, d0)  # the old run leaves the memory tiers
