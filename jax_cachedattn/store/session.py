@@ -87,6 +87,7 @@ class Session:
         self.mlock = threading.Lock()  # orders a manifest write against the session's deletion
         self.gone = False
         self.freeing = 0  # disk bytes being removed after deletion
+        self.trims: list[int] = []  # per queued tail drop: the block from which it will empty the tables
 
     # ---- the committed state -------------------------------------------------------------------
     def restore(self, m: Manifest) -> None:

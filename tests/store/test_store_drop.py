@@ -263,3 +263,32 @@ def test_drop_range_on_a_session_without_kv_edits_its_ids(tmp_path):
     assert not info.kv_valid
     np.testing.assert_array_equal(info.token_ids, np.concatenate([IDS[:2], IDS[40:]]))
     st.close()
+
+
+def test_tail_drop_after_queued_saves_then_a_new_turn_reserves_its_blocks(tmp_path):
+    """Found by scripts/torture_store.py (a 512-byte host leak): turn 2's queued saves put blocks past
+    a tail drop's new end back in the host tier, a new turn's `save_layer` saw them there and reserved
+    nothing for them, the drop's trim then freed them and the new save put them back uncounted."""
+    st = open_store(tmp_path / "st")
+    x = first_turn(st)
+    y = rows(19, 6)  # turn 2: rows 45..63 (blocks 5..7)
+    hs = st.hooks.hold("save.start", sid="a")
+    save(st, "a", y, N)
+    f2 = st.commit_turn("a", np.concatenate([IDS, np.arange(19)]))
+    hs.wait_reached()
+    ht = st.hooks.hold("drop.tail", sid="a")
+    fd = st.drop_range("a", 20, N + 19)  # keep rows 0..19 (blocks 0..2)
+    hs.release()  # turn 2's saves run: they write their chunks for turn 2's manifest
+    ht.wait_reached()  # ... and the drop's trim has not run yet
+    z = rows(30, 7)  # the next turn: rows 20..49 (blocks 2..6), reserved now
+    save(st, "a", z, 20)
+    ht.release()
+    f3 = st.commit_turn("a", np.concatenate([IDS[:20], np.arange(500, 530)]))
+    assert (f2.result(), fd.result(), f3.result()) == (2, 2, 3)
+    want = cat(x[:, :, :20], z)
+    check(st, "a", want, turn_no=3)
+    quiet(st)
+    st.close()
+    st = open_store(tmp_path / "st")
+    check(st, "a", want, turn_no=3)
+    st.close()
