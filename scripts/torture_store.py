@@ -161,6 +161,10 @@ class Driver:
                 failed = True
                 self.tally.add(failed_turns=1)
                 continue
+            except Exception as e:  # noqa: BLE001 - a future must fail with a one-line StoreError
+                failed = True
+                self.tally.lost.append(f"{sid}: an operation's future raised {type(e).__name__}, not a StoreError: {e}")
+                continue
             if op[0] == "turn":
                 before = op[2]
                 if (cur is None and len(before)) or (cur is not None and not np.array_equal(cur, before)):

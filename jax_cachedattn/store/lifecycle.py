@@ -110,9 +110,11 @@ class Lifecycle:
         """A turn failed (committer): fail it and every later pending turn, rewind to the last durable turn."""
         core = self.core
         with core.lock:
-            if turn.dead:
-                return turn.error  # killed by an earlier failure / delete / lost KV: reported there
             kept = s.durable.turn if s.durable is not None else 0
+            if turn.dead:  # killed by an earlier failure / delete / lost KV / abort: reported there
+                if not isinstance(turn.error, StoreError):  # its own save failed first: the raw cause
+                    turn.error = self.turn_error(s, turn, turn.error, kept)
+                return turn.error
             err = self.turn_error(s, turn, cause, kept)
             dead = s.kill_from(turn, err)
             for t in dead:

@@ -493,3 +493,25 @@ def test_12_file_removal_runs_without_the_lock(tmp_path):
     quiet(st)
     assert st.usage()["disk"] == L * 2 * BLK
     st.close()
+
+
+def test_a_deleted_sessions_failed_turn_reports_a_store_error(tmp_path):
+    """Found by scripts/torture_store.py: a turn whose save had failed (the raw OSError recorded) and
+    that a delete killed before its commit ran resolved its future with that raw OSError."""
+    st = open_store(tmp_path / "st")
+    a = rows(9, 1)
+    turn(st, "s", a, 0).result()
+    hc = st.hooks.hold("commit.wait", sid="s")
+    st.disk.faults.add("resize", "EIO", sid="s")
+    f2 = turn(st, "s", rows(8, 2), 9)  # rows 9..16: block 2's flush at commit grows the array (and fails)
+    hc.wait_reached()
+    st._wb.worker.submit(lambda: None).result()  # the flush ran and failed: the turn holds the raw OSError
+    st.disk.faults.clear()
+    deleter = threading.Thread(target=st.delete, args=("s",))
+    deleter.start()
+    hc.release()
+    deleter.join()
+    with pytest.raises(TurnFailed, match="of session 's' was not saved"):
+        f2.result()
+    assert st.lookup("s") is None
+    st.close()
