@@ -292,3 +292,35 @@ def test_tail_drop_after_queued_saves_then_a_new_turn_reserves_its_blocks(tmp_pa
     st = open_store(tmp_path / "st")
     check(st, "a", want, turn_no=3)
     st.close()
+
+
+@pytest.mark.parametrize("mode", ["move-held", "tail-held", "move-done"])
+def test_sigkill_during_drop_range_leaves_the_old_or_the_new_history(tmp_path, mode):
+    """A real SIGKILL: held before the drop's manifest (its moved rows written, or the next turn's saves
+    queued behind a tail drop) the old history reopens bit-identical; after it, the new one."""
+    import signal
+    import subprocess
+
+    root = tmp_path / "st"
+    here = os.path.dirname(__file__)
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=os.pathsep.join([here, os.getcwd(), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.Popen([sys.executable, os.path.join(here, "_drop_crash_child.py"), str(root), mode],
+                            stdout=subprocess.PIPE, env=env, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    x = rows(N, 1)
+    if mode == "move-held":  # the copy reached the disk (blocks 5..9): the kill came after it
+        kv = root / "s" / "a" / "kv"
+        assert any(p.name.startswith("c.") and int(p.name.split(".")[3]) >= 6 for p in kv.iterdir())
+    st = open_store(root)
+    if mode == "move-done":
+        check(st, "a", kept(x, 4, 20), turn_no=1)
+        np.testing.assert_array_equal(st.lookup("a").token_ids, np.concatenate([IDS[:4], IDS[20:]]))
+    else:
+        check(st, "a", x, turn_no=1)
+        np.testing.assert_array_equal(st.lookup("a").token_ids, IDS)
+    quiet(st)
+    st.close()
