@@ -42,6 +42,8 @@ def summarize(results: dict) -> dict:
                "agree_tt": {m: float(np.mean([r["agree_tt"][m] for r in rs])) for m in ms},
                "kv_exact": all(all(v is not False for v in r["kv_exact"].values()) for r in rs)}
         row["ca_over_tt"] = row["ppl"]["CA"] / row["ppl"]["TT"]
+        if all("sink_cut" in r for r in rs):
+            row["sink_drop_mean"] = float(np.mean([r["sink_cut"][1] for r in rs]))
         ppl.append(row)
     rec_groups: dict[tuple, list[dict]] = collections.defaultdict(list)
     for r in results.get("recall", []):
@@ -65,13 +67,15 @@ def markdown(summary: dict, model: str) -> str:
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     sink = any("CA+sink" in g["ppl"] for g in summary["perplexity"])
     if sink:
-        lines[2] = lines[2].replace(" CA/TT |", " CA/TT | TT+sink | CA+sink | CA+sink / TT+sink |")
-        lines[3] += "---|---|---|"
+        lines[0] += (" TT+sink/CA+sink keep the first tokens and drop the ones after them, as the engine does;"
+                     " CA+sink's agreement is with TT+sink.")
+        lines[2] = lines[2].replace(" CA/TT |", " CA/TT | dropped after sink | TT+sink | CA+sink | CA+sink / TT+sink |")
+        lines[3] += "---|---|---|---|"
     for g in summary["perplexity"]:
         p, a = g["ppl"], g["agree_tt"]
         extra = ""
         if "CA+sink" in p:
-            extra = (f" {p['TT+sink']:.3f} | {p['CA+sink']:.3f} ({a['CA+sink']:.0%}) | "
+            extra = (f" {g.get('sink_drop_mean', float('nan')):.0f} | {p['TT+sink']:.3f} | {p['CA+sink']:.3f} ({a['CA+sink']:.0%}) | "
                      f"{(p['CA+sink'] / p['TT+sink'] - 1) * 100:+.2f} % |")
         lines.append(
             f"| {g['source']} | {g['W']} | {g['cut']} | {_r(g['ratio'])} | {g['n_drop_mean']:.0f} | {p['TT']:.3f} | "
