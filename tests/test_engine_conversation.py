@@ -46,8 +46,9 @@ def chatml(tmp_path_factory):  # every turn renders on its own: a stable templat
     return _model(tmp_path_factory.mktemp("chatml"), "qwen2", "chatml", 11)
 
 
-def _engine(m, max_new=5, **kw):
+def _engine(m, max_new=5, max_context=None, **kw):
     _, cfg, params, tok = m
+    cfg = cfg if max_context is None else cfg.replace(max_context=max_context)
     lay = KVLayout(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, cfg.dtype, "conv-test")
     store = TieredStore(StoreConfig(kvstore={"driver": "memory"}, host_bytes=1 << 24, device_bytes=0, token_block=16), lay)
     return Engine(cfg, params, store, tok, EngineConfig(max_new_tokens=max_new, return_logits=True, **kw)), store
@@ -129,6 +130,48 @@ def test_identical_rerender_reuses_everything(chatml):
     r4 = eng.turn("c", "And in Spain?")
     closed = 1 if r3.generated_tokens > len(r3.reply_tokens) else 2  # <|im_end|> replaces the stop, "\n" follows
     assert r4.dropped_tokens == 0 and r4.reused_tokens == r3.history_tokens + r3.prompt_tokens + r3.generated_tokens + closed
+    eng.close()
+
+
+def test_a_truncated_session_continues_from_the_realigned_render(chatml):
+    """The client re-sends the whole (growing) conversation; once it outgrows the window the engine truncates
+    (the sink kept), and the next render, which does not fit either, is realigned with the stored tail: those
+    rows are served, the turns the truncation dropped stay out, and the prefill is exact over the served KV."""
+    import jax.numpy as jnp
+
+    from jax_cachedattn.model import prefill
+
+    _, cfg0, params, tok = chatml
+    eng, store = _engine(chatml, max_new=4, max_context=150)
+    cfg = eng.model_config
+    texts = ["The capital of France is Paris.", "Why did the cat sit on the computer? To keep an eye on the mouse!",
+             "I am fine, thank you.", "Sure, here it is.", "The quick brown fox jumps over the lazy dog."]
+    users = [U1, U2, U3, {"role": "user", "content": "def f(x): what does it return?"},
+             {"role": "user", "content": "Answer briefly and politely."}, {"role": "user", "content": "And in Spain?"}]
+    msgs, truncated, realigned = [], False, 0
+    for i, u in enumerate(users):
+        msgs = msgs + [u]
+        info = store.lookup("c")
+        whole = tok.chat(msgs)
+        res_kv = None if info is None else [np.asarray(store.load_layer("c", l)) for l in range(cfg.num_layers)]
+        r = eng.turn("c", msgs)
+        assert r.history_tokens + r.prompt_tokens + 4 + 2 <= cfg.max_context
+        if truncated and len(whole) + 6 > cfg.max_context:  # a render that does not fit, after a truncation
+            assert r.history_tokens + r.prompt_tokens < len(whole)  # the truncated turns stay out ...
+            assert r.reused_tokens > eng.config.truncation_sink + 16  # ... and the kept tail is served
+            assert r.prompt_tokens <= len(whole) - len(tok.chat(msgs[:-2]))  # the last reply (as the client wrote it) and the new turn
+            realigned += 1
+            if not r.truncated_tokens:  # exact over the served rows: a prefill of the rest against them
+                cache = jnp.asarray(np.stack(res_kv)[:, :, : r.reused_tokens])
+                ref, _ = prefill(params, cfg, jnp.asarray(whole[-r.prompt_tokens:], jnp.int32), cache,
+                                 jnp.int32(r.reused_tokens))
+                np.testing.assert_allclose(r.prompt_logits, np.asarray(ref), atol=TOL, rtol=0)
+                assert list(store.lookup("c").token_ids[r.reused_tokens : r.reused_tokens + r.prompt_tokens]) == \
+                    whole[-r.prompt_tokens:]
+        truncated = truncated or r.truncated_tokens > 0
+        eng.flush()
+        msgs = msgs + [{"role": "assistant", "content": texts[i % len(texts)]}]
+    assert truncated and realigned >= 1
     eng.close()
 
 
