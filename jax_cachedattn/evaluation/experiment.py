@@ -29,7 +29,8 @@ class EvalConfig:
     covers). recall: recall items per W. variants: also cut inside a turn and remove only the
     system prompt (chats). sink: > 0 also runs TT+sink and CA+sink, which keep the first ``sink``
     tokens (the attention sink) and drop the tokens after them, cut where the engine with
-    ``truncation_sink=sink`` cuts (at least as many tokens as the plain cut; the same end for prose).
+    ``truncation_sink=sink`` cuts (for prose the same number of tokens as the plain cut, moved back by
+    ``sink``; for chats from ``sink`` to the turn start the engine picks, usually the plain cut's end).
     seed: text offsets, conversations and facts."""
 
     windows: tuple[int, ...] = (512, 1024, 2048)
@@ -51,7 +52,7 @@ class EvalConfig:
             raise ValueError("continuation must be >= 2 tokens")
         if any(self.continuation >= w for w in self.windows):
             raise ValueError(f"continuation ({self.continuation}) must be shorter than every window")
-        for f in ("prose", "chats", "recall"):
+        for f in ("prose", "chats", "recall", "sink"):
             if getattr(self, f) < 0:
                 raise ValueError(f"{f} must be >= 0")
 
