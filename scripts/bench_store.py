@@ -259,6 +259,34 @@ def decode_amplification(folder: str, model: str, hist: int, n: int, every: int,
             "kv_bytes_produced": produced, "write_amplification": written / produced}
 
 
+def drop_bytes(folder: str, model: str, hist: int, start: int, stop: int, cfg_kw: dict) -> dict:
+    """Disk bytes `drop_range(start, stop)` writes on a committed ``hist``-token session, over the KV
+    bytes it keeps, and the disk bytes the session then counts (blocks before the new front stay)."""
+    from jax_cachedattn.store import KVLayout, StoreConfig, TieredStore
+
+    L, K, D, dt = MODELS[model]
+    lay = KVLayout(L, K, D, dt, fingerprint="bench-drop")
+    root = tempfile.mkdtemp(prefix="drop_", dir=folder)
+    store = TieredStore(StoreConfig(root=root, host_bytes=8 << 30, **cfg_kw), lay)
+    try:
+        x = np.zeros((2, hist, K, D), lay.np_dtype)
+        for layer in range(L):
+            store.save_layer("d", layer, x, 0)
+        store.commit_turn("d", np.arange(hist)).result()
+        store.flush()
+        w0, d0 = store.stats.bytes_written["disk"], store.usage()["disk"]
+        store.drop_range("d", start, stop).result()
+        written = store.stats.bytes_written["disk"] - w0
+        d1 = store.usage()["disk"]
+    finally:
+        store.close()
+        shutil.rmtree(root, ignore_errors=True)
+    kept = (hist - (stop - start)) * lay.bytes_per_token
+    return {"model": model, "history": hist, "start": start, "stop": stop, "bytes_written": written,
+            "kv_bytes_kept": kept, "written_per_kept_byte": written / kept if kept else None,
+            "disk_bytes_before": d0, "disk_bytes_after": d1}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
                                  epilog=__doc__.split("\n\n", 1)[1])
@@ -278,7 +306,20 @@ def main(argv=None) -> int:
     ap.add_argument("--decode", default=None, metavar="HIST,N,EVERY",
                     help="instead: decode write amplification (disk bytes written / KV bytes produced) of a turn that "
                          "decodes N tokens after HIST, saved every EVERY tokens, e.g. 1000,2048,16")
+    ap.add_argument("--drop", default=None, metavar="HIST,START,STOP",
+                    help="instead: disk bytes written by drop_range(START, STOP) on a HIST-token session, e.g. "
+                         "4000,4,2052 (4 attention-sink tokens kept); STOP may be HIST (a tail drop)")
     args = ap.parse_args(argv)
+    if args.drop:
+        hist, start, stop = (int(v) for v in args.drop.split(","))
+        kw = {"token_block": args.token_block} if args.token_block else {}
+        folder = tempfile.mkdtemp(prefix=".bench_store_", dir=args.dir or os.getcwd())
+        try:
+            for model in args.models.split(","):
+                print(json.dumps(drop_bytes(folder, model, hist, start, stop, kw)), flush=True)
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+        return 0
     if args.decode:
         hist, n, every = (int(v) for v in args.decode.split(","))
         kw = {"token_block": args.token_block} if args.token_block else {}

@@ -3,7 +3,7 @@
 
 Each schedule runs on one store root (a ``file`` kvstore) that lives across schedules: two driver
 threads, each owning its own sessions, issue turns (prefill-sized or decode-sized saves), aborted
-turns, truncations, deletions and loads without waiting for commits, while a third thread keeps
+turns, truncations, drops of a range (attention sink + middle, tail), deletions and loads without waiting for commits, while a third thread keeps
 prefetching and evicting and the schedule injects ENOSPC/EIO into chunk writes, resizes and
 manifests. At the end of a schedule every commit's fate is settled against the model (a failed
 turn fails every later one and leaves the last durable turn), every row of every session is read
@@ -65,7 +65,7 @@ class Tally:
     def __init__(self):
         self.lock = threading.Lock()
         self.schedules = self.rows = self.wrong = self.leaked = self.kills = self.reopens = 0
-        self.failed_turns = self.refused = 0
+        self.failed_turns = self.refused = self.drops = 0
         self.lost: list[str] = []
         self.faults = 0
 
@@ -75,20 +75,29 @@ class Tally:
                 setattr(self, k, getattr(self, k) + v)
 
 
+def dropped(cur, a: int, b: int):
+    """Token ids ``cur`` without ``[a, b)``; None when the range does not fit (the store refuses it)."""
+    if cur is None or b > len(cur):
+        return None
+    return np.concatenate([cur[:a], cur[b:]])
+
+
 class Model:
     """One session: durable token ids (None: absent) and the operations in flight, in order:
-    ("turn", future, ids before, ids after) or ("trunc", future, k)."""
+    ("turn", future, ids before, ids after) or ("drop", future, start, stop) (a truncation is
+    ``("drop", f, 0, k)``)."""
 
     def __init__(self):
         self.durable: np.ndarray | None = None
         self.chain: list = []
         self.gen = 0  # bumps when the session starts again (ids never reused)
+        self.next = 0  # the next token id (a tail drop does not make its ids free again)
 
     @property
     def latest(self):
         cur = self.durable
         for op in self.chain:
-            cur = op[3] if op[0] == "turn" else (None if cur is None else cur[op[2]:])
+            cur = op[3] if op[0] == "turn" else dropped(cur, op[2], op[3])
         return cur
 
     def candidates(self) -> list:
@@ -102,8 +111,8 @@ class Model:
                 if op[0] == "turn":
                     if (st is None and len(op[2]) == 0) or (st is not None and st == tuple(op[2].tolist())):
                         nxt.add(tuple(op[3].tolist()))
-                elif st is not None:
-                    nxt.add(st[op[2]:])
+                elif st is not None and op[3] <= len(st):
+                    nxt.add(st[: op[2]] + st[op[3]:])
             states = nxt
         return [None if st is None else np.asarray(st, np.int64) for st in states]
 
@@ -158,7 +167,10 @@ class Driver:
                     self.tally.lost.append(f"{sid}: a turn saved onto another history than the one it continued")
                 cur = op[3]
             else:
-                cur = None if cur is None else cur[op[2]:]
+                new = dropped(cur, op[2], op[3])
+                if new is None and cur is not None:
+                    self.tally.lost.append(f"{sid}: a drop of [{op[2]}, {op[3]}) succeeded on {len(cur)} tokens")
+                cur = new
         m.durable, m.chain = cur, []
         return failed
 
@@ -171,9 +183,13 @@ class Driver:
         else:
             old_ids, start = old, len(old)
         n = int(rng.integers(1, 6 if decode else 24))
-        if start + n > MAX_TOKENS:
-            return self.truncate(sid, start // 2)
-        first = m.gen * 100000 + (int(old_ids[-1]) % 100000 + 1 if len(old_ids) else 0)
+        if start + n > MAX_TOKENS:  # over the context: drop the oldest half, or all but 4 sink tokens of it
+            return self.drop(sid, 0, start // 2) if rng.random() < 0.5 else self.drop(sid, 4, 4 + start // 2)
+        first = max(m.gen * 100000, m.next)
+        if first % 100000 > 90000:
+            m.gen += 1
+            first = m.gen * 100000
+        m.next = first + n
         ids = np.arange(first, first + n)
         try:
             pieces = [(0, n)] if not decode else [(i, min(n, i + 2)) for i in range(0, n, 2)]
@@ -188,17 +204,22 @@ class Driver:
             return
         m.chain.append(("turn", fut, old_ids, np.concatenate([old_ids, ids])))
 
-    def truncate(self, sid, k):
+    def drop(self, sid, a, b):
+        """``truncate_front`` for a drop of ``[0, b)``, else ``drop_range``."""
         m = self.models[sid]
         old = m.latest
-        if old is None or k > len(old):
+        if old is None or not a <= b <= len(old):
             return
         try:
-            fut = self.store.truncate_front(sid, k)
+            fut = self.store.truncate_front(sid, b) if a == 0 else self.store.drop_range(sid, a, b)
+        except BudgetError:  # a middle drop needs the session twice in the host tier: refused, nothing changed
+            self.tally.add(refused=1)
+            return
         except (StoreError, UnknownSession):
             self.settle(sid)
             return
-        m.chain.append(("trunc", fut, k))
+        m.chain.append(("drop", fut, a, b))
+        self.tally.add(drops=1)
 
     def step(self):
         rng, st = self.rng, self.store
@@ -209,16 +230,26 @@ class Driver:
             self.turn(sid, decode=False)
         elif r < 0.55:
             self.turn(sid, decode=True)
-        elif r < 0.62:
-            self.truncate(sid, int(rng.integers(0, 12)))
-        elif r < 0.70 and m.latest is not None:  # a turn given up by the engine
+        elif r < 0.60:
+            self.drop(sid, 0, int(rng.integers(0, 12)))
+        elif r < 0.66 and m.latest is not None:  # attention sink + middle, a middle range, or the tail
+            size, use = len(m.latest), rng.random()
+            if use < 0.4:
+                a = int(rng.integers(1, 5))
+                self.drop(sid, min(a, size), min(size, a + int(rng.integers(1, 16))))
+            elif use < 0.7:
+                self.drop(sid, max(0, size - int(rng.integers(1, 12))), size)
+            else:
+                a = int(rng.integers(0, size + 1))
+                self.drop(sid, a, int(rng.integers(a, size + 1)))
+        elif r < 0.72 and m.latest is not None:  # a turn given up by the engine
             try:
                 st.save_layer(sid, 0, value(sid, np.arange(3) + 99999, 0), len(m.latest))
             except StoreError:
                 pass
             if st.lookup(sid) is not None:
                 st.abort_turn(sid)
-        elif r < 0.73 and m.latest is not None:
+        elif r < 0.75 and m.latest is not None:
             try:
                 st.delete(sid)
             except UnknownSession:
@@ -313,7 +344,7 @@ def child(root: str, seed: int) -> None:
         info = store.lookup(sid)
         if info is not None and info.kv_valid:
             models[sid].durable = np.asarray(info.token_ids, np.int64)
-            models[sid].gen = int(info.token_ids[-1]) // 100000 + 1 if len(info.token_ids) else 1
+            models[sid].gen = int(info.token_ids.max()) // 100000 + 1 if len(info.token_ids) else 1
         elif info is not None:
             store.delete(sid)
     rng = np.random.default_rng(seed)
@@ -352,7 +383,7 @@ def reopen_check(root, tally) -> tuple[TieredStore, dict]:
             continue
         ids = np.asarray(info.token_ids, np.int64)
         models[sid].durable = ids
-        models[sid].gen = int(ids[-1]) // 100000 + 1 if len(ids) else 1
+        models[sid].gen = int(ids.max()) // 100000 + 1 if len(ids) else 1
         check_rows(store, sid, [ids], tally, where="after a SIGKILL")
     return store, models
 
@@ -416,7 +447,8 @@ def main(argv=None) -> int:
     print(f"seed {args.seed}, {wall / 60:.1f} min ({wall:.0f} s)")
     print(f"schedules run:       {tally.schedules}  (reopened {tally.reopens}x, SIGKILLed a writer {tally.kills}x)")
     print(f"faults injected:     {tally.faults}  (turns that failed: {tally.failed_turns})")
-    print(f"rows served:         {tally.rows}  (loads refused by a full host budget: {tally.refused})")
+    print(f"drops of a range:    {tally.drops}  (truncate_front and drop_range, awaited by no one)")
+    print(f"rows served:         {tally.rows}  (loads and drops refused by a full host budget: {tally.refused})")
     print(f"wrong rows served:   {tally.wrong}")
     print(f"sessions lost:       {len(tally.lost)}")
     for reason in tally.lost[:20]:

@@ -21,6 +21,8 @@ POINTS = (
     "commit.wait",  # the committer is about to wait for the turn's writes
     "commit.manifest",  # the turn's data is written; its manifest is about to be written
     "truncate.drop",  # a truncation is about to drop the front blocks from the host tier (save worker)
+    "drop.move",  # a drop_range is about to copy the kept rows to their new blocks (save worker)
+    "drop.tail",  # a drop_range of the tail is about to trim the host tier (save worker)
     "promote.read",  # a disk -> host promotion is about to read
     "delete.disk",  # a deleted session's files are about to be removed (save worker)
 )

@@ -30,7 +30,11 @@ _seq = itertools.count(1)
 
 
 class Turn:
-    """One turn: its saves (data) or a metadata change (``kind`` "truncate" / "lost")."""
+    """One turn: its saves (data) or a change of the history (``kind`` "truncate" / "drop" / "lost").
+
+    A "drop" turn (`TieredStore.drop_range`) carries ``plan``: ``("tail", new_end)`` (rows after
+    ``new_end`` dropped, metadata only) or ``("move", o, e, a, b, dst)`` (the kept rows ``[o, a)`` and
+    ``[b, e)`` copied to fresh rows from ``dst`` on, rows the older manifests never cover)."""
 
     def __init__(self, sid: str, num_layers: int, base_end: int, kind: str = "data", base_offset: int = 0):
         self.sid, self.kind, self.seq = sid, kind, next(_seq)
@@ -43,6 +47,8 @@ class Turn:
         self.done: cf.Future = cf.Future()  # resolves to the turn number once durable
         self.dead = False
         self.error: BaseException | None = None  # first error of its asynchronous part
+        self.plan: tuple | None = None  # a "drop" turn's plan (`ranges.plan`)
+        self.res = None  # a "drop" move's host reservation (for its new blocks)
 
     def kill(self, error: BaseException) -> None:
         self.dead = True
@@ -81,6 +87,7 @@ class Session:
         self.mlock = threading.Lock()  # orders a manifest write against the session's deletion
         self.gone = False
         self.freeing = 0  # disk bytes being removed after deletion
+        self.trims: list[int] = []  # per queued tail drop: the block from which it will empty the tables
 
     # ---- the committed state -------------------------------------------------------------------
     def restore(self, m: Manifest) -> None:

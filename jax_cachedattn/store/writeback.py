@@ -24,6 +24,7 @@ from typing import Callable
 import jax
 import numpy as np
 
+from . import ranges
 from .core import Core, ceil_div
 from .errors import LayoutMismatch, StoreError
 from .memory import Memory
@@ -58,7 +59,13 @@ class Writeback:
             self.submit(s, turn, self._flush)
         elif turn.kind == "truncate":
             self.submit(s, turn, self._drop_front)
+        elif turn.kind == "drop":
+            ranges.submit(self, s, turn)
         self.committer.submit(self._commit, s, turn, prev)
+        if turn.kind == "drop" and turn.plan[0] == "tail":
+            # Later writes go to rows the older manifests still call valid: none lands before this
+            # turn's manifest is durable (or failed, and the turns after it with it).
+            self.submit(s, None, ranges.barrier, turn)
 
     # ---- worker tasks -------------------------------------------------------------------------------
     def _run(self, s: Session, turn: Turn | None, fn, args) -> None:

@@ -1,8 +1,8 @@
 """Hypothesis state machine: the store under concurrent, un-awaited work and injected faults vs a model.
 
 Saves and commits are not awaited (the engine never waits on a commit); a background thread keeps
-prefetching and evicting; truncations, aborted turns and injected ENOSPC/EIO in chunk writes,
-resizes and manifests happen at any step. The model keeps, per session, the last durable state and
+prefetching and evicting; truncations, drops of a range (sink + middle, tail), aborted turns and
+injected ENOSPC/EIO in chunk writes, resizes and manifests happen at any step. The model keeps, per session, the last durable state and
 the chain of commits in flight; a failed commit fails every later one and leaves the last durable
 state. Every served row is checked against the model's bytes (a load may see any state of the chain:
 a failure rewinds in the background). The model never forgives a lost session: no KV is damaged here,
@@ -31,10 +31,17 @@ def ids_of(rows: np.ndarray) -> np.ndarray:
     return (np.frombuffer(np.ascontiguousarray(rows[0, 0, :, 0, 0]).tobytes(), np.uint32) >> 1).astype(np.int64)
 
 
+def dropped(cur, a, b):
+    """``cur`` without rows ``[a, b)`` (None when the range does not fit: the store refuses it)."""
+    if cur is None or b > cur.shape[2]:
+        return None
+    return np.concatenate([cur[:, :, :a], cur[:, :, b:]], axis=2)
+
+
 class Model:
     """One session: the durable rows and the operations in flight, in order: ("turn", future, rows
-    before, rows after) or ("trunc", future, k). A truncation issued after an earlier turn failed
-    applies to the rewound history (it takes no expected length)."""
+    before, rows after) or ("drop", future, start, stop) (a truncation is ``("drop", f, 0, k)``).
+    A drop issued after an earlier turn failed applies to the rewound history."""
 
     def __init__(self):
         self.durable: np.ndarray | None = None  # [L, 2, n, K, D] or None: not in the store
@@ -44,19 +51,21 @@ class Model:
     def latest(self):
         cur = self.durable
         for op in self.chain:
-            cur = op[3] if op[0] == "turn" else (None if cur is None else cur[:, :, op[2]:])
+            cur = op[3] if op[0] == "turn" else dropped(cur, op[2], op[3])
         return cur
 
     def states(self):
-        out, cur = [self.durable], self.durable
-        for op in self.chain:
-            if op[0] == "turn":
-                cur = op[3]
-            else:
-                cur = None if cur is None else cur[:, :, op[2]:]
-                if self.durable is not None:
-                    out.append(self.durable[:, :, op[2]:])
-            out.append(cur)
+        """What a load may see now: the durable state with any subset of the operations in flight
+        applied in order (each may succeed or fail; a failure rewinds in the background)."""
+        out = [self.durable]
+        for op in self.chain[:10]:
+            nxt = list(out)
+            for cur in out:
+                new = op[3] if op[0] == "turn" else dropped(cur, op[2], op[3])
+                if new is not None and not any(o is not None and o.shape == new.shape and np.array_equal(o, new)
+                                               for o in nxt):
+                    nxt.append(new)
+            out = nxt
         return out
 
 
@@ -110,7 +119,9 @@ class StoreMachine(RuleBasedStateMachine):
                 assert (cur is None and op[2] is None) or np.array_equal(cur, op[2]), f"{sid}: turn onto another history"
                 cur = op[3]
             else:
-                cur = None if cur is None else cur[:, :, op[2]:]
+                new = dropped(cur, op[2], op[3])
+                assert new is not None or cur is None, f"{sid}: a drop of [{op[2]}, {op[3]}) succeeded on {cur.shape[2]} rows"
+                cur = new
         m.durable, m.chain = cur, []
         info = self.store.lookup(sid)
         if m.durable is None:
@@ -164,16 +175,36 @@ class StoreMachine(RuleBasedStateMachine):
 
     @rule(sid=st.sampled_from(SIDS), k=st.integers(0, 6))
     def truncate(self, sid, k):
+        self._drop(sid, 0, k, front=True)
+
+    @rule(sid=st.sampled_from(SIDS), use=st.sampled_from(["sink", "tail", "middle"]), a=st.integers(0, 6),
+          n=st.integers(0, 12))
+    def drop_range(self, sid, use, a, n):
+        old = self.models[sid].latest
+        if old is None:
+            return
+        size = old.shape[2]
+        if use == "sink":  # keep ``a`` attention-sink rows, drop the next ``n``
+            self._drop(sid, min(a, size), min(a + n, size))
+        elif use == "tail":  # longest-common-prefix reuse: keep ``size - n`` rows
+            self._drop(sid, max(0, size - n), size)
+        else:
+            lo = min(a * 3, size)
+            self._drop(sid, lo, min(lo + n, size))
+
+    def _drop(self, sid, a, b, front=False):
         m = self.models[sid]
         old = m.latest
-        if old is None or k > old.shape[2]:
+        if old is None or b > old.shape[2]:
             return
         try:
-            fut = self.store.truncate_front(sid, k)
+            fut = self.store.truncate_front(sid, b) if front else self.store.drop_range(sid, a, b)
+        except BudgetError:
+            return  # a middle drop needs the session twice in the host tier: refused, nothing changed
         except (LayoutMismatch, UnknownSession):
             assert self.settle(sid)
             return
-        m.chain.append(("trunc", fut, k))
+        m.chain.append(("drop", fut, a, b))
 
     @rule(sid=st.sampled_from(SIDS), layer=st.integers(0, L - 1), pad=st.booleans())
     def load(self, sid, layer, pad):
