@@ -123,28 +123,89 @@ class TurnPlan:
 
     ``ids``: the render of the whole conversation up to the generation prompt (what the model must see).
     ``reuse``: how many leading tokens of the stored history may be served from the store (they equal
-    ``ids[:reuse]``). ``drop``: stored tokens past that prefix, whose KV the store must discard.
-    ``compute``: ``ids[reuse:]``, the tokens to prefill.
+    ``ids[:reuse]``, or ``ids[:p] + ids[p + skip : reuse + skip]`` when ``skip`` > 0). ``drop``: stored
+    tokens past them, whose KV the store must discard. ``skip``: render tokens ``ids[p : p + skip]`` that an
+    earlier truncation already dropped from the stored history (``p``: where the stored ids leave the
+    render) and that stay out of the context. ``compute``: ``ids[reuse + skip:]``, the tokens to prefill.
     """
 
     ids: tuple[int, ...]
     reuse: int
     drop: int
+    skip: int = 0
 
     @property
     def compute(self) -> tuple[int, ...]:
-        return self.ids[self.reuse:]
+        return self.ids[self.reuse + self.skip:]
 
 
-def plan_turn(stored_ids: Sequence[int] | np.ndarray, whole_ids: Sequence[int]) -> TurnPlan:
+_PROBE = 8  # stored tokens that must match to align a truncated history with the render
+
+
+def _realign(stored: np.ndarray, ids: np.ndarray, p: int) -> tuple[int, int]:
+    """``(skip, m)``: the longest run ``stored[p : p + m] == ids[p + skip : p + skip + m]`` with ``skip > 0``,
+    ``m >= min(_PROBE, len(stored) - p)`` and at least one render token left to compute; ``(0, 0)`` if none."""
+    rest = stored[p:]
+    k = min(_PROBE, rest.size)
+    hay = ids[p + 1 : ids.size - 1]  # q >= p + 1; one token always stays to compute
+    if k == 0 or hay.size < k:
+        return 0, 0
+    windows = np.lib.stride_tricks.sliding_window_view(hay, k)
+    best = (0, 0)
+    for off in np.flatnonzero((windows == rest[:k]).all(axis=1))[:64]:
+        q = p + 1 + int(off)
+        m = min(common_prefix_len(rest, ids[q:]), ids.size - 1 - q)
+        if m > best[1]:
+            best = (q - p, m)
+    return best if best[1] >= k else (0, 0)
+
+
+def plan_turn(stored_ids: Sequence[int] | np.ndarray, whole_ids: Sequence[int], budget: int | None = None) -> TurnPlan:
     """Longest-common-prefix reuse of ``stored_ids`` (the session's history in the store) for a turn whose
     whole conversation renders to ``whole_ids``. At least one token is always computed (the model needs
-    the last position's logits), so ``reuse <= len(whole_ids) - 1``."""
+    the last position's logits), so ``reuse + skip <= len(whole_ids) - 1``.
+
+    ``budget``: the tokens the context window leaves for the conversation (window minus the reply budget).
+    When the render does not fit it and the stored history leaves the render before its end, the history
+    may be one that an earlier turn truncated (the sink kept, the oldest turns after it dropped): its tail
+    is searched for further on in the render and, found, reused, with the render tokens between left out of
+    the context as that truncation left them (``skip``). A render that fits is never shortened: the prefix
+    is reused and the rest recomputed."""
     ids = tuple(int(i) for i in whole_ids)
     if not ids:
         raise ChatTemplateError("the conversation rendered to no tokens")
-    n = min(common_prefix_len(stored_ids, ids), len(ids) - 1)
-    return TurnPlan(ids=ids, reuse=n, drop=len(stored_ids) - n)
+    stored = np.asarray(stored_ids, np.int64).reshape(-1)
+    n = min(common_prefix_len(stored, ids), len(ids) - 1)
+    skip = 0
+    if budget is not None and len(ids) > budget and n < stored.size:
+        skip, m = _realign(stored, np.asarray(ids, np.int64), n)
+        n += m
+    return TurnPlan(ids=ids, reuse=n, drop=int(stored.size) - n, skip=skip)
+
+
+ROLES = ("system", "user", "assistant", "tool", "developer")
+
+
+def check_messages(messages: Any) -> list[dict[str, Any]]:
+    """A conversation as OpenAI-style ``[{"role", "content"}, ...]`` ending with a message for the model to
+    answer (not an assistant's). Raises ChatTemplateError with one line naming the first problem."""
+    if not isinstance(messages, Sequence) or isinstance(messages, (str, bytes)) or not messages:
+        raise ChatTemplateError("the conversation must be a non-empty list of {\"role\", \"content\"} messages")
+    out = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, Mapping):
+            raise ChatTemplateError(f"message {i} is a {type(m).__name__}, not a {{\"role\", \"content\"}} object")
+        role, content = m.get("role"), m.get("content")
+        if role not in ROLES:
+            raise ChatTemplateError(f"message {i}: role must be one of {', '.join(ROLES)}, got {role!r}")
+        if not isinstance(content, str):
+            raise ChatTemplateError(f"message {i} ({role}): content must be a string, got {type(content).__name__}")
+        out.append(dict(m))
+    if out[-1]["role"] == "assistant":
+        raise ChatTemplateError("the last message is the assistant's: end the conversation with the message to answer")
+    if not out[-1]["content"].strip():
+        raise ChatTemplateError(f"the last message ({out[-1]['role']}) is empty")
+    return out
 
 
 def render_turn(tokenizer: Any, history: Sequence[Mapping[str, Any]], new: Sequence[Mapping[str, Any]],

@@ -107,11 +107,14 @@ def cmd_run(args) -> int:
     from jax_cachedattn.store import validate_session_id
 
     validate_session_id(args.session)  # before any loading: bad ids fail fast
-    if not args.prompt.strip():
+    if (args.prompt is None) == (args.messages is None):
+        raise _Usage("give either --prompt TEXT (one new message) or --messages FILE (the whole conversation)")
+    message = args.prompt if args.messages is None else _read_messages(args.messages)
+    if args.prompt is not None and not args.prompt.strip():
         raise _Usage("the prompt is empty")
     engine = _open(args)
     try:
-        res = engine.turn(args.session, args.prompt)
+        res = engine.turn(args.session, message)
         engine.flush()
     finally:
         engine.close()
@@ -121,6 +124,22 @@ def cmd_run(args) -> int:
         print(res.reply)
         _status(res)
     return 0
+
+
+def _read_messages(path: str) -> list:
+    """``--messages FILE`` (``-``: stdin): a JSON list of ``{"role", "content"}``, checked before the model loads."""
+    from jax_cachedattn.chat_template import ChatTemplateError, check_messages
+
+    try:
+        text = sys.stdin.read() if path == "-" else Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise _Usage(f"--messages {path}: cannot read it ({type(e).__name__}: {e})") from None
+    try:
+        return check_messages(json.loads(text))
+    except json.JSONDecodeError as e:
+        raise _Usage(f"--messages {path}: not JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
+    except ChatTemplateError as e:
+        raise _Usage(f"--messages {path}: {e}") from None
 
 
 def _status(res) -> None:
@@ -250,7 +269,11 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", help="run one turn of a conversation; its KV is kept in the store for the next")
     _engine_args(r)
     r.add_argument("--session", required=True, help="conversation id ([A-Za-z0-9._-], up to 128 characters)")
-    r.add_argument("--prompt", required=True, help="the user's new message")
+    r.add_argument("--prompt", default=None, help="the user's new message (appended to the session's history)")
+    r.add_argument("--messages", default=None, metavar="FILE",
+                   help="the WHOLE conversation as a JSON list of {role, content} (OpenAI style; '-' reads stdin): "
+                        "rendered with the model's chat template, the longest common prefix with the session's "
+                        "stored tokens is reused and the rest recomputed (reused_tokens / dropped_tokens in --json)")
     r.add_argument("--json", action="store_true", help="print one JSON object instead of the reply")
     r.set_defaults(func=cmd_run)
 

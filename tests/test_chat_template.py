@@ -182,3 +182,23 @@ def test_dropped_reasoning_is_recomputed_and_reply_equals_recompute(tmp_path):
     assert list(ids[-len(naive):]) == naive
     wrong, _ = prefill(params, cfg, jnp.asarray(naive, jnp.int32), stale, jnp.int32(len(stored)))
     assert float(np.abs(np.asarray(wrong)[-1] - ref[-1]).max()) > 1e-3
+
+
+def test_plan_realigns_a_truncated_history_only_when_the_render_does_not_fit():
+    whole = list(range(100, 220))  # 120 distinct tokens
+    stored = whole[:4] + whole[50:90]  # an earlier truncation kept the sink and a tail
+    p = plan_turn(stored, whole)  # no budget: the render is never shortened
+    assert (p.reuse, p.skip, p.drop) == (4, 0, 40) and p.compute == tuple(whole[4:])
+    p = plan_turn(stored, whole, budget=120)  # it fits: recomputed whole
+    assert (p.reuse, p.skip) == (4, 0)
+    p = plan_turn(stored, whole, budget=100)  # it does not: the stored tail is found and continued
+    assert (p.reuse, p.skip, p.drop) == (44, 46, 0) and p.compute == tuple(whole[90:])
+    p = plan_turn(stored + [7, 7, 7], whole, budget=100)  # a stale tail past the match is dropped
+    assert (p.reuse, p.skip, p.drop) == (44, 46, 3)
+    edited = whole[:60] + [1] + whole[61:]  # an edited message inside the kept tail: reuse stops there
+    p = plan_turn(stored, edited, budget=100)
+    assert (p.reuse, p.skip, p.drop) == (14, 46, 30) and p.compute == tuple(edited[60:])
+    p = plan_turn(whole[:4] + [5, 6, 7], whole, budget=100)  # a tail found nowhere: plain prefix
+    assert (p.reuse, p.skip, p.drop) == (4, 0, 3)
+    p = plan_turn(stored, whole[:92], budget=50)  # at least one token is always computed
+    assert p.reuse + p.skip <= 91 and p.compute

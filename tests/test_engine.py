@@ -201,11 +201,11 @@ def test_kv_lost_falls_back_to_recompute(tiny, tmp_path, verify_on_open):
 
 def test_plan_truncation():
     h = np.array([5, 1, 1, 5, 1, 1, 1, 5, 1, 1], np.int32)
-    assert plan_truncation(h, 3, 2, 20, 0.5) == 0
-    assert plan_truncation(h, 5, 2, 15, 0.2) == 2  # overflow 2 > ratio*10
-    assert plan_truncation(h, 5, 2, 15, 0.2, boundary_id=5) == 3  # next turn boundary
-    assert plan_truncation(h, 5, 2, 15, 0.5, boundary_id=5) == 7
-    assert plan_truncation(h, 8, 2, 12, 0.5) == 8
+    assert plan_truncation(h, 3, 2, 20, 0.5) == (0, 0)
+    assert plan_truncation(h, 5, 2, 15, 0.2) == (0, 2)  # overflow 2 > ratio*10
+    assert plan_truncation(h, 5, 2, 15, 0.2, boundary_id=5) == (0, 3)  # next turn boundary
+    assert plan_truncation(h, 5, 2, 15, 0.5, boundary_id=5) == (0, 7)
+    assert plan_truncation(h, 8, 2, 12, 0.5) == (0, 8)
     with pytest.raises(ContextOverflow):
         plan_truncation(h, 11, 2, 12, 0.5)
 
@@ -214,7 +214,7 @@ def test_truncation_keeps_stored_kv_and_restarts_positions(tiny):
     cfg0, params = tiny
     cfg = cfg0.replace(max_context=220)
     store = _store(cfg)
-    eng = Engine(cfg, params, store, None, EngineConfig(max_new_tokens=8, return_logits=True))
+    eng = Engine(cfg, params, store, None, EngineConfig(max_new_tokens=8, return_logits=True, truncation_sink=0))
     msgs = _messages(cfg, 3, length=70, seed=9)
     eng.turn("t", msgs[0])
     eng.turn("t", msgs[1])

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jax_cachedattn.engine.truncation import Cut
 from jax_cachedattn.evaluation import EvalConfig, Sequence, StoredKVMismatch, Truncator, cuts, run
 from jax_cachedattn.evaluation.command import load
 from jax_cachedattn.evaluation.report import summarize
@@ -44,10 +45,12 @@ def truncator(tiny):
 
 
 def test_ca_close_to_tt_nkvt_worse_full_best(truncator, prose):
-    res = run(truncator, prose, EvalConfig(windows=(W,), ratios=(0.5,), continuation=C, prose=3, chats=0, recall=0))
+    res = run(truncator, prose, EvalConfig(windows=(W,), ratios=(0.5,), continuation=C, prose=3, chats=0, recall=0, sink=4))
     (g,) = summarize(res)["perplexity"]
     p = g["ppl"]
-    assert g["kv_exact"] and all(r["kv_exact"] == {"CA": True, "NKVT": True} for r in res["rows"])
+    assert g["kv_exact"] and all(r["kv_exact"] == {"CA": True, "NKVT": True, "CA+sink": True} for r in res["rows"])
+    assert all(r["sink_cut"] == [4, r["n_drop"]] for r in res["rows"])  # prose: the same amount, after the sink
+    assert abs(p["CA+sink"] / p["TT+sink"] - 1) < 0.05, p
     assert abs(p["CA"] / p["TT"] - 1) < 0.05, p  # CA within 5 % of TT
     assert p["NKVT"] > 1.3 * p["TT"], p  # the positions baked into the keys break the model
     # Full sees twice the context of TT, but a 2-layer byte model uses little beyond ~100 bytes: its
@@ -74,6 +77,11 @@ def test_ca_kv_is_the_stored_kv(truncator, prose):
     cont = prose[0].ids[W : W + C]
     np.testing.assert_allclose(truncator.ca(hist, 0, cont, cont[1:]).nll, truncator.full(hist, cont, cont[1:]).nll,
                                rtol=1e-6, atol=1e-6)
+    # the engine's sink cut through the store: the first rows and the tail, bit for bit
+    kept_s, exact_s = truncator.kept_kv(hist, Cut(4, n_drop))
+    assert exact_s
+    np.testing.assert_array_equal(np.asarray(kept_s[:, :, :4]), stored[:, :, :4])
+    np.testing.assert_array_equal(np.asarray(kept_s[:, :, 4 : W - n_drop]), stored[:, :, 4 + n_drop :])
     # NKVT keeps the rotated keys, which differ from the pre-RoPE ones
     naive, exact_n = truncator.kept_kv(hist, n_drop, "naive")
     assert exact_n and not np.allclose(np.asarray(naive[0, 0, : W - n_drop]), stored[0, 0, n_drop:])
@@ -93,12 +101,18 @@ def test_cuts_whole_turns_inside_a_turn_and_the_system_prompt():
     starts = np.array([0, 20, 90, 150, 260])
     ids[starts] = b
     seq = Sequence("chat", 0, ids, starts, boundary_id=b)
-    got = {(c, r): n for c, r, n in cuts(seq, 256, 32, (0.25, 0.5), variants=True)}
+    got = {(c, r): n for c, r, n, _ in cuts(seq, 256, 32, (0.25, 0.5), variants=True)}
     assert got[("turn", 0.25)] == 90 and got[("turn", 0.5)] == 150  # first turn start at or after 64 / 128
     assert got[("mid", 0.25)] == 64 and got[("mid", 0.5)] == 128  # exactly there, inside a turn
     assert got[("system", None)] == 20  # only the system block
     prose = Sequence("pydoc", 0, ids)
-    assert [(c, r, n) for c, r, n in cuts(prose, 256, 32, (0.5,), True)] == [("exact", 0.5, 128)]
+    assert [(c, r, n) for c, r, n, _ in cuts(prose, 256, 32, (0.5,), True)] == [("exact", 0.5, 128)]
+    # With the sink the engine's cut starts after it and still ends at a turn start; mid and system cuts
+    # keep their end and spare the sink.
+    sink = {(c, r): k for c, r, _, k in cuts(seq, 256, 32, (0.25, 0.5), variants=True, sink=4)}
+    assert sink[("turn", 0.25)] == (4, 86) and sink[("turn", 0.5)] == (4, 146)
+    assert sink[("mid", 0.25)] == (4, 60) and sink[("system", None)] == (4, 16)
+    assert [k for *_, k in cuts(prose, 256, 32, (0.5,), True, sink=4)] == [(4, 128)]
 
 
 def test_train_tiny_is_seeded_and_learns():

@@ -18,6 +18,10 @@ class EngineConfig:
     temperature: 0 is greedy; > 0 samples (with ``top_p``) from a PRNG seeded by ``seed``.
     truncation_ratio: on overflow, drop at least this fraction of the history (0.5 in the paper),
       and always at least what the overflow needs; whole turns are preferred.
+    truncation_sink: tokens at the front of the history that a truncation keeps (the attention sink):
+      the cut drops the oldest tokens after them. 0 drops from the very first token (the paper's
+      truncation), which on SmolLM2 costs 1.2-3.6x in perplexity against a recompute; 4 keeps it within
+      a few percent (docs/truncation.md).
     rope_mode: ``decoupled`` stores keys before RoPE (truncation keeps the cache valid); ``naive``
       stores them after RoPE, the usual engine, kept only to show that truncating it is wrong.
     preload: ``layerwise`` overlaps loading layer ``l + read_ahead`` with computing layer ``l``
@@ -58,6 +62,7 @@ class EngineConfig:
     top_p: float = 1.0
     seed: int = 0
     truncation_ratio: float = 0.5
+    truncation_sink: int = 4
     rope_mode: str = "decoupled"
     preload: str = "auto"
     program_groups: int | None = None
@@ -81,6 +86,8 @@ class EngineConfig:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if not 0 < self.truncation_ratio < 1:
             raise ValueError(f"truncation_ratio must be in (0, 1), got {self.truncation_ratio}")
+        if not isinstance(self.truncation_sink, int) or self.truncation_sink < 0:
+            raise ValueError(f"truncation_sink must be an int >= 0, got {self.truncation_sink!r}")
         if self.rope_mode not in ("decoupled", "naive"):
             raise ValueError(f"rope_mode must be 'decoupled' or 'naive', got {self.rope_mode!r}")
         if self.preload not in ("auto", "layerwise", "in_program", "upfront"):
@@ -133,6 +140,9 @@ class TurnResult:
     decode_logits: list[np.ndarray] | None = None
     commit: Any = None
     """The store's commit future of this turn (resolves once the turn is durable; raises if it failed)."""
+    dropped_tokens: int = 0
+    """Stored history tokens past the longest common prefix with a re-rendered conversation (a whole
+    conversation given as messages), dropped and recomputed from the new render."""
     queue_s: float = 0.0
     """Seconds the job waited in the queue (for a slot, or behind a turn of its session) before its prefill;
     ``ttft_s`` and ``total_s`` count from the prefill's start."""
@@ -149,9 +159,11 @@ class TurnResult:
             "total_s": self.total_s,
             "source": self.source,
             "reused_tokens": self.reused_tokens,
+            "dropped_tokens": self.dropped_tokens,
         }
 
     def status_line(self) -> str:
         return (f"[ttft {self.ttft_s * 1000:.0f} ms | history from {self.source} | reused {self.reused_tokens} tok"
                 f" | prompt {self.prompt_tokens} | generated {self.generated_tokens}"
-                f" | truncated {self.truncated_tokens}]")
+                f" | truncated {self.truncated_tokens}"
+                + (f" | dropped {self.dropped_tokens}" if self.dropped_tokens else "") + "]")

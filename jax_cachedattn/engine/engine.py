@@ -12,13 +12,14 @@ from __future__ import annotations
 import dataclasses
 import time
 import zlib
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jax_cachedattn.chat_template import ChatTemplateError, check_messages, plan_turn
 from jax_cachedattn.engine import programs as P
 from jax_cachedattn.engine import slots as SL
 from jax_cachedattn.engine.batching import Loop
@@ -104,17 +105,36 @@ class Engine:
             return validate_tokens(np.asarray(ids, np.int32), self.model_config, what="message")
         return validate_tokens(message, self.model_config, what="message")
 
+    def _conversation_ids(self, messages, info, max_new: int) -> tuple[np.ndarray, int]:
+        """A whole conversation: ``(tokens to prefill, stored tokens kept)`` -- the render's longest common
+        prefix with the stored history is reused, the rest of the render computed (chat_template.plan_turn)."""
+        if self.tokenizer is None:
+            raise InputError("this engine has no tokenizer: pass token ids")
+        try:
+            whole = self.tokenizer.chat(check_messages(messages), add_generation_prompt=True)
+            stored = np.zeros(0, np.int32) if info is None else info.token_ids
+            p = plan_turn(stored, whole, budget=self.model_config.max_context - max_new - 2)
+        except ChatTemplateError as e:
+            raise InputError(str(e).splitlines()[0]) from None
+        return validate_tokens(np.asarray(p.compute, np.int32), self.model_config, what="conversation"), p.reuse
+
     def _plan(self, sid: str, message, max_new: int) -> TurnPlan:
         sid = validate_session_id(sid)
         if max_new < 1:
             raise InputError(f"max_new_tokens must be >= 1, got {max_new}")
         info = self.store.lookup(sid) if self.store is not None else None
-        new_ids = self._prompt_ids(message, first_turn=info is None)
+        keep = None
+        whole = isinstance(message, (list, tuple)) and any(isinstance(m, Mapping) for m in message)
+        if whole:
+            new_ids, keep = self._conversation_ids(message, info, max_new)
+        else:
+            new_ids = self._prompt_ids(message, first_turn=info is None)
         on_dev = info is not None and self.pool.holds(sid, info.turn, info.num_tokens)
         ec = self.config
-        return make_plan(sid, info, new_ids, max_new, chat=isinstance(message, str), max_context=self.model_config.max_context,
-                         ratio=ec.truncation_ratio, boundary_id=self._boundary_id, use_cache=ec.use_cache,
-                         on_device=on_dev and ec.use_cache)
+        return make_plan(sid, info, new_ids, max_new, chat=whole or isinstance(message, str),
+                         max_context=self.model_config.max_context, ratio=ec.truncation_ratio,
+                         boundary_id=self._boundary_id, use_cache=ec.use_cache, on_device=on_dev and ec.use_cache,
+                         sink=ec.truncation_sink, keep=keep)
 
     # ---- the read buffer ----------------------------------------------------------------------------
     def preload(self, sid: str, layers: int | None = None) -> bool:
@@ -142,15 +162,22 @@ class Engine:
         need = pool.pages_for(plan.cached_len + len(plan.compute_ids) + plan.max_new + len(self._end) + 1)
         if need > pool.free_pages():
             raise PoolFull(f"the job needs {need} pages, {pool.free_pages()} are free or evictable")
-        if plan.n_drop:
+        if plan.n_drop or plan.tail_drop:
             self.read_buffer.drop(plan.sid)
-            pool.drop(plan.sid)
-            if plan.kv_valid:
-                store.truncate_front(plan.sid, plan.n_drop)
+            if plan.n_drop:
+                pool.drop(plan.sid)
+            if plan.kv_valid:  # past the common prefix with the new render, then the truncation (sink kept)
+                if plan.tail_drop:
+                    store.drop_range(plan.sid, plan.num_tokens - plan.tail_drop, plan.num_tokens)
+                if plan.n_drop:
+                    store.drop_range(plan.sid, plan.cut.start, plan.cut.stop)
         pages = pool.take(plan.sid, plan.turn, plan.num_tokens) if plan.source == "device" else None
         if pages is None:
             pool.drop(plan.sid)
             pages = []
+        elif len(pages) > need:  # a dropped tail: its pages go back
+            pool.release(pages[need:])
+            pages = pages[:need]
         pages = pages + pool.alloc(need - len(pages), keep=plan.sid)
         table = block_table(pages, self._width)
         traced = sum(TRACE_COUNTS.values())
@@ -228,6 +255,7 @@ class Engine:
         return TurnResult(
             session=plan.sid, reply=reply, reply_tokens=reply_ids, history_tokens=len(plan.hist_ids),
             prompt_tokens=len(plan.new_ids), generated_tokens=len(gen), truncated_tokens=plan.n_drop,
+            dropped_tokens=plan.tail_drop,
             ttft_s=a.ttft, total_s=time.perf_counter() - a.t0, queue_s=a.t0 - a.arrival, source=plan.source, reused_tokens=plan.cached_len,
             read_ahead=pf.ahead, preload=pf.mode, preloaded_layers=pf.preloaded, prompt_logits=a.prompt_logits,
             decode_logits=a.decode_logits, commit=commit)
@@ -263,7 +291,10 @@ class Engine:
 
     def turn(self, session_id: str, message, *, max_new_tokens: int | None = None,
              next_session: str | None = None, sample_name: str | None = None) -> TurnResult:
-        """One turn of ``session_id`` (a batch of one). ``next_session``: the job queued after this one;
+        """One turn of ``session_id`` (a batch of one). ``message``: the user's new text (rendered as one more
+        turn), token ids, or the WHOLE conversation as ``[{"role", "content"}, ...]`` (OpenAI style): it is
+        rendered with the chat template, the longest common prefix with the stored tokens is reused, the stored
+        tail past it dropped and the rest prefilled (``TurnResult.reused_tokens``/``dropped_tokens``). ``next_session``: the job queued after this one;
         its first layers are preloaded while this turn decodes. ``sample_name``: names the sampling key
         (with ``EngineConfig.seed`` and the turn index; default the session id), so a caller can make
         replies follow its own identity of a conversation rather than the session id."""

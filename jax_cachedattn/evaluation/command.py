@@ -33,8 +33,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--chat-tokens", type=int, default=None,
                    help="generate conversations of at least this many tokens (default: largest W + C)")
     p.add_argument("--recall", type=int, default=4, help="recall items per W (smollm2 only)")
-    p.add_argument("--sink", type=int, default=0,
-                   help="also run TT+sink and CA+sink, keeping the first SINK tokens (default 0: off)")
+    p.add_argument("--sink", type=int, default=4,
+                   help="also run TT+sink and CA+sink, which keep the first SINK tokens as the engine does "
+                        "(EngineConfig.truncation_sink, default 4; 0: off)")
     p.add_argument("--no-variants", action="store_true", help="skip the mid-turn and system-prompt cuts")
     p.add_argument("--seed", type=int, default=0, help="seed of text offsets, conversations and facts")
 

@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from jax_cachedattn.engine.truncation import plan_truncation
+from jax_cachedattn.engine.truncation import Cut, plan_truncation
 from jax_cachedattn.evaluation.methods import SINK_METHODS, Truncator
 from jax_cachedattn.evaluation.recall import make_item, recalled
 
@@ -28,7 +28,10 @@ class EvalConfig:
     prose: pydoc windows per W. chats: self-generated conversations (each scored at every W it
     covers). recall: recall items per W. variants: also cut inside a turn and remove only the
     system prompt (chats). sink: > 0 also runs TT+sink and CA+sink, which keep the first ``sink``
-    tokens (the attention sink) and drop the tokens after them. seed: text offsets, conversations and facts."""
+    tokens (the attention sink) and drop the tokens after them, cut where the engine with
+    ``truncation_sink=sink`` cuts (for prose the same number of tokens as the plain cut, moved back by
+    ``sink``; for chats from ``sink`` to the turn start the engine picks, usually the plain cut's end).
+    seed: text offsets, conversations and facts."""
 
     windows: tuple[int, ...] = (512, 1024, 2048)
     ratios: tuple[float, ...] = (0.25, 0.5)
@@ -49,7 +52,7 @@ class EvalConfig:
             raise ValueError("continuation must be >= 2 tokens")
         if any(self.continuation >= w for w in self.windows):
             raise ValueError(f"continuation ({self.continuation}) must be shorter than every window")
-        for f in ("prose", "chats", "recall"):
+        for f in ("prose", "chats", "recall", "sink"):
             if getattr(self, f) < 0:
                 raise ValueError(f"{f} must be >= 0")
 
@@ -65,26 +68,31 @@ class Sequence:
     boundary_id: int | None = None
 
 
-def cuts(seq: Sequence, W: int, C: int, ratios, variants: bool) -> list[tuple[str, float | None, int]]:
-    """``(cut, ratio, n_drop)`` for the history ``seq.ids[:W]`` followed by ``C`` new tokens.
+def cuts(seq: Sequence, W: int, C: int, ratios, variants: bool, sink: int = 0) -> list[tuple[str, float | None, int, Cut]]:
+    """``(cut, ratio, n_drop, sink_cut)`` for the history ``seq.ids[:W]`` followed by ``C`` new tokens.
 
     ``turn``/``exact``: the engine's plan (at least ``ratio`` of the history and the overflow; whole
     turns when the text has turns). ``mid``: the same amount cut exactly there, inside a turn.
     ``system``: only the system block goes (the window is then exceeded by the rest of the overflow).
+    ``n_drop`` is what TT/CA/NKVT drop from the front; ``sink_cut`` what the engine with
+    ``truncation_sink=sink`` drops (``turn``/``exact``: its own plan; ``mid``: the same end as the plain
+    cut, inside a turn; ``system``: the system block after the sink).
     """
     hist = seq.ids[:W]
     out = []
     for r in ratios:
-        n = plan_truncation(hist, C, 0, W, r, seq.boundary_id)
-        out.append(("turn" if seq.boundary_id is not None else "exact", r, n))
+        n = plan_truncation(hist, C, 0, W, r, seq.boundary_id).n
+        out.append(("turn" if seq.boundary_id is not None else "exact", r, n,
+                    plan_truncation(hist, C, 0, W, r, seq.boundary_id, sink) if sink else Cut(0, n)))
         if variants and seq.boundary_id is not None:
-            m = plan_truncation(hist, C, 0, W, r, None)
+            m = plan_truncation(hist, C, 0, W, r, None).n
             while m < W - 1 and hist[m] == seq.boundary_id:
                 m += 1
-            out.append(("mid", r, m))
+            out.append(("mid", r, m, Cut(min(sink, m), m - min(sink, m))))
     if variants and seq.turn_starts is not None and len(seq.turn_starts) > 1:
-        out.append(("system", None, int(seq.turn_starts[1])))
-    return [(c, r, n) for c, r, n in out if 0 < n < W]
+        n = int(seq.turn_starts[1])
+        out.append(("system", None, n, Cut(min(sink, n), n - min(sink, n))))
+    return [(c, r, n, k) for c, r, n, k in out if 0 < n < W]
 
 
 def run(truncator: Truncator, sequences: list[Sequence], cfg: EvalConfig, *, conversations: list[dict] | None = None,
@@ -105,19 +113,24 @@ def run(truncator: Truncator, sequences: list[Sequence], cfg: EvalConfig, *, con
             cont = seq.ids[W : W + C]
             targets = cont[1:]
             full = truncator.full(hist, cont, targets)
-            for cut, ratio, n_drop in cuts(seq, W, C, cfg.ratios, cfg.variants):
+            for cut, ratio, n_drop, sink_cut in cuts(seq, W, C, cfg.ratios, cfg.variants, cfg.sink):
                 t0 = time.perf_counter()
                 res = {"Full": full}
                 for m in ("TT", "CA", "NKVT") + (SINK_METHODS if cfg.sink else ()):
-                    res[m] = truncator.run(m, hist, n_drop, cont, targets, sink=cfg.sink)
+                    res[m] = truncator.run(m, hist, n_drop, cont, targets, cut=sink_cut)
                 tt = res["TT"].top1
-                rows.append({
+                row = {
                     "source": seq.source, "seq": seq.index, "W": W, "cut": cut, "ratio": ratio, "n_drop": n_drop,
                     "kept": W - n_drop, "C": C, "wall_s": round(time.perf_counter() - t0, 3),
-                    "kv_exact": {m: res[m].kv_exact for m in ("CA", "NKVT")},
+                    "kv_exact": {m: res[m].kv_exact for m in ("CA", "NKVT") + (("CA+sink",) if cfg.sink else ())},
                     "nll": {m: [round(float(x), 5) for x in r.nll] for m, r in res.items()},
-                    "agree_tt": {m: float(np.mean(r.top1 == tt)) for m, r in res.items()},
-                })
+                    # the sink methods agree with TT+sink (the recompute of the same kept tokens)
+                    "agree_tt": {m: float(np.mean(r.top1 == (res["TT+sink"].top1 if m in SINK_METHODS else tt)))
+                                 for m, r in res.items()},
+                }
+                if cfg.sink:
+                    row["sink_cut"] = [sink_cut.start, sink_cut.n]
+                rows.append(row)
                 tick(f"{seq.source} W={W} {cut} {ratio}", 1)
         if conversations and tokenizer is not None and cfg.recall:
             recall_rows += _recall(truncator, conversations, tokenizer, W, cfg, tick)
@@ -148,10 +161,11 @@ def _recall(truncator: Truncator, conversations, tokenizer, W: int, cfg: EvalCon
         full = truncator.full(hist, cont, targets)
         for r in cfg.ratios:
             # the window is the history: the question overflows it, whole turns go (the engine's plan)
-            n_drop = plan_truncation(item.history, len(cont), 0, len(item.history), r, boundary)
+            n_drop = plan_truncation(item.history, len(cont), 0, len(item.history), r, boundary).n
+            sink_cut = plan_truncation(item.history, len(cont), 0, len(item.history), r, boundary, cfg.sink)
             hit = {"Full": recalled(full.top1, targets, a)}
             for m in ("TT", "CA", "NKVT") + (SINK_METHODS if cfg.sink else ()):
-                hit[m] = recalled(truncator.run(m, hist, n_drop, cont, targets, sink=cfg.sink).top1, targets, a)
+                hit[m] = recalled(truncator.run(m, hist, n_drop, cont, targets, cut=sink_cut).top1, targets, a)
             out.append({"W": W, "item": i, "ratio": r, "n_drop": n_drop, "history": len(item.history),
                         "fact": item.fact, "fact_kept": bool(n_drop <= item.turn_starts[-2]), "recalled": hit})
             tick(f"recall W={W} {r}", 1)
@@ -160,7 +174,7 @@ def _recall(truncator: Truncator, conversations, tokenizer, W: int, cfg: EvalCon
 
 def count_units(sequences: list[Sequence], cfg: EvalConfig, n_recall: dict[int, int] | None = None) -> int:
     """Progress-bar total: one unit per (sequence, W, cut) and per (recall item, W, ratio)."""
-    n = sum(len(cuts(s, W, cfg.continuation, cfg.ratios, cfg.variants))
+    n = sum(len(cuts(s, W, cfg.continuation, cfg.ratios, cfg.variants, cfg.sink))
             for W in cfg.windows for s in sequences if len(s.ids) >= W + cfg.continuation)
     return n + sum((n_recall or {}).values()) * len(cfg.ratios)
 

@@ -5,7 +5,7 @@ Legend: L layers, K kv heads, Dh head dim, H history tokens, C continuation toke
 * **TT** (token truncation): drop the oldest ``n_drop`` tokens and recompute the kept text from
   scratch (``model.forward``), then read the continuation's logits.
 * **CA** (CachedAttention): the history's *pre-RoPE* KV goes into a ``TieredStore``, the store drops
-  the oldest ``n_drop`` tokens (``truncate_front``), the kept KV is loaded back layer by layer
+  the oldest ``n_drop`` tokens (``drop_range(sid, 0, n_drop)``), the kept KV is loaded back layer by layer
   (``load_layer``) and the continuation is prefilled against it with RoPE applied at the new
   positions ``0 .. H - n_drop - 1`` — the engine's path.
 * **NKVT** (naive KV truncation): the same drop through the same store on KV saved with RoPE
@@ -13,10 +13,10 @@ Legend: L layers, K kv heads, Dh head dim, H history tokens, C continuation toke
   continuation starts at position ``H - n_drop``.
 * **Full**: no truncation (the window is ignored), the ceiling.
 
-Two more, measured because CA lost to TT on SmolLM2 (docs/truncation.md): **CA+sink** keeps the
-first ``sink`` tokens' stored KV and drops the ``n_drop`` tokens after them (StreamingLLM's attention
-sink; the store has no such operation yet, so the rows are selected here from the loaded KV), and
-**TT+sink** recomputes the same kept tokens.
+Two more, because CA lost to TT on SmolLM2 (docs/truncation.md) and the engine now truncates this
+way (``EngineConfig.truncation_sink``): **CA+sink** keeps the first tokens' stored KV (the attention
+sink, StreamingLLM) and drops the tokens after them, ``Cut(start, n)`` from the engine's
+``plan_truncation(..., sink=)``, and **TT+sink** recomputes the same kept tokens.
 
 Every path ends in :func:`score`: per-token negative log-likelihood of the targets and the top-1
 prediction. The CA and NKVT paths check that what the store hands back is bit-for-bit the KV that
@@ -34,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jax_cachedattn.engine import EngineConfig
+from jax_cachedattn.engine.truncation import Cut
 from jax_cachedattn.model import ModelConfig, bucket_length, forward, prefill
 from jax_cachedattn.store import KVLayout, StoreConfig, TieredStore
 
@@ -143,61 +144,61 @@ class Truncator:
     def nkvt(self, hist: History, n_drop: int, cont, targets) -> Continued:
         return self._through_store(hist, n_drop, cont, targets, "naive")
 
-    def kept_kv(self, hist: History, n_drop: int, mode: str = "decoupled") -> tuple[jax.Array, bool]:
-        """Save the history's KV in the store, ``truncate_front(n_drop)``, load every layer back.
+    def kept_kv(self, hist: History, cut: int | Cut, mode: str = "decoupled") -> tuple[jax.Array, bool]:
+        """Save the history's KV in the store, drop the cut's rows there (``drop_range``; an int ``n`` is
+        ``Cut(0, n)``, the oldest tokens), load every layer back.
 
         Returns ``(kv [L, 2, S, K, Dh], exact)`` with ``S`` the bucketed length of the whole history
-        (one compiled shape for every cut of it; rows past the kept tokens are zeros) and ``exact`` whether the loaded rows are bit-identical to the stored KV minus the
-        first ``n_drop`` rows."""
+        (one compiled shape for every cut of it; rows past the kept tokens are zeros) and ``exact`` whether
+        the loaded rows are bit-identical to the stored KV minus the dropped rows."""
+        cut = cut if isinstance(cut, Cut) else Cut(0, int(cut))
         kv = hist.kv[self._modes[mode]]
         H = kv.shape[2]
-        kept = H - n_drop
+        kept = H - cut.n
         sid = f"eval-{mode}-{next(self._sid)}"
         st = self.store
         for layer in range(self.config.num_layers):
             st.save_layer(sid, layer, kv[layer], start=0)
         st.commit_turn(sid, hist.ids).result()
-        st.truncate_front(sid, n_drop).result()
+        st.drop_range(sid, cut.start, cut.stop).result()
         if st.lookup(sid).num_tokens != kept:
             raise StoredKVMismatch(f"the store kept {st.lookup(sid).num_tokens} tokens, expected {kept}")
         S = bucket_length(H)
         loaded = jnp.stack([st.load_layer(sid, layer, pad_to=S) for layer in range(self.config.num_layers)])
         st.delete(sid)
-        exact = bool(np.array_equal(np.asarray(loaded[:, :, :kept]), np.asarray(kv[:, :, n_drop:])))
+        want = np.concatenate([np.asarray(kv[:, :, : cut.start]), np.asarray(kv[:, :, cut.stop :])], axis=2)
+        exact = bool(np.array_equal(np.asarray(loaded[:, :, :kept]), want))
         return loaded, exact
 
     def _through_store(self, hist: History, n_drop: int, cont, targets, mode: str) -> Continued:
         cache, exact = self.kept_kv(hist, n_drop, mode)
         if not exact:
-            raise StoredKVMismatch(f"{mode}: the KV loaded after truncate_front({n_drop}) is not the stored KV")
+            raise StoredKVMismatch(f"{mode}: the KV loaded after dropping the oldest {n_drop} tokens is not the stored KV")
         kept = len(hist.ids) - n_drop
         logits, _ = self._prefill(np.asarray(cont, np.int32), cache, kept, naive=(mode == "naive"))
         return Continued(*score(logits[: len(targets)], targets), kv_exact=exact)
 
-    def tt_sink(self, hist: History, n_drop: int, cont, targets, sink: int) -> Continued:
-        """TT keeping the first ``sink`` tokens: recompute ``ids[:sink] + ids[sink + n_drop:]`` and the continuation."""
-        kept = History(np.concatenate([hist.ids[:sink], hist.ids[sink + n_drop :]]), {})
-        return self.tt(kept, 0, cont, targets)
+    def tt_sink(self, hist: History, cut: Cut, cont, targets) -> Continued:
+        """TT of the tokens the engine's cut keeps: recompute ``ids[:start] + ids[stop:]`` and the continuation."""
+        return self.tt(History(cut.keep(hist.ids), {}), 0, cont, targets)
 
-    def ca_sink(self, hist: History, n_drop: int, cont, targets, sink: int) -> Continued:
-        """CA keeping the first ``sink`` tokens: the stored KV of ``[0, sink)`` and ``[sink + n_drop, H)``,
-        loaded through the store, renumbered from 0 (RoPE applied at the new positions)."""
-        full, exact = self.kept_kv(hist, 0)
+    def ca_sink(self, hist: History, cut: Cut, cont, targets) -> Continued:
+        """CA as the engine truncates: the stored KV of ``[0, start)`` and ``[stop, H)`` (the sink and the
+        tail), loaded through the store, renumbered from 0 (RoPE applied at the new positions)."""
+        cache, exact = self.kept_kv(hist, cut)
         if not exact:
-            raise StoredKVMismatch("the KV loaded from the store is not the stored KV")
-        H = len(hist.ids)
-        kept = H - n_drop
-        rows = jnp.concatenate([full[:, :, :sink], full[:, :, sink + n_drop : H]], axis=2)
-        cache = jnp.pad(rows, ((0, 0), (0, 0), (0, full.shape[2] - kept), (0, 0), (0, 0)))
-        logits, _ = self._prefill(np.asarray(cont, np.int32), cache, kept, naive=False)
+            raise StoredKVMismatch(f"the KV loaded after dropping rows [{cut.start}, {cut.stop}) is not the stored KV")
+        logits, _ = self._prefill(np.asarray(cont, np.int32), cache, len(hist.ids) - cut.n, naive=False)
         return Continued(*score(logits[: len(targets)], targets), kv_exact=exact)
 
-    def run(self, method: str, hist: History, n_drop: int, cont, targets, sink: int = 4) -> Continued:
+    def run(self, method: str, hist: History, n_drop: int, cont, targets, cut: Cut | None = None) -> Continued:
+        """``n_drop``: the oldest tokens TT/CA/NKVT drop; ``cut``: what TT+sink/CA+sink drop (the engine's plan)."""
         if method == "Full":
             return self.full(hist, cont, targets)
         if method in SINK_METHODS:
-            # the n_drop tokens after the sink go: as many tokens are kept as by the plain methods
-            return (self.tt_sink if method == "TT+sink" else self.ca_sink)(hist, n_drop, cont, targets, sink)
+            if cut is None:
+                raise ValueError(f"{method} needs the engine's cut")
+            return (self.tt_sink if method == "TT+sink" else self.ca_sink)(hist, cut, cont, targets)
         fn = {"TT": self.tt, "CA": self.ca, "NKVT": self.nkvt}.get(method)
         if fn is None:
             raise ValueError(f"unknown method {method!r}; one of {METHODS}")

@@ -27,6 +27,15 @@ def _ppl(nlls: list[list[float]]) -> float:
     return float(math.exp(np.mean(np.concatenate([np.asarray(x, np.float64) for x in nlls]))))
 
 
+def paired_ci(a: list[list[float]], b: list[list[float]], n_boot: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """95 % interval of ``ppl(a) / ppl(b) - 1`` from a paired bootstrap over the scored tokens (the same
+    tokens under two methods: resampling their nll differences)."""
+    d = np.concatenate([np.asarray(x, np.float64) - np.asarray(y, np.float64) for x, y in zip(a, b)])
+    idx = np.random.default_rng(seed).integers(0, d.size, (n_boot, d.size))
+    lo, hi = np.percentile(np.exp(d[idx].mean(axis=1)) - 1, [2.5, 97.5])
+    return float(lo), float(hi)
+
+
 def summarize(results: dict) -> dict:
     """Group rows by (model, source, W, cut, ratio): perplexity per method, CA/TT, agreement with TT."""
     groups: dict[tuple, list[dict]] = collections.defaultdict(list)
@@ -42,6 +51,9 @@ def summarize(results: dict) -> dict:
                "agree_tt": {m: float(np.mean([r["agree_tt"][m] for r in rs])) for m in ms},
                "kv_exact": all(all(v is not False for v in r["kv_exact"].values()) for r in rs)}
         row["ca_over_tt"] = row["ppl"]["CA"] / row["ppl"]["TT"]
+        if all("sink_cut" in r for r in rs):
+            row["sink_drop_mean"] = float(np.mean([r["sink_cut"][1] for r in rs]))
+            row["sink_ci"] = paired_ci([r["nll"]["CA+sink"] for r in rs], [r["nll"]["TT+sink"] for r in rs])
         ppl.append(row)
     rec_groups: dict[tuple, list[dict]] = collections.defaultdict(list)
     for r in results.get("recall", []):
@@ -65,14 +77,17 @@ def markdown(summary: dict, model: str) -> str:
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     sink = any("CA+sink" in g["ppl"] for g in summary["perplexity"])
     if sink:
-        lines[2] = lines[2].replace(" CA/TT |", " CA/TT | TT+sink | CA+sink | CA+sink / TT+sink |")
-        lines[3] += "---|---|---|"
+        lines[0] += (" TT+sink/CA+sink keep the first tokens and drop the ones after them, as the engine does;"
+                     " CA+sink's agreement is with TT+sink.")
+        lines[2] = lines[2].replace(" CA/TT |", " CA/TT | dropped after sink | TT+sink | CA+sink | CA+sink / TT+sink [95 % CI] |")
+        lines[3] += "---|---|---|---|"
     for g in summary["perplexity"]:
         p, a = g["ppl"], g["agree_tt"]
         extra = ""
         if "CA+sink" in p:
-            extra = (f" {p['TT+sink']:.3f} | {p['CA+sink']:.3f} ({a['CA+sink']:.0%}) | "
-                     f"{(p['CA+sink'] / p['TT+sink'] - 1) * 100:+.2f} % |")
+            extra = (f" {g.get('sink_drop_mean', float('nan')):.0f} | {p['TT+sink']:.3f} | {p['CA+sink']:.3f} ({a['CA+sink']:.0%}) | "
+                     f"{(p['CA+sink'] / p['TT+sink'] - 1) * 100:+.2f} %"
+                     + (f" [{g['sink_ci'][0] * 100:+.1f}, {g['sink_ci'][1] * 100:+.1f}]" if "sink_ci" in g else "") + " |")
         lines.append(
             f"| {g['source']} | {g['W']} | {g['cut']} | {_r(g['ratio'])} | {g['n_drop_mean']:.0f} | {p['TT']:.3f} | "
             f"{p['CA']:.3f} ({a['CA']:.0%}) | {p['NKVT']:.3f} ({a['NKVT']:.0%}) | {p['Full']:.3f} ({a['Full']:.0%}) | "
