@@ -9,6 +9,20 @@ in the same pass as that prompt. With ``reply_all`` under ``"given"`` the model 
 user turns the file answers; that reply is computed on a copy of the session (its KV copied through
 the store, never recomputed) and dropped, so the session keeps the file's reply.
 
+Many conversations at once. The jobs go to the continuous-batching engine (``Engine.serve``), up to
+``max_slots`` decoding together. A conversation's next turn is handed to the engine once its previous
+turn's line is written (its history is that turn's reply), so the feed is a generator over many
+conversations: the next turns that are ready first, then a new conversation, so the slots stay full.
+Lines are written in finish order.
+
+Prompts. A turn's tokens are what the model's chat template adds to the conversation so far:
+``render(history + new)`` minus ``render(history)`` (``chat_template.render_turn``), after the tokens
+that close the previous reply (the template's ``assistant_end``; a reply that stopped on its first
+token needs only the rest). The history's replies are the model's own tokens; the template only says
+which tokens come between them. A template that renders earlier turns differently once a turn is added
+(Mistral's moves the system prompt into the last user turn) cannot continue a stored history: such a
+conversation is reported and skipped.
+
 Resuming. The output file starts with a header line (the job id and the settings that change the
 replies), then one line per reply, appended whole (one ``write``, then ``fsync``), and a summary line
 at the end. A reply's line is written only after the turn's KV commit is durable. Started again,
@@ -20,12 +34,12 @@ true``) instead of being computed again. So every turn is written exactly once a
 is recomputed. A finished conversation's sessions are deleted (``keep_sessions`` keeps them).
 
 Sampling keys are derived by the engine from its seed (``EngineConfig.seed``), the conversation id
-and the user turn's index (``Engine.turn(..., sample_name=)``), so a resumed or re-sharded run
-samples the same replies.
+and the user turn's index (``sample_name``), so a resumed or re-sharded run samples the same replies.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import hashlib
 import re
@@ -34,13 +48,16 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import numpy as np
+
 from jax_cachedattn.batch_io import BatchSummary, JobOutput, OutputFileError, progress_bar
+from jax_cachedattn.chat_template import ChatTemplateError, render_turn
 from jax_cachedattn.conversations import BadRecord, Conversation, Message, read_conversations
-from jax_cachedattn.engine import ContextOverflow, Engine, InputError
-from jax_cachedattn.model import TokenError
+from jax_cachedattn.engine import ContextOverflow, Engine, InputError, plan_truncation
+from jax_cachedattn.model import TokenError, validate_tokens
 
 __all__ = ["BatchOptions", "BatchSummary", "OutputFileError", "StrictStop", "Unit", "plan_units", "run_batch_job",
-           "session_ids"]
+           "session_ids", "turn_tokens"]
 
 FORMAT_VERSION = 1
 
@@ -55,13 +72,15 @@ class BatchOptions:
     reply_all: with ``given``, also answer the user turns that the file answers.
     max_new_tokens: reply budget per turn.
     strict: stop at the first bad input record instead of skipping it.
-    keep_sessions: keep each finished conversation's KV in the store (default: delete it)."""
+    keep_sessions: keep each finished conversation's KV in the store (default: delete it).
+    window: jobs queued in the engine beyond its decode slots (``Engine.serve``'s look-ahead)."""
 
     history: str = "generated"
     reply_all: bool = False
     max_new_tokens: int = 64
     strict: bool = False
     keep_sessions: bool = False
+    window: int = 4
 
     def __post_init__(self) -> None:
         if self.history not in ("generated", "given"):
@@ -70,6 +89,8 @@ class BatchOptions:
             raise ValueError("reply_all applies to history='given' only")
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be an int >= 1, got {self.max_new_tokens!r}")
+        if not isinstance(self.window, int) or self.window < 0:
+            raise ValueError(f"window must be an int >= 0, got {self.window!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,6 +137,28 @@ def session_ids(job: str, conv_id: str) -> tuple[str, str]:
     return sid, sid + ".r"
 
 
+def _dicts(msgs) -> list[dict]:
+    return [{"role": m.role, "content": m.content} for m in msgs]
+
+
+def turn_tokens(tok, history: list[dict], new: list[dict], last_token: int | None) -> tuple[list[int], list[int]]:
+    """``(closing, rendered)``: the token ids that continue a session holding ``history`` (the chat
+    messages already in it, the last one a reply whose last token is ``last_token``) with the ``new``
+    messages and the generation prompt. ``rendered`` is what the chat template adds; ``closing`` ends
+    the previous reply as the template does (empty for a new session: ``history`` empty,
+    ``last_token`` None). Raises ChatTemplateError when the template renders ``history`` otherwise
+    once ``new`` follows it (the stored tokens would not be a prefix of the conversation)."""
+    if last_token is None:
+        return [], tok.chat(history + new)
+    plan = render_turn(tok, history, new)
+    if plan.drop:
+        raise ChatTemplateError(f"the chat template renders the earlier turns differently once this turn follows "
+                                f"({plan.drop} tokens of the history change): a stored history cannot continue")
+    end = tok.assistant_end()
+    closing = end[1:] if end and last_token == end[0] else end
+    return list(closing), list(plan.compute)
+
+
 def run_batch_job(engine: Engine, input_path: str | Path, output_path: str | Path,
                   options: BatchOptions = BatchOptions(), *, progress: bool = True,
                   report: Callable[[str], None] | None = None,
@@ -142,8 +185,7 @@ def run_batch_job(engine: Engine, input_path: str | Path, output_path: str | Pat
     runner = _Runner(engine, out, options, summary, on_event or (lambda e: None), say)
     with progress_bar(progress, total, summary.turns_done_before) as advance:
         runner.advance = advance
-        for conv, units in plans():
-            runner.conversation(conv, units)
+        runner.run(plans())
     engine.flush()
     summary.wall_s = time.perf_counter() - t0
     out.write_summary(summary.to_json())
@@ -185,134 +227,162 @@ def _first_pass(path, o: BatchOptions, say, summary: BatchSummary):
     return plans, total
 
 
-class _Runner:
-    """Runs the units of one conversation after another against the engine and the output."""
+class _Mismatch(ValueError):
+    pass
 
-    def __init__(self, engine: Engine, out, o: BatchOptions, summary: BatchSummary, event, say):
+
+_CONV_ERRORS = (ContextOverflow, InputError, TokenError, ChatTemplateError, _Mismatch)
+
+
+@dataclasses.dataclass
+class _Conv:
+    """A conversation in progress: its units, sessions, written turns and the messages its session holds."""
+
+    conv: Conversation
+    units: list[Unit]
+    sid: str
+    scratch: str
+    done: set[int]
+    hist: list[dict] = dataclasses.field(default_factory=list)
+    at: int = 0   # the next unit to run
+
+
+class _Runner:
+    """Feeds the units of many conversations to ``Engine.serve`` and writes their lines."""
+
+    def __init__(self, engine: Engine, out: JobOutput, o: BatchOptions, summary: BatchSummary, event, say):
         self.engine, self.store, self.tok = engine, engine.store, engine.tokenizer
         self.out, self.o, self.s, self.event, self.say = out, o, summary, event, say
-        self.end = list(self.tok.assistant_end())
         self.stop = self.tok.stop_ids
         self.advance: Callable[[int], None] = lambda n: None
+        self.ready: collections.deque[_Conv] = collections.deque()      # next unit may start now
+        self.waiting: collections.deque[tuple] = collections.deque()   # (conv, unit, result): commit not durable yet
+        self.jobs: list[tuple[_Conv, Unit, str]] = []                   # this serve call's jobs, by index
+        self.source: Iterator | None = None
 
-    def conversation(self, conv: Conversation, units: list[Unit]) -> None:
+    def run(self, plans: Iterator[tuple[Conversation, list[Unit]]]) -> None:
+        self.source = iter(plans)
+        while True:
+            self.jobs = []
+            for index, res in self.engine.serve(self._feed(), window=self.o.window):
+                c, u, sess = self.jobs[index]
+                if u.scratch:
+                    self._drop(sess)
+                    self._write(c, u, res)
+                else:
+                    self.waiting.append((c, u, res))
+            # The feed ended with nothing ready (every open conversation had a turn in the engine);
+            # those turns are done now: go on with their next ones.
+            if not (self.ready or self.waiting):
+                return
+
+    # ---- the feed --------------------------------------------------------------------------------
+    def _feed(self) -> Iterator[tuple]:
+        """Jobs for ``Engine.serve``: ready next turns first, then new conversations; waits for a
+        commit only when nothing else can start; ends when every open conversation is in the engine."""
+        while True:
+            self._collect(block=False)
+            if self.ready:
+                job = self._submit(self.ready.popleft())
+                if job is not None:
+                    yield job
+            elif self.source is not None:
+                try:
+                    conv, units = next(self.source)
+                except StopIteration:
+                    self.source = None
+                    continue
+                self._open(conv, units)
+            elif self.waiting:
+                self._collect(block=True)
+            else:
+                return
+
+    def _collect(self, block: bool) -> None:
+        """Write the lines of finished turns whose commit is durable (``block``: wait for the oldest)."""
+        for _ in range(len(self.waiting)):
+            c, u, res = self.waiting.popleft()
+            if res.commit is not None and not res.commit.done() and not block:
+                self.waiting.append((c, u, res))
+                continue
+            block = False
+            if res.commit is not None:
+                res.commit.result()   # raises DiskFull / TurnFailed: the job stops, resumable
+            self._write(c, u, res)
+
+    def _open(self, conv: Conversation, units: list[Unit]) -> None:
         self.s.conversations += 1
         sid, scratch = session_ids(self.out.job, conv.id)
-        done = self.out.done.get(conv.id, set())
-        if all(u.turn in done for u in units):
-            self._drop_sessions(sid, scratch)   # finished before (a kill may have come before the delete)
+        c = _Conv(conv, units, sid, scratch, set(self.out.done.get(conv.id, set())))
+        if all(u.turn in c.done for u in units):
+            self._finish(c)   # finished before (a kill may have come before the delete)
             return
         try:
-            self._resume_check(conv, units, sid, done)
-            for u in units:
-                if u.turn in done:
-                    continue
-                self._scratch_turn(conv, u, sid, scratch) if u.scratch else self._main_turn(conv, u, sid)
-                done.add(u.turn)
-        except (ContextOverflow, InputError, TokenError, _Mismatch) as e:
-            msg = f"conversation {conv.id!r} (input line {conv.line}): {e}"
-            self.say(msg + " (skipped)")
-            self.s.failed_conversations.append(msg)
+            self._resume(c)
+        except _CONV_ERRORS as e:
+            self._fail(c, e)
             return
-        self._drop_sessions(sid, scratch)
+        self._next(c)
 
-    def _drop_sessions(self, *sids: str) -> None:
-        if not self.o.keep_sessions:
-            for s in sids:
-                if self.store.lookup(s) is not None:
-                    self.store.delete(s)
+    def _next(self, c: _Conv) -> None:
+        while c.at < len(c.units) and c.units[c.at].turn in c.done:
+            c.at += 1
+        if c.at == len(c.units):
+            self._finish(c)
+        else:
+            self.ready.append(c)
 
-    # ---- resuming ---------------------------------------------------------------------------------
-    def _resume_check(self, conv: Conversation, units: list[Unit], sid: str, done: set[int]) -> None:
-        """Match the store's committed turns with the written lines; rebuild the one line a kill
-        between a durable commit and its line can leave missing."""
-        main = [u for u in units if not u.scratch]
-        info = self.store.lookup(sid)
-        committed = info.turn if info is not None else 0
-        written = 0
-        while written < len(main) and main[written].turn in done:
-            written += 1
-        if any(u.turn in done for u in main[written:]):
-            raise _Mismatch("the output has a later turn without an earlier one")
-        if committed == written + 1 and written < len(main):
-            self._recover(conv, main[written], sid, first=written == 0)
-            done.add(main[written].turn)
-        elif committed != written:
-            raise _Mismatch(f"the store holds {committed} turns of it but the output has {written}: "
-                            "run with the --store and --output the job started with")
-
-    def _recover(self, conv: Conversation, u: Unit, sid: str, first: bool) -> None:
-        toks = self.store.lookup(sid).token_ids.tolist()
-        segs = self._render(u.before + (u.user,), first)
-        for g in range(1, self.o.max_new_tokens + 1):
-            gen = toks[len(toks) - g:]
-            if any(t in self.stop for t in gen[:-1]):
-                break  # a reply ends at its first stop token: no longer reply is possible
-            if (gen[-1] in self.stop or g == self.o.max_new_tokens) and toks[len(toks) - g - len(segs):len(toks) - g] == segs:
-                reply = self.tok.decode([t for t in gen if t not in self.stop], skip_special_tokens=True)
-                self.out.write_turn({"conversation": conv.id, "turn": u.turn, "reply": reply, "prompt_tokens": None,
-                                     "history_tokens": None, "generated_tokens": g, "reused_tokens": None,
-                                     "ttft_s": None, "total_s": None, "source": None, "truncated_tokens": None,
-                                     "recovered": True})
-                self.s.turns_recovered += 1
-                self.advance(1)
-                self.event({"event": "recovered", "conversation": conv.id, "turn": u.turn})
-                return
-        raise _Mismatch(f"turn {u.turn} is committed in the store but its reply cannot be found there")
-
-    # ---- turns --------------------------------------------------------------------------------------
-    def _render(self, msgs: tuple[Message, ...], first: bool) -> list[int]:
-        """Template tokens of ``msgs`` plus the generation prompt; ``first``: the conversation's start
-        (with the template's default system block when it does not open with a system turn)."""
-        if first:
-            return self.tok.chat([{"role": m.role, "content": m.content} for m in msgs])
-        return self.tok.encode("".join(_block(m) for m in msgs) + "<|im_start|>assistant\n")
-
-    def _prompt(self, info, u: Unit) -> list[int]:
-        """The tokens of ``u`` over a session whose state is ``info`` (None: no session yet)."""
-        if info is None:
-            return self._render(u.before + (u.user,), True)
-        last = int(info.token_ids[-1]) if len(info.token_ids) else None
-        closing = self.end[1:] if last == self.end[0] else self.end   # as the engine closes a chat reply
-        return closing + self._render(u.before + (u.user,), False)
-
-    def _turn(self, conv: Conversation, u: Unit, sid: str, ids: list[int]):
-        self.event({"event": "compute", "conversation": conv.id, "turn": u.turn, "scratch": u.scratch})
+    def _submit(self, c: _Conv) -> tuple | None:
+        """The engine job of ``c``'s next unit, or None when the conversation fails here."""
+        u = c.units[c.at]
+        try:
+            if u.scratch:
+                sess, ids = c.scratch, self._scratch_prompt(c, u)
+            else:
+                sess, ids = c.sid, self._main_prompt(c, u)
+            self._check(ids)
+        except _CONV_ERRORS as e:
+            self._fail(c, e)
+            return None
+        self.event({"event": "compute", "conversation": c.conv.id, "turn": u.turn, "scratch": u.scratch})
+        self.jobs.append((c, u, sess))
         # Sampling keys: the engine derives each reply's key from its seed, the name given here (the
-        # conversation id and the user turn) and the turn index, so a resumed or re-sharded job
-        # samples the same replies.
-        return self.engine.turn(sid, ids, max_new_tokens=self.o.max_new_tokens, sample_name=f"{conv.id}\x00{u.turn}")
+        # conversation id and the user turn) and the turn index.
+        return sess, np.asarray(ids, np.int32), self.o.max_new_tokens, f"{c.conv.id}\x00{u.turn}"
 
-    def _main_turn(self, conv: Conversation, u: Unit, sid: str) -> None:
-        info = self.store.lookup(sid)
-        res = self._turn(conv, u, sid, self._prompt(info, u))
-        # The line only after the commit is durable: a kill before that leaves the store one turn
-        # behind the plan (the turn is computed again, nothing was written); a kill after it and
-        # before the line is repaired by _recover.
-        self.store.flush()
-        now = self.store.lookup(sid)
-        if now is None or now.turn != (info.turn if info is not None else 0) + 1 or not now.durable:
-            from jax_cachedattn.store import DiskFull
+    def _check(self, ids: list[int]) -> None:
+        """What the engine would refuse for this job alone, refused here (a refusal inside ``serve``
+        gives up every turn in flight)."""
+        mc = self.engine.model_config
+        validate_tokens(np.asarray(ids, np.int32), mc, what="message")
+        plan_truncation(np.zeros(0, np.int32), len(ids), self.o.max_new_tokens + 2, mc.max_context,
+                        self.engine.config.truncation_ratio)
 
-            raise DiskFull(f"the store could not make turn {u.turn} of {conv.id!r} durable (disk full?)")
-        self._write(conv, u, res)
+    def _tokens(self, c: _Conv, u: Unit, info) -> tuple[list[int], list[int]]:
+        last = int(info.token_ids[-1]) if info is not None and len(info.token_ids) else None
+        if (last is None) != (not c.hist):
+            raise _Mismatch("the store and the output disagree on the conversation's history")
+        return turn_tokens(self.tok, c.hist, _dicts(u.before + (u.user,)), last)
 
-    def _scratch_turn(self, conv: Conversation, u: Unit, sid: str, scratch: str) -> None:
+    def _main_prompt(self, c: _Conv, u: Unit) -> list[int]:
+        closing, rendered = self._tokens(c, u, self.store.lookup(c.sid))
+        return closing + rendered
+
+    def _scratch_prompt(self, c: _Conv, u: Unit) -> list[int]:
         """A reply that is not history: computed on a copy of the session, then dropped."""
-        if self.store.lookup(scratch) is not None:
-            self.store.delete(scratch)   # left by a run killed before this reply's line
-        info = self.store.lookup(sid)
-        ids = self._prompt(info, u)
-        if info is not None and info.kv_valid:
-            _copy_session(self.store, sid, scratch, info)
-        elif info is not None:           # no valid KV to copy: the engine computes the whole history
-            ids = info.token_ids.tolist() + ids
-        res = self._turn(conv, u, scratch, ids)
-        self.store.delete(scratch)
-        self._write(conv, u, res)
+        self._drop(c.scratch)   # left by a run killed before this reply's line
+        info = self.store.lookup(c.sid)
+        closing, rendered = self._tokens(c, u, info)
+        if info is None:
+            return rendered
+        if info.kv_valid:
+            _copy_session(self.store, c.sid, c.scratch, info)
+            return closing + rendered
+        return info.token_ids.tolist() + closing + rendered   # no valid KV to copy: the engine computes it all
 
-    def _write(self, conv: Conversation, u: Unit, res) -> None:
-        self.out.write_turn({"conversation": conv.id, "turn": u.turn, "reply": res.reply,
+    # ---- lines and the end of a conversation -------------------------------------------------------
+    def _write(self, c: _Conv, u: Unit, res) -> None:
+        self.out.write_turn({"conversation": c.conv.id, "turn": u.turn, "reply": res.reply,
                              "prompt_tokens": res.prompt_tokens, "history_tokens": res.history_tokens,
                              "generated_tokens": res.generated_tokens, "reused_tokens": res.reused_tokens,
                              "ttft_s": round(res.ttft_s, 6), "total_s": round(res.total_s, 6),
@@ -329,15 +399,72 @@ class _Runner:
             s.fresh_prefill_tokens += computed
             s.fresh_prefill_s += res.ttft_s
         self.advance(1)
-        self.event({"event": "written", "conversation": conv.id, "turn": u.turn, "result": res})
+        self.event({"event": "written", "conversation": c.conv.id, "turn": u.turn, "result": res})
+        self._done(c, u, res.reply)
+        self._next(c)
 
+    def _done(self, c: _Conv, u: Unit, reply: str) -> None:
+        c.done.add(u.turn)
+        if not u.scratch:
+            c.hist += _dicts(u.before + (u.user,)) + [{"role": "assistant", "content": reply}]
 
-class _Mismatch(ValueError):
-    pass
+    def _finish(self, c: _Conv) -> None:
+        if not self.o.keep_sessions:
+            self._drop(c.sid)
+        self._drop(c.scratch)
 
+    def _drop(self, sid: str) -> None:
+        if self.store.lookup(sid) is not None:
+            self.engine.evict(sid, "disk")
 
-def _block(m: Message) -> str:
-    return f"<|im_start|>{m.role}\n{m.content}<|im_end|>\n"
+    def _fail(self, c: _Conv, e: Exception) -> None:
+        msg = f"conversation {c.conv.id!r} (input line {c.conv.line}): {e}"
+        self.say(msg + " (skipped)")
+        self.s.failed_conversations.append(msg)
+
+    # ---- resuming ---------------------------------------------------------------------------------
+    def _resume(self, c: _Conv) -> None:
+        """Match the store's committed turns with the written lines, rebuild the history's messages
+        from the written replies, and rebuild the one line a kill between a durable commit and its
+        line can leave missing."""
+        main = [u for u in c.units if not u.scratch]
+        written = 0
+        while written < len(main) and main[written].turn in c.done:
+            written += 1
+        if any(u.turn in c.done for u in main[written:]):
+            raise _Mismatch("the output has a later turn without an earlier one")
+        info = self.store.lookup(c.sid)
+        committed = info.turn if info is not None else 0
+        replies = self.out.replies.get(c.conv.id, {})
+        for u in main[:written]:
+            self._done(c, u, replies[u.turn])
+        if committed == written + 1 and written < len(main):
+            self._recover(c, main[written], info)
+        elif committed != written:
+            raise _Mismatch(f"the store holds {committed} turns of it but the output has {written}: "
+                            "run with the --store and --output the job started with")
+
+    def _recover(self, c: _Conv, u: Unit, info) -> None:
+        toks = info.token_ids.tolist()
+        hist = c.hist
+        # The prompt's rendered part does not depend on the closing of the reply before it.
+        segs = turn_tokens(self.tok, hist, _dicts(u.before + (u.user,)), None if not hist else -1)[1]
+        for g in range(1, self.o.max_new_tokens + 1):
+            gen = toks[len(toks) - g:]
+            if any(t in self.stop for t in gen[:-1]):
+                break  # a reply ends at its first stop token: no longer reply is possible
+            if (gen[-1] in self.stop or g == self.o.max_new_tokens) and toks[len(toks) - g - len(segs):len(toks) - g] == segs:
+                reply = self.tok.decode([t for t in gen if t not in self.stop], skip_special_tokens=True)
+                self.out.write_turn({"conversation": c.conv.id, "turn": u.turn, "reply": reply, "prompt_tokens": None,
+                                     "history_tokens": None, "generated_tokens": g, "reused_tokens": None,
+                                     "ttft_s": None, "total_s": None, "source": None, "truncated_tokens": None,
+                                     "recovered": True})
+                self.s.turns_recovered += 1
+                self.advance(1)
+                self.event({"event": "recovered", "conversation": c.conv.id, "turn": u.turn})
+                self._done(c, u, reply)
+                return
+        raise _Mismatch(f"turn {u.turn} is committed in the store but its reply cannot be found there")
 
 
 def _copy_session(store, src: str, dst: str, info) -> None:
