@@ -146,14 +146,18 @@ def turn_tokens(tok, history: list[dict], new: list[dict], last_token: int | Non
     messages already in it, the last one a reply whose last token is ``last_token``) with the ``new``
     messages and the generation prompt. ``rendered`` is what the chat template adds; ``closing`` ends
     the previous reply as the template does (empty for a new session: ``history`` empty,
-    ``last_token`` None). Raises ChatTemplateError when the template renders ``history`` otherwise
-    once ``new`` follows it (the stored tokens would not be a prefix of the conversation)."""
+    ``last_token`` None). Raises ChatTemplateError when the template renders ``history`` (or the
+    prompt before its last reply) otherwise once ``new`` follows it: the stored tokens would not be a
+    prefix of the conversation."""
     if last_token is None:
         return [], tok.chat(history + new)
     plan = render_turn(tok, history, new)
-    if plan.drop:
-        raise ChatTemplateError(f"the chat template renders the earlier turns differently once this turn follows "
-                                f"({plan.drop} tokens of the history change): a stored history cannot continue")
+    # The session holds the previous prompt (``history`` less its last reply, rendered with the
+    # generation prompt), the reply, and its closing: both renders must still be there.
+    if plan.drop or not tok.render_chat(history + new).startswith(tok.render_chat(history[:-1])):
+        raise ChatTemplateError("the chat template renders the earlier turns differently once this turn follows "
+                                "(e.g. it moves the system prompt into the last user turn): a stored history "
+                                "cannot continue")
     end = tok.assistant_end()
     closing = end[1:] if end and last_token == end[0] else end
     return list(closing), list(plan.compute)
