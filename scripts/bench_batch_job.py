@@ -109,7 +109,7 @@ def run_transformers(inp: Path, max_new: int, threads: int) -> dict:
     from transformers import AutoModelForCausalLM, DynamicCache
 
     from jax_cachedattn.assets import smollm2_gguf_path
-    from jax_cachedattn.batch import plan_units
+    from jax_cachedattn.batch import plan_units, turn_tokens
     from jax_cachedattn.conversations import Conversation, read_conversations
     from jax_cachedattn.tokenizer import Tokenizer
 
@@ -120,31 +120,30 @@ def run_transformers(inp: Path, max_new: int, threads: int) -> dict:
     stop, end = tok.stop_ids, tok.assistant_end()
     convs = [c for c in read_conversations(inp) if isinstance(c, Conversation)]
     turns = generated = prefilled = 0
-    t0 = time.perf_counter()
     with torch.inference_mode():
         model(torch.tensor([end]))   # warm-up
         t0 = time.perf_counter()
         for conv in convs:
-            cache, last = DynamicCache(), None
+            cache, last, hist = DynamicCache(), None, []
             for u in plan_units(conv, "generated"):
-                msgs = [{"role": m.role, "content": m.content} for m in u.before + (u.user,)]
-                if last is None:
-                    ids = tok.chat(msgs)
-                else:
-                    text = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in msgs)
-                    ids = (end[1:] if last == end[0] else end) + tok.encode(text + "<|im_start|>assistant\n")
+                new = [{"role": m.role, "content": m.content} for m in u.before + (u.user,)]
+                closing, rendered = turn_tokens(tok, hist, new, last)   # the batch job's tokens, same template
+                ids = closing + rendered
                 x = torch.tensor([ids])
                 prefilled += len(ids)
+                reply = []
                 for i in range(max_new):
                     logits = model(x, past_key_values=cache, use_cache=True).logits[0, -1]
                     last = int(torch.argmax(logits))
+                    reply.append(last)
                     generated += 1
                     if last in stop or i == max_new - 1:
                         break
                     x = torch.tensor([[last]])
                 # The last sampled token is fed with the next prompt (as the engine stores it).
-                cache_ids = torch.tensor([[last]])
-                model(cache_ids, past_key_values=cache, use_cache=True)
+                model(torch.tensor([[last]]), past_key_values=cache, use_cache=True)
+                hist += new + [{"role": "assistant",
+                                "content": tok.decode([t for t in reply if t not in stop], skip_special_tokens=True)}]
                 turns += 1
     wall = time.perf_counter() - t0
     return {"wall_s": wall, "turns": turns, "turns_per_min": 60 * turns / wall, "generated_tokens": generated,
@@ -241,6 +240,7 @@ def main(argv: list[str] | None = None) -> int:
             res["ratios"]["process_wall_vs_recompute"] = sysres["recompute"]["wall_s"] / sysres["cachedattn"]["wall_s"]
         if "transformers" in sysres:
             res["ratios"]["turns_per_min_vs_transformers"] = c["turns_per_min"] / sysres["transformers"]["turns_per_min"]
+    res["machine"]["load_avg_at_end"] = os.getloadavg()
     print(json.dumps(res, indent=1))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
