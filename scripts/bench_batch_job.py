@@ -37,15 +37,26 @@ WORDS = ("the of and to in is that for it as with was on be by this are from at 
          "conversation session reply question answer system engine batch queue window budget block page").split()
 
 
+def _one_token_words() -> list[str]:
+    """WORDS that SmolLM2's tokenizer encodes as one token after a space: every conversation of the
+    file then has the same token counts, so the timed runs meet the prompt shapes the warm-up compiled."""
+    from jax_cachedattn.assets import smollm2_gguf_path
+    from jax_cachedattn.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_gguf(smollm2_gguf_path())
+    return [w for w in WORDS if len(tok.encode(" " + w)) == 1]
+
+
 def synthetic_file(path: Path, n: int, turns: int, doc_words: int, follow_words: int, seed: int) -> None:
     r = random.Random(seed)
+    words = _one_token_words()
     with open(path, "w", encoding="utf-8") as f:
         for c in range(n):
             msgs = [{"role": "user", "content": "Read this and answer my questions.\n"
-                     + " ".join(r.choice(WORDS) for _ in range(doc_words))}]
+                     + " ".join(r.choice(words) for _ in range(doc_words))}]
             for t in range(1, turns):
                 msgs.append({"role": "user", "content": f"Question {t}: "
-                             + " ".join(r.choice(WORDS) for _ in range(follow_words)) + "?"})
+                             + " ".join(r.choice(words) for _ in range(follow_words)) + "?"})
             f.write(json.dumps({"id": f"synth-{c:04d}", "messages": msgs}) + "\n")
 
 
