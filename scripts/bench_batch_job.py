@@ -63,18 +63,21 @@ def synthetic_file(path: Path, n: int, turns: int, doc_words: int, follow_words:
 def run_cli(inp: Path, out: Path, store: Path, max_new: int, extra: list[str], kill_at: int | None = None,
             kill_delay: float = 0.0) -> dict:
     """One ``cachedattn batch`` process; with ``kill_at``, SIGKILL it ``kill_delay`` seconds after that
-    many turn lines exist (inside the next turn's compute)."""
+    many turn lines exist (turns are in the engine then: lines come every few seconds on the
+    continuous-batching engine, so the delay counts from the kill_at-th line, not from the last one)."""
     cmd = [sys.executable, "-m", "jax_cachedattn.cli", "batch", "--input", str(inp), "--output", str(out),
            "--store", str(store), "--max-new-tokens", str(max_new), "--no-progress", *extra]
     t0 = time.perf_counter()
     p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    last_line_at, lines = t0, 0
+    last_line_at, lines, reached_at = t0, 0, None
     if kill_at is not None:
         while p.poll() is None:
             n = _turn_lines(out)
             if n != lines:
                 lines, last_line_at = n, time.perf_counter()
-            if n >= kill_at and time.perf_counter() - last_line_at >= kill_delay:
+            if n >= kill_at and reached_at is None:
+                reached_at = time.perf_counter()
+            if reached_at is not None and time.perf_counter() - reached_at >= kill_delay:
                 p.send_signal(signal.SIGKILL)
                 break
             time.sleep(0.05)
