@@ -9,6 +9,20 @@ in the same pass as that prompt. With ``reply_all`` under ``"given"`` the model 
 user turns the file answers; that reply is computed on a copy of the session (its KV copied through
 the store, never recomputed) and dropped, so the session keeps the file's reply.
 
+Many conversations at once. The jobs go to the continuous-batching engine (``Engine.serve``), up to
+``max_slots`` decoding together. A conversation's next turn is handed to the engine once its previous
+turn's line is written (its history is that turn's reply), so the feed is a generator over many
+conversations: the next turns that are ready first, then a new conversation, so the slots stay full.
+Lines are written in finish order.
+
+Prompts. A turn's tokens are what the model's chat template adds to the conversation so far:
+``render(history + new)`` minus ``render(history)`` (``chat_template.render_turn``), after the tokens
+that close the previous reply (the template's ``assistant_end``; a reply that stopped on its first
+token needs only the rest). The history's replies are the model's own tokens; the template only says
+which tokens come between them. A template that renders earlier turns differently once a turn is added
+(Mistral's moves the system prompt into the last user turn) cannot continue a stored history: such a
+conversation is reported and skipped.
+
 Resuming. The output file starts with a header line (the job id and the settings that change the
 replies), then one line per reply, appended whole (one ``write``, then ``fsync``), and a summary line
 at the end. A reply's line is written only after the turn's KV commit is durable. Started again,
@@ -20,27 +34,25 @@ true``) instead of being computed again. So every turn is written exactly once a
 is recomputed. A finished conversation's sessions are deleted (``keep_sessions`` keeps them).
 
 Sampling keys are derived by the engine from its seed (``EngineConfig.seed``), the conversation id
-and the user turn's index (``Engine.turn(..., sample_name=)``), so a resumed or re-sharded run
-samples the same replies.
+and the user turn's index (``sample_name``), so a resumed or re-sharded run samples the same replies.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import re
 import secrets
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from jax_cachedattn.batch_io import BatchSummary, JobOutput, OutputFileError, progress_bar
-from jax_cachedattn.conversations import BadRecord, Conversation, Message, read_conversations
-from jax_cachedattn.engine import ContextOverflow, Engine, InputError
-from jax_cachedattn.model import TokenError
+from jax_cachedattn.batch_plan import Unit, plan_units, session_ids, turn_tokens
+from jax_cachedattn.batch_runner import Runner
+from jax_cachedattn.conversations import BadRecord, Conversation, read_conversations
+from jax_cachedattn.engine import Engine, InputError
 
 __all__ = ["BatchOptions", "BatchSummary", "OutputFileError", "StrictStop", "Unit", "plan_units", "run_batch_job",
-           "session_ids"]
+           "session_ids", "turn_tokens"]
 
 FORMAT_VERSION = 1
 
@@ -55,13 +67,15 @@ class BatchOptions:
     reply_all: with ``given``, also answer the user turns that the file answers.
     max_new_tokens: reply budget per turn.
     strict: stop at the first bad input record instead of skipping it.
-    keep_sessions: keep each finished conversation's KV in the store (default: delete it)."""
+    keep_sessions: keep each finished conversation's KV in the store (default: delete it).
+    window: jobs queued in the engine beyond its decode slots (``Engine.serve``'s look-ahead)."""
 
     history: str = "generated"
     reply_all: bool = False
     max_new_tokens: int = 64
     strict: bool = False
     keep_sessions: bool = False
+    window: int = 4
 
     def __post_init__(self) -> None:
         if self.history not in ("generated", "given"):
@@ -70,50 +84,8 @@ class BatchOptions:
             raise ValueError("reply_all applies to history='given' only")
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be an int >= 1, got {self.max_new_tokens!r}")
-
-
-@dataclasses.dataclass(frozen=True)
-class Unit:
-    """One reply to compute: user turn ``turn`` (0-based among the conversation's user turns).
-
-    ``before``: the messages rendered ahead of the user message (history not yet in the session).
-    ``scratch``: the reply is computed on a copy of the session and not kept as history."""
-
-    turn: int
-    before: tuple[Message, ...]
-    user: Message
-    scratch: bool = False
-
-
-def plan_units(conv: Conversation, history: str, reply_all: bool = False) -> list[Unit]:
-    """The replies a conversation asks for, in order (see the module docstring)."""
-    msgs, units, pending, i, t = conv.messages, [], [], 0, 0
-    while i < len(msgs):
-        if msgs[i].role != "user":
-            pending.append(msgs[i])      # system turns, a leading assistant turn
-            i += 1
-            continue
-        j = i + 1
-        while j < len(msgs) and msgs[j].role == "assistant":
-            j += 1
-        given = list(msgs[i + 1 : j])
-        if history == "generated" or not given:
-            units.append(Unit(t, tuple(pending), msgs[i]))   # the file's reply, if any, is replaced
-            pending = []
-        else:
-            if reply_all:
-                units.append(Unit(t, tuple(pending), msgs[i], scratch=True))
-            pending += [msgs[i]] + given
-        i, t = j, t + 1
-    return units
-
-
-def session_ids(job: str, conv_id: str) -> tuple[str, str]:
-    """(session, scratch session) of a conversation: store-safe, unique per job and conversation."""
-    safe = re.sub(r"[^A-Za-z0-9._-]", "_", conv_id)[:64]
-    h = hashlib.sha1(conv_id.encode("utf-8")).hexdigest()[:10]
-    sid = f"bj-{job}.{safe}.{h}"
-    return sid, sid + ".r"
+        if not isinstance(self.window, int) or self.window < 0:
+            raise ValueError(f"window must be an int >= 0, got {self.window!r}")
 
 
 def run_batch_job(engine: Engine, input_path: str | Path, output_path: str | Path,
@@ -139,11 +111,10 @@ def run_batch_job(engine: Engine, input_path: str | Path, output_path: str | Pat
     summary.turns_total = total
     summary.turns_done_before = sum(len(v) for v in out.done.values())
     t0 = time.perf_counter()
-    runner = _Runner(engine, out, options, summary, on_event or (lambda e: None), say)
+    runner = Runner(engine, out, options, summary, on_event or (lambda e: None), say)
     with progress_bar(progress, total, summary.turns_done_before) as advance:
         runner.advance = advance
-        for conv, units in plans():
-            runner.conversation(conv, units)
+        runner.run(plans())
     engine.flush()
     summary.wall_s = time.perf_counter() - t0
     out.write_summary(summary.to_json())
@@ -183,166 +154,3 @@ def _first_pass(path, o: BatchOptions, say, summary: BatchSummary):
             if isinstance(item, Conversation):
                 yield item, plan_units(item, o.history, o.reply_all)
     return plans, total
-
-
-class _Runner:
-    """Runs the units of one conversation after another against the engine and the output."""
-
-    def __init__(self, engine: Engine, out, o: BatchOptions, summary: BatchSummary, event, say):
-        self.engine, self.store, self.tok = engine, engine.store, engine.tokenizer
-        self.out, self.o, self.s, self.event, self.say = out, o, summary, event, say
-        self.end = list(self.tok.assistant_end())
-        self.stop = self.tok.stop_ids
-        self.advance: Callable[[int], None] = lambda n: None
-
-    def conversation(self, conv: Conversation, units: list[Unit]) -> None:
-        self.s.conversations += 1
-        sid, scratch = session_ids(self.out.job, conv.id)
-        done = self.out.done.get(conv.id, set())
-        if all(u.turn in done for u in units):
-            self._drop_sessions(sid, scratch)   # finished before (a kill may have come before the delete)
-            return
-        try:
-            self._resume_check(conv, units, sid, done)
-            for u in units:
-                if u.turn in done:
-                    continue
-                self._scratch_turn(conv, u, sid, scratch) if u.scratch else self._main_turn(conv, u, sid)
-                done.add(u.turn)
-        except (ContextOverflow, InputError, TokenError, _Mismatch) as e:
-            msg = f"conversation {conv.id!r} (input line {conv.line}): {e}"
-            self.say(msg + " (skipped)")
-            self.s.failed_conversations.append(msg)
-            return
-        self._drop_sessions(sid, scratch)
-
-    def _drop_sessions(self, *sids: str) -> None:
-        if not self.o.keep_sessions:
-            for s in sids:
-                if self.store.lookup(s) is not None:
-                    self.store.delete(s)
-
-    # ---- resuming ---------------------------------------------------------------------------------
-    def _resume_check(self, conv: Conversation, units: list[Unit], sid: str, done: set[int]) -> None:
-        """Match the store's committed turns with the written lines; rebuild the one line a kill
-        between a durable commit and its line can leave missing."""
-        main = [u for u in units if not u.scratch]
-        info = self.store.lookup(sid)
-        committed = info.turn if info is not None else 0
-        written = 0
-        while written < len(main) and main[written].turn in done:
-            written += 1
-        if any(u.turn in done for u in main[written:]):
-            raise _Mismatch("the output has a later turn without an earlier one")
-        if committed == written + 1 and written < len(main):
-            self._recover(conv, main[written], sid, first=written == 0)
-            done.add(main[written].turn)
-        elif committed != written:
-            raise _Mismatch(f"the store holds {committed} turns of it but the output has {written}: "
-                            "run with the --store and --output the job started with")
-
-    def _recover(self, conv: Conversation, u: Unit, sid: str, first: bool) -> None:
-        toks = self.store.lookup(sid).token_ids.tolist()
-        segs = self._render(u.before + (u.user,), first)
-        for g in range(1, self.o.max_new_tokens + 1):
-            gen = toks[len(toks) - g:]
-            if any(t in self.stop for t in gen[:-1]):
-                break  # a reply ends at its first stop token: no longer reply is possible
-            if (gen[-1] in self.stop or g == self.o.max_new_tokens) and toks[len(toks) - g - len(segs):len(toks) - g] == segs:
-                reply = self.tok.decode([t for t in gen if t not in self.stop], skip_special_tokens=True)
-                self.out.write_turn({"conversation": conv.id, "turn": u.turn, "reply": reply, "prompt_tokens": None,
-                                     "history_tokens": None, "generated_tokens": g, "reused_tokens": None,
-                                     "ttft_s": None, "total_s": None, "source": None, "truncated_tokens": None,
-                                     "recovered": True})
-                self.s.turns_recovered += 1
-                self.advance(1)
-                self.event({"event": "recovered", "conversation": conv.id, "turn": u.turn})
-                return
-        raise _Mismatch(f"turn {u.turn} is committed in the store but its reply cannot be found there")
-
-    # ---- turns --------------------------------------------------------------------------------------
-    def _render(self, msgs: tuple[Message, ...], first: bool) -> list[int]:
-        """Template tokens of ``msgs`` plus the generation prompt; ``first``: the conversation's start
-        (with the template's default system block when it does not open with a system turn)."""
-        if first:
-            return self.tok.chat([{"role": m.role, "content": m.content} for m in msgs])
-        return self.tok.encode("".join(_block(m) for m in msgs) + "<|im_start|>assistant\n")
-
-    def _prompt(self, info, u: Unit) -> list[int]:
-        """The tokens of ``u`` over a session whose state is ``info`` (None: no session yet)."""
-        if info is None:
-            return self._render(u.before + (u.user,), True)
-        last = int(info.token_ids[-1]) if len(info.token_ids) else None
-        closing = self.end[1:] if last == self.end[0] else self.end   # as the engine closes a chat reply
-        return closing + self._render(u.before + (u.user,), False)
-
-    def _turn(self, conv: Conversation, u: Unit, sid: str, ids: list[int]):
-        self.event({"event": "compute", "conversation": conv.id, "turn": u.turn, "scratch": u.scratch})
-        # Sampling keys: the engine derives each reply's key from its seed, the name given here (the
-        # conversation id and the user turn) and the turn index, so a resumed or re-sharded job
-        # samples the same replies.
-        return self.engine.turn(sid, ids, max_new_tokens=self.o.max_new_tokens, sample_name=f"{conv.id}\x00{u.turn}")
-
-    def _main_turn(self, conv: Conversation, u: Unit, sid: str) -> None:
-        info = self.store.lookup(sid)
-        res = self._turn(conv, u, sid, self._prompt(info, u))
-        # The line only after the commit is durable: a kill before that leaves the store one turn
-        # behind the plan (the turn is computed again, nothing was written); a kill after it and
-        # before the line is repaired by _recover.
-        self.store.flush()
-        now = self.store.lookup(sid)
-        if now is None or now.turn != (info.turn if info is not None else 0) + 1 or not now.durable:
-            from jax_cachedattn.store import DiskFull
-
-            raise DiskFull(f"the store could not make turn {u.turn} of {conv.id!r} durable (disk full?)")
-        self._write(conv, u, res)
-
-    def _scratch_turn(self, conv: Conversation, u: Unit, sid: str, scratch: str) -> None:
-        """A reply that is not history: computed on a copy of the session, then dropped."""
-        if self.store.lookup(scratch) is not None:
-            self.store.delete(scratch)   # left by a run killed before this reply's line
-        info = self.store.lookup(sid)
-        ids = self._prompt(info, u)
-        if info is not None and info.kv_valid:
-            _copy_session(self.store, sid, scratch, info)
-        elif info is not None:           # no valid KV to copy: the engine computes the whole history
-            ids = info.token_ids.tolist() + ids
-        res = self._turn(conv, u, scratch, ids)
-        self.store.delete(scratch)
-        self._write(conv, u, res)
-
-    def _write(self, conv: Conversation, u: Unit, res) -> None:
-        self.out.write_turn({"conversation": conv.id, "turn": u.turn, "reply": res.reply,
-                             "prompt_tokens": res.prompt_tokens, "history_tokens": res.history_tokens,
-                             "generated_tokens": res.generated_tokens, "reused_tokens": res.reused_tokens,
-                             "ttft_s": round(res.ttft_s, 6), "total_s": round(res.total_s, 6),
-                             "source": res.source, "truncated_tokens": res.truncated_tokens})
-        s = self.s
-        s.turns_written += 1
-        s.history_tokens += res.history_tokens
-        s.reused_tokens += res.reused_tokens
-        s.prompt_tokens += res.prompt_tokens
-        s.generated_tokens += res.generated_tokens
-        computed = res.prompt_tokens + res.history_tokens - res.reused_tokens
-        s.computed_tokens += computed
-        if res.reused_tokens == 0:
-            s.fresh_prefill_tokens += computed
-            s.fresh_prefill_s += res.ttft_s
-        self.advance(1)
-        self.event({"event": "written", "conversation": conv.id, "turn": u.turn, "result": res})
-
-
-class _Mismatch(ValueError):
-    pass
-
-
-def _block(m: Message) -> str:
-    return f"<|im_start|>{m.role}\n{m.content}<|im_end|>\n"
-
-
-def _copy_session(store, src: str, dst: str, info) -> None:
-    """Copy ``src``'s KV (state ``info``) into a new session ``dst`` through the store: loads and
-    saves, no compute."""
-    for layer in range(store.layout.num_layers):
-        store.save_layer(dst, layer, store.load_layer(src, layer), start=0)
-    store.commit_turn(dst, info.token_ids)

@@ -72,7 +72,8 @@ class OutputFileError(ValueError):
 
 
 class JobOutput:
-    """Open (or create) the output file of a job; ``done`` maps conversation id -> written turns.
+    """Open (or create) the output file of a job; ``done`` maps conversation id -> written turns and
+    ``replies`` conversation id -> {turn: reply} (a resumed conversation's history is rebuilt from them).
 
     settings: what changes the replies (compared with the header of an existing file: a resumed run
     must use the same). job: the job id to write in a new file's header (an existing file's is kept).
@@ -81,6 +82,7 @@ class JobOutput:
     def __init__(self, path: str | Path, settings: dict, job: str):
         self.path = Path(path)
         self.done: dict[str, set[int]] = {}
+        self.replies: dict[str, dict[int, str]] = {}
         self.torn_line_dropped = False
         self.job = job
         header = self._read(settings)
@@ -117,12 +119,14 @@ class JobOutput:
                 self.job = header["job"]
             elif isinstance(rec, dict) and "summary" in rec:
                 summary_at = start
-            elif isinstance(rec, dict) and isinstance(rec.get("conversation"), str) and isinstance(rec.get("turn"), int):
+            elif isinstance(rec, dict) and isinstance(rec.get("conversation"), str) and isinstance(rec.get("turn"), int) \
+                    and isinstance(rec.get("reply"), str):
                 turns = self.done.setdefault(rec["conversation"], set())
                 if rec["turn"] in turns:
                     raise OutputFileError(f"{self.path} line {n}: turn {rec['turn']} of {rec['conversation']!r} "
                                           "is written twice")
                 turns.add(rec["turn"])
+                self.replies.setdefault(rec["conversation"], {})[rec["turn"]] = rec.get("reply")
             else:
                 raise OutputFileError(f"{self.path} line {n} is not a batch result line")
         if summary_at is not None:
@@ -142,6 +146,7 @@ class JobOutput:
     def write_turn(self, record: dict) -> None:
         self._append(record)
         self.done.setdefault(record["conversation"], set()).add(record["turn"])
+        self.replies.setdefault(record["conversation"], {})[record["turn"]] = record["reply"]
 
     def write_summary(self, record: dict) -> None:
         self._append(record)

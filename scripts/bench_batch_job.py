@@ -37,33 +37,47 @@ WORDS = ("the of and to in is that for it as with was on be by this are from at 
          "conversation session reply question answer system engine batch queue window budget block page").split()
 
 
+def _one_token_words() -> list[str]:
+    """WORDS that SmolLM2's tokenizer encodes as one token after a space: every conversation of the
+    file then has the same token counts, so the timed runs meet the prompt shapes the warm-up compiled."""
+    from jax_cachedattn.assets import smollm2_gguf_path
+    from jax_cachedattn.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_gguf(smollm2_gguf_path())
+    return [w for w in WORDS if len(tok.encode(" " + w)) == 1]
+
+
 def synthetic_file(path: Path, n: int, turns: int, doc_words: int, follow_words: int, seed: int) -> None:
     r = random.Random(seed)
+    words = _one_token_words()
     with open(path, "w", encoding="utf-8") as f:
         for c in range(n):
             msgs = [{"role": "user", "content": "Read this and answer my questions.\n"
-                     + " ".join(r.choice(WORDS) for _ in range(doc_words))}]
+                     + " ".join(r.choice(words) for _ in range(doc_words))}]
             for t in range(1, turns):
                 msgs.append({"role": "user", "content": f"Question {t}: "
-                             + " ".join(r.choice(WORDS) for _ in range(follow_words)) + "?"})
+                             + " ".join(r.choice(words) for _ in range(follow_words)) + "?"})
             f.write(json.dumps({"id": f"synth-{c:04d}", "messages": msgs}) + "\n")
 
 
 def run_cli(inp: Path, out: Path, store: Path, max_new: int, extra: list[str], kill_at: int | None = None,
             kill_delay: float = 0.0) -> dict:
     """One ``cachedattn batch`` process; with ``kill_at``, SIGKILL it ``kill_delay`` seconds after that
-    many turn lines exist (inside the next turn's compute)."""
+    many turn lines exist (turns are in the engine then: lines come every few seconds on the
+    continuous-batching engine, so the delay counts from the kill_at-th line, not from the last one)."""
     cmd = [sys.executable, "-m", "jax_cachedattn.cli", "batch", "--input", str(inp), "--output", str(out),
            "--store", str(store), "--max-new-tokens", str(max_new), "--no-progress", *extra]
     t0 = time.perf_counter()
     p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    last_line_at, lines = t0, 0
+    last_line_at, lines, reached_at = t0, 0, None
     if kill_at is not None:
         while p.poll() is None:
             n = _turn_lines(out)
             if n != lines:
                 lines, last_line_at = n, time.perf_counter()
-            if n >= kill_at and time.perf_counter() - last_line_at >= kill_delay:
+            if n >= kill_at and reached_at is None:
+                reached_at = time.perf_counter()
+            if reached_at is not None and time.perf_counter() - reached_at >= kill_delay:
                 p.send_signal(signal.SIGKILL)
                 break
             time.sleep(0.05)
@@ -109,7 +123,7 @@ def run_transformers(inp: Path, max_new: int, threads: int) -> dict:
     from transformers import AutoModelForCausalLM, DynamicCache
 
     from jax_cachedattn.assets import smollm2_gguf_path
-    from jax_cachedattn.batch import plan_units
+    from jax_cachedattn.batch import plan_units, turn_tokens
     from jax_cachedattn.conversations import Conversation, read_conversations
     from jax_cachedattn.tokenizer import Tokenizer
 
@@ -120,31 +134,30 @@ def run_transformers(inp: Path, max_new: int, threads: int) -> dict:
     stop, end = tok.stop_ids, tok.assistant_end()
     convs = [c for c in read_conversations(inp) if isinstance(c, Conversation)]
     turns = generated = prefilled = 0
-    t0 = time.perf_counter()
     with torch.inference_mode():
         model(torch.tensor([end]))   # warm-up
         t0 = time.perf_counter()
         for conv in convs:
-            cache, last = DynamicCache(), None
+            cache, last, hist = DynamicCache(), None, []
             for u in plan_units(conv, "generated"):
-                msgs = [{"role": m.role, "content": m.content} for m in u.before + (u.user,)]
-                if last is None:
-                    ids = tok.chat(msgs)
-                else:
-                    text = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in msgs)
-                    ids = (end[1:] if last == end[0] else end) + tok.encode(text + "<|im_start|>assistant\n")
+                new = [{"role": m.role, "content": m.content} for m in u.before + (u.user,)]
+                closing, rendered = turn_tokens(tok, hist, new, last)   # the batch job's tokens, same template
+                ids = closing + rendered
                 x = torch.tensor([ids])
                 prefilled += len(ids)
+                reply = []
                 for i in range(max_new):
                     logits = model(x, past_key_values=cache, use_cache=True).logits[0, -1]
                     last = int(torch.argmax(logits))
+                    reply.append(last)
                     generated += 1
                     if last in stop or i == max_new - 1:
                         break
                     x = torch.tensor([[last]])
                 # The last sampled token is fed with the next prompt (as the engine stores it).
-                cache_ids = torch.tensor([[last]])
-                model(cache_ids, past_key_values=cache, use_cache=True)
+                model(torch.tensor([[last]]), past_key_values=cache, use_cache=True)
+                hist += new + [{"role": "assistant",
+                                "content": tok.decode([t for t in reply if t not in stop], skip_special_tokens=True)}]
                 turns += 1
     wall = time.perf_counter() - t0
     return {"wall_s": wall, "turns": turns, "turns_per_min": 60 * turns / wall, "generated_tokens": generated,
@@ -241,6 +254,7 @@ def main(argv: list[str] | None = None) -> int:
             res["ratios"]["process_wall_vs_recompute"] = sysres["recompute"]["wall_s"] / sysres["cachedattn"]["wall_s"]
         if "transformers" in sysres:
             res["ratios"]["turns_per_min_vs_transformers"] = c["turns_per_min"] / sysres["transformers"]["turns_per_min"]
+    res["machine"]["load_avg_at_end"] = os.getloadavg()
     print(json.dumps(res, indent=1))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

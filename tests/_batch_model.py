@@ -61,9 +61,11 @@ def tiny_store(root: str | None, **kw) -> TieredStore:
     return TieredStore(StoreConfig(root=str(root), **sc), lay)
 
 
-def tiny_engine(root: str | None, max_context: int | None = None, **ec) -> Engine:
-    """Prompts padded to 128 tokens: few shapes, so few compilations (seconds each on 2 cores)."""
+def tiny_engine(root: str | None, max_context: int | None = None, tokenizer: Tokenizer | None = None, **ec) -> Engine:
+    """Prompts padded to 128 tokens: few shapes, so few compilations (seconds each on 2 cores).
+    ``tokenizer``: default the byte ChatML one (any tokenizer of at most 512 ids fits the model)."""
     cfg, params = tiny_model()
     if max_context is not None:
         cfg = cfg.replace(max_context=max_context)
-    return Engine(cfg, params, tiny_store(root), byte_tokenizer(), EngineConfig(**{"max_new_tokens": 6, "prompt_bucket": 128, **ec}))
+    return Engine(cfg, params, tiny_store(root), tokenizer or byte_tokenizer(),
+                  EngineConfig(**{"max_new_tokens": 6, "prompt_bucket": 128, **ec}))
