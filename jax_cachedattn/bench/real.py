@@ -42,6 +42,7 @@ class StoreAdapter:
     def __init__(self, store):
         self.store = store
         self.running: set[str] = set()
+        self.inflight: dict[str, object] = {}  # sid -> the future of a prefetch issued by the scheduler
         lay = store.layout
         self._L, self._B, self._bb = lay.num_layers, store.cfg.token_block, store.block_bytes
 
@@ -75,13 +76,22 @@ class StoreAdapter:
         return int(sum(sizes) / len(sizes)) if sizes else 0
 
     def prefetch(self, sid):
-        self.store.prefetch(sid)
+        self.inflight = {s: f for s, f in self.inflight.items() if not f.done()}
+        self.inflight[sid] = self.store.prefetch(sid)
 
     def evict(self, sid, tier):
         self.store.evict(sid, tier)
 
     def busy(self, sid):
-        return sid in self.running
+        f = self.inflight.get(sid)
+        return sid in self.running or (f is not None and not f.done())
+
+    def wait_prefetches(self, timeout_s: float) -> None:
+        pending = [f for f in self.inflight.values() if not f.done()]
+        if pending and timeout_s > 0:
+            import concurrent.futures as cf
+
+            cf.wait(pending, timeout=timeout_s)
 
 
 class RealExecutor:
@@ -142,6 +152,17 @@ class RealExecutor:
         self.adapter.running.discard(job.sid)
         if self.cost is not None:
             self.store.flush()  # a modelled clock: let async work settle, so the store's state is deterministic
+
+    def sync(self, now: float) -> None:
+        pass
+
+    def idle(self, gap_s: float) -> None:
+        """The engine would idle ``gap_s`` seconds (the trace's think times are not slept): the store's
+        prefetches get that long in real time to land, as they would on a live server."""
+        if self.cost is not None:
+            self.store.flush()
+        else:
+            self.adapter.wait_prefetches(gap_s)
 
 
 class RealBench:
