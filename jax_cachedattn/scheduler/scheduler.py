@@ -70,7 +70,8 @@ class SchedulerConfig:
     with a policy that predicts); swap_margin: how much likelier a disk session must be than an idle
     host session it replaces; min_predicted_prob: below this chance nothing is read ahead;
     max_predicted_inflight: predicted reads in flight at once; predicted_candidates: the most
-    recently finished idle sessions considered."""
+    recently finished idle sessions considered; predict_interval_s: trace seconds between two such
+    read-ahead passes."""
 
     prefetch: bool = True
     high_watermark: float = 0.9
@@ -78,10 +79,11 @@ class SchedulerConfig:
     max_prefetch_window: int | None = None
     min_session_bytes: int = 1
     predicted_prefetch: bool = True
-    swap_margin: float = 0.15
-    min_predicted_prob: float = 0.2
+    swap_margin: float = 0.05
+    min_predicted_prob: float = 0.1
     max_predicted_inflight: int = 2
     predicted_candidates: int = 128
+    predict_interval_s: float = 1.0
 
     def __post_init__(self) -> None:
         if not 0 < self.low_watermark <= self.high_watermark <= 1.0:
@@ -100,6 +102,7 @@ class Scheduler:
         self.eviction_window = 0
         self._prefetched: set[str] = set()
         self._predicted: set[str] = set()
+        self._last_predict = -math.inf
         self._arrivals: collections.deque[float] = collections.deque(maxlen=256)
 
     # ---- the engine's side ---------------------------------------------------------------------
@@ -196,8 +199,9 @@ class Scheduler:
         """See the module docstring (predicted prefetch)."""
         cfg, store = self.config, self.store
         cap = store.capacity("host")
-        if not cap or horizon is None or not self._predicts():
+        if not cap or horizon is None or now - self._last_predict < cfg.predict_interval_s or not self._predicts():
             return
+        self._last_predict = now
         self._predicted = {s for s in self._predicted if store.busy(s) and store.tier_of(s) in ("host", "disk")}
         room_for = cfg.max_predicted_inflight - len(self._predicted)
         if room_for <= 0:
