@@ -136,6 +136,8 @@ class RealExecutor:
             service += time.perf_counter() - t0
         hist = r.history_tokens if fresh is None else len(fresh)
         source = r.source if fresh is None else ("recompute" if len(fresh) else "new")
+        if self.system.device_only and source in ("host", "disk"):
+            source = "device"  # device-prefix: the store's first tier stands for the device budget
         reused = r.reused_tokens
         info = self.store.lookup(sid)
         after = info.num_tokens if info is not None else hist + len(prompt) + r.generated_tokens
