@@ -75,7 +75,10 @@ class _Bookkeeping(EvictionPolicy):
 
     def choose_victims(self, candidates: Iterable[str], tier: str) -> list[str]:
         with self._lock:
-            return sorted(candidates, key=lambda sid: self._key(sid, tier))
+            return sorted(candidates, key=self._keyfn(tier))
+
+    def _keyfn(self, tier: str):
+        return lambda sid: self._key(sid, tier)
 
     def _key(self, sid: str, tier: str):
         raise NotImplementedError
@@ -86,6 +89,10 @@ class LRU(_Bookkeeping):
 
     def _key(self, sid, tier):
         return self.last(sid, tier)
+
+    def _keyfn(self, tier):
+        last, empty = self._last.get, {}
+        return lambda sid: last(sid, empty).get(tier, -1)
 
 
 class FIFO(_Bookkeeping):
