@@ -66,3 +66,20 @@ def test_bad_input_exits_2_with_one_line(tmp_path, capsys, args, msg):
     assert main(["bench", *args, "--out", str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err.strip()
     assert msg in err and len(err.splitlines()) == 1
+
+
+@pytest.mark.slow  # spawns worker processes (each imports jax)
+def test_simulate_jobs_in_worker_processes_give_the_same_results(tmp_path):
+    cfg = ROOT / "configs/bench/sim-short-queue.yaml"
+    res = []
+    for jobs in (1, 2):
+        out = tmp_path / f"j{jobs}"
+        assert main(["bench", "--config", str(cfg), "--out", str(out), "--no-progress", "--sessions", "60",
+                     "--systems", "lru,cachedattn", "--jobs", str(jobs)]) == 0
+        r = json.loads((out / "results.json").read_text())
+        res.append(({k: (v["token_hit_rate"], v["hit_rate_by_tier"], v["ttft_mean_s"]) for k, v in r["systems"].items()},
+                    r["sweep"]["policies"]))
+    assert res[0] == res[1]
+    # the sweep point at the config's own host capacity is the main run's (reused, not run again)
+    at = res[0][1]["cachedattn"][[16.0, 32.0, 64.0].index(32.0)]
+    assert at["token_hit_rate"] == res[0][0]["cachedattn"][0]

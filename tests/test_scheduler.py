@@ -246,3 +246,88 @@ def test_job_queue_refuses_out_of_order_arrivals():
     with pytest.raises(ValueError):
         q.push(Job("b", 1.0, 1, 1))
     assert list(itertools.islice(q, 1))[0].sid == "a"
+
+
+def _predicting_setup(host_sessions):
+    """A trained predictor (think ~10 s), a session that ended long ago and one that finished 5 s ago."""
+    pred = NextTurnPredictor(min_samples=1)
+    pol = QueueAwarePolicy(predictor=pred)
+    store = _store(pol, host_sessions=host_sessions)  # disk unbounded
+    sched = Scheduler(store, pol, SchedulerConfig(high_watermark=1.0, low_watermark=1.0))
+    for i in range(5):
+        pred.arrived("h", 11.0 * i)
+        pred.finished("h", 11.0 * i + 1)
+    for k, t in enumerate((0.0, 10.0)):  # two arrivals: one job per 10 s (the horizon's rate)
+        sched.submit(Job(f"j{k}", t, 1, 1))
+        sched.next_job(t)
+    pred.arrived("ended", 0.0); pred.finished("ended", 1.0)
+    pred.arrived("soon", 990.0); pred.finished("soon", 995.0)
+    store.now = 1000.0
+    return pred, pol, store, sched
+
+
+def test_predicted_prefetch_reads_an_idle_session_back_before_its_turn_is_queued():
+    _, _, store, sched = _predicting_setup(host_sessions=2)
+    _fill(store, ["soon", "ended"])
+    store.evict("soon", "host")  # only on disk now; the host has room for it
+    assert store.tier_of("soon") == "disk" and not len(sched.queue)
+    sched.idle(1000.0)
+    assert sched.decisions[-1] == ("predict-prefetch", "soon")
+    assert store.tier_of("soon") == "host" and store.tier_of("ended") == "host"
+
+
+def test_predicted_prefetch_swaps_out_a_less_likely_idle_session():
+    _, _, store, sched = _predicting_setup(host_sessions=1)
+    _fill(store, ["soon", "ended"])  # the host holds one: "soon" was pushed to disk by "ended"
+    assert store.tier_of("soon") == "disk" and store.tier_of("ended") == "host"
+    sched.idle(1000.0)
+    assert sched.decisions[-2:] == [("evict", "ended", "host"), ("predict-prefetch", "soon")]
+    assert store.tier_of("soon") == "host" and store.tier_of("ended") == "disk"
+
+
+def test_predicted_prefetch_keeps_an_equally_likely_session_and_obeys_its_switches():
+    pred, pol, store, sched = _predicting_setup(host_sessions=1)
+    pred.arrived("also", 990.0); pred.finished("also", 995.0)  # as likely back as "soon"
+    _fill(store, ["soon", "also"])
+    assert store.tier_of("soon") == "disk"
+    sched.idle(1000.0)
+    assert not any(d[0] == "predict-prefetch" for d in sched.decisions)  # within the swap margin
+    # the switches: no read-ahead without the scheduler flag, nor with the pure queue policy
+    for cfg, predict in ((SchedulerConfig(predicted_prefetch=False), "short-queue"), (SchedulerConfig(), "never")):
+        _, pol2, store2, sched2 = _predicting_setup(host_sessions=2)
+        pol2.predict = predict
+        sched2.config = cfg
+        _fill(store2, ["soon", "ended"])
+        store2.evict("soon", "host")
+        sched2.idle(1000.0)
+        assert store2.tier_of("soon") == "disk"
+
+
+def test_predictor_separates_within_and_between_session_spread():
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    p = NextTurnPredictor()
+    t = 0.0
+    for i in range(400):  # session scale: log-normal spread 0.5; think around it: spread 0.8
+        mu = np.log(30.0) + rng.normal(0.0, 0.5)
+        t = 1000.0 * i
+        for _ in range(6):
+            p.arrived(f"s{i}", t)
+            p.finished(f"s{i}", t)
+            t += float(np.exp(mu + rng.normal(0.0, 0.8)))
+    mu0, within, between = p._components()
+    assert abs(mu0 - np.log(30.0)) < 0.1
+    assert abs(within - 0.64) < 0.08 and abs(between - 0.25) < 0.08
+
+
+def test_lfu_is_least_frequently_used_with_recency_among_equals():
+    p = LFU()
+    for sid in ("a", "b", "c", "d"):
+        p.touch(sid, "disk")
+    p.used("a"); p.used("a"); p.used("b"); p.used("c"); p.used("d")
+    p.touch("c", "disk")  # c used as often as b and d, but more recently
+    assert p.choose_victims(["a", "b", "c", "d"], "disk") == ["b", "d", "c", "a"]
+    p.forget("a")  # a session deleted from the store loses its count (in-cache LFU)
+    p.touch("a", "disk"); p.used("a")
+    assert p.choose_victims(["a", "b"], "disk") == ["b", "a"]

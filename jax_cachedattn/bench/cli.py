@@ -15,7 +15,7 @@ def cmd_bench(args) -> int:
         old = int(cfg["workload"].get("sessions", args.sessions))
         cfg["workload"]["sessions"] = args.sessions
         cfg["warmup_turns"] = int(cfg["warmup_turns"] * args.sessions / max(1, old))
-    run_bench(cfg, args.out, progress=not args.no_progress)
+    run_bench(cfg, args.out, progress=not args.no_progress, jobs=args.jobs)
     return 0
 
 
@@ -29,5 +29,6 @@ def add_bench_command(sub) -> None:
     b.add_argument("--systems", default=None, help="override: comma-separated systems, e.g. recompute,cachedattn,lru")
     b.add_argument("--seed", type=int, default=None, help="override the config's seed")
     b.add_argument("--sessions", type=int, default=None, help="override the number of sessions (the warm-up scaled with it)")
+    b.add_argument("--jobs", type=int, default=1, help="simulate mode: worker processes for the systems and sweep points")
     b.add_argument("--no-progress", action="store_true", help="no progress bar")
     b.set_defaults(func=cmd_bench)

@@ -57,6 +57,10 @@ class Executor(Protocol):
 
     def complete(self, job: Job, outcome: Outcome, now: float) -> None: ...
 
+    def sync(self, now: float) -> None: ...  # the trace clock is at ``now`` (before the scheduler idles)
+
+    def idle(self, gap_s: float) -> None: ...  # no job starts for ``gap_s`` trace seconds
+
 
 class Driver:
     """Replays ``workload`` through ``scheduler`` and ``executor``; see the module docstring.
@@ -124,5 +128,11 @@ class Driver:
                 started += 1
                 free -= 1
                 heapq.heappush(events, (t + out.service_s, 0, next(seq), "finish", (job, out, rec)))
+            if free and not len(self.scheduler.queue) and events:
+                # a slot idles until the next event: the scheduler may read ahead what it predicts, and
+                # a real store's transfers get the idle time they would have had
+                self.executor.sync(t)
+                self.scheduler.idle(t)
+                self.executor.idle(events[0][0] - t)
             self.clock = t
         return records

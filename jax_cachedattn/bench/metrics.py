@@ -63,6 +63,12 @@ def summarize(records: list[Record], *, wall_s: float, prices: dict | None = Non
         "queue_wait_mean_s": float(wait.mean()),
         "tpot_s": float(decode_s.sum() / max(1.0, (gen - 1).clip(min=0).sum())),
         "prefill_tokens_per_s": float(total_prompt / ttft.sum()),
+        # the same over the turns that have a history (the turns a cache can serve; a first turn
+        # costs every system the same prefill)
+        "ttft_mean_s_with_history": float(ttft[hist > 0].mean()) if (hist > 0).any() else float("nan"),
+        "prefill_tokens_per_s_with_history": float(prompt[hist > 0].sum() / ttft[hist > 0].sum())
+        if (hist > 0).any() else float("nan"),
+        "jobs_with_history": int((hist > 0).sum()),
         "token_hit_rate": hit,
         "hit_rate_by_tier": by_tier,
         "reuse_upper_bound": float(hist.sum() / total_prompt),

@@ -55,6 +55,12 @@ class PeerExecutor:
     def complete(self, job: Job, outcome: Outcome, now: float) -> None:
         pass
 
+    def sync(self, now: float) -> None:
+        pass
+
+    def idle(self, gap_s: float) -> None:
+        pass
+
 
 def run_peer(system, bench, on_job=None) -> dict:
     import torch

@@ -42,6 +42,7 @@ class StoreAdapter:
     def __init__(self, store):
         self.store = store
         self.running: set[str] = set()
+        self.inflight: dict[str, object] = {}  # sid -> the future of a prefetch issued by the scheduler
         lay = store.layout
         self._L, self._B, self._bb = lay.num_layers, store.cfg.token_block, store.block_bytes
 
@@ -75,13 +76,22 @@ class StoreAdapter:
         return int(sum(sizes) / len(sizes)) if sizes else 0
 
     def prefetch(self, sid):
-        self.store.prefetch(sid)
+        self.inflight = {s: f for s, f in self.inflight.items() if not f.done()}
+        self.inflight[sid] = self.store.prefetch(sid)
 
     def evict(self, sid, tier):
         self.store.evict(sid, tier)
 
     def busy(self, sid):
-        return sid in self.running
+        f = self.inflight.get(sid)
+        return sid in self.running or (f is not None and not f.done())
+
+    def wait_prefetches(self, timeout_s: float) -> None:
+        pending = [f for f in self.inflight.values() if not f.done()]
+        if pending and timeout_s > 0:
+            import concurrent.futures as cf
+
+            cf.wait(pending, timeout=timeout_s)
 
 
 class RealExecutor:
@@ -126,6 +136,8 @@ class RealExecutor:
             service += time.perf_counter() - t0
         hist = r.history_tokens if fresh is None else len(fresh)
         source = r.source if fresh is None else ("recompute" if len(fresh) else "new")
+        if self.system.device_only and source in ("host", "disk"):
+            source = "device"  # device-prefix: the store's first tier stands for the device budget
         reused = r.reused_tokens
         info = self.store.lookup(sid)
         after = info.num_tokens if info is not None else hist + len(prompt) + r.generated_tokens
@@ -142,6 +154,17 @@ class RealExecutor:
         self.adapter.running.discard(job.sid)
         if self.cost is not None:
             self.store.flush()  # a modelled clock: let async work settle, so the store's state is deterministic
+
+    def sync(self, now: float) -> None:
+        pass
+
+    def idle(self, gap_s: float) -> None:
+        """The engine would idle ``gap_s`` seconds (the trace's think times are not slept): the store's
+        prefetches get that long in real time to land, as they would on a live server."""
+        if self.cost is not None:
+            self.store.flush()
+        else:
+            self.adapter.wait_prefetches(gap_s)
 
 
 class RealBench:
@@ -176,6 +199,8 @@ class RealBench:
             from .peer import run_peer
 
             return run_peer(system, self, on_job=on_job)
+        if self.cfg["engine"].get("compile_pass") and cost is None:
+            self._compile_pass(system)
         policy, scfg = policy_and_config(system, self.cfg)
         root = self.out / "stores" / system.name
         shutil.rmtree(root, ignore_errors=True)
@@ -202,6 +227,24 @@ class RealBench:
         self.last_records = recs
         engine.close()
         return res
+
+    def _compile_pass(self, system: System) -> None:
+        """``engine.compile_pass``: replay the whole trace once on a scratch store, unmeasured, so the
+        programs of every shape the measured replay meets are compiled (on a CPU a compile takes
+        longer than the turns it serves; the jobs that still compile are left out of the figures)."""
+        policy, scfg = policy_and_config(system, self.cfg)
+        root = self.out / "stores" / f"{system.name}.compile-pass"
+        shutil.rmtree(root, ignore_errors=True)
+        engine, rengine, store = open_system(system, self.cfg, self.model, root, policy)
+        adapter = StoreAdapter(store)
+        drv = Driver(self.workload, Scheduler(adapter, store.policy, scfg),
+                     RealExecutor(system, engine, rengine, adapter), slots=1)
+        if system.policy == "belady":
+            policy.next_use = drv.next_use
+        drv.run()
+        store.flush()
+        engine.close()
+        shutil.rmtree(root, ignore_errors=True)
 
     def _warm_compile(self, engine, rengine) -> None:
         """One throwaway two-turn session per engine, so compile time is not charged to the trace."""

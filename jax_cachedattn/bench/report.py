@@ -38,13 +38,15 @@ def table(results: dict) -> Table:
     t = Table(title=f"cachedattn bench ({results['config']['mode']}, {results['config']['workload'].get('kind')}:"
                     f"{results['config']['workload'].get('preset') if results['config']['workload'].get('kind') == 'synthetic' else results['config']['workload'].get('path')}"
                     f", {next(iter(systems.values()))['jobs'] if systems else 0} measured jobs)")
-    for col in ("system", "TTFT mean s", "p50", "p99", "vs recompute", "TPOT ms", "prefill tok/s", "hit rate",
+    for col in ("system", "TTFT mean s", "p50", "p99", "vs recompute", "turns 2+", "TPOT ms", "prefill tok/s", "hit rate",
                 "dev/host/disk", "upper bound", "queue s"):
         t.add_column(col, justify="left" if col == "system" else "right")
     for name, r in systems.items():
         bt = r["hit_rate_by_tier"]
         t.add_row(name, f"{r['ttft_mean_s']:.3f}", f"{r['ttft_p50_s']:.3f}", f"{r['ttft_p99_s']:.3f}",
-                  _ratio(r["ttft_mean_s"], base["ttft_mean_s"]) if base else "-", f"{r['tpot_s'] * 1e3:.1f}",
+                  _ratio(r["ttft_mean_s"], base["ttft_mean_s"]) if base else "-",
+                  _ratio(r.get("ttft_mean_s_with_history", 0.0), base.get("ttft_mean_s_with_history", 0.0)) if base else "-",
+                  f"{r['tpot_s'] * 1e3:.1f}",
                   f"{r['prefill_tokens_per_s']:.0f}", f"{r['token_hit_rate']:.3f}",
                   f"{bt['device']:.2f}/{bt['host']:.2f}/{bt['disk']:.2f}", f"{r['reuse_upper_bound']:.3f}",
                   f"{r['queue_wait_mean_s']:.2f}")

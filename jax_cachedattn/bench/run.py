@@ -101,7 +101,7 @@ def run_sim_system(system: System, cfg: dict, workload: Workload, *, host_bytes:
         else:
             store = SimStore(policy, num_layers=mc.num_layers, bytes_per_token_layer=bptl,
                              token_block=st.get("token_block", 256), device_bytes=dev, host_bytes=hb, disk_bytes=db,
-                             disk_read_bw=cost.bandwidth.get("disk", float("inf")))
+                             disk_read_bw=cost.bandwidth.get("disk", float("inf")), evict_slack=float(st.get("evict_slack", 0.0)))
     view = store if store is not None else _NoStore()
     sched = Scheduler(view, policy, scfg)
     ex = SimExecutor(system, store, cost, max_context=mc.max_context, bytes_per_token=bpt)
@@ -171,8 +171,9 @@ def machine() -> dict:
     return info
 
 
-def run_bench(cfg: dict, out: str | Path, *, console=None, progress: bool = True) -> dict:
-    """Run every system of ``cfg``; write ``out/results.json`` and plots; return the results."""
+def run_bench(cfg: dict, out: str | Path, *, console=None, progress: bool = True, jobs: int = 1) -> dict:
+    """Run every system of ``cfg``; write ``out/results.json`` and plots; return the results.
+    ``jobs``: simulate mode runs the systems and sweep points in that many worker processes."""
     from .report import print_table, progress_bar
     from .plots import write_plots
 
@@ -203,64 +204,97 @@ def run_bench(cfg: dict, out: str | Path, *, console=None, progress: bool = True
     else:
         workload = build_workload(cfg)
         results["workload"] = workload.stats()
+        for system in systems:
+            if system.peer:
+                results.setdefault("skipped", {})[system.name] = "the peer runs in real mode only"
+        main = [s.name for s in systems if not s.peer]
+        sweep = cfg.get("sweep")
+        scfg, points = cfg, []
+        if sweep:
+            scfg = _sweep_config(cfg, sweep, len(workload.sessions))
+            sizes, labels, unit = _sweep_sizes(sweep)
+            pols = sweep.get("policies", ["cachedattn", "lru", "fifo", "lfu", "belady"])
+            points = [(p, hb) for p in pols for hb in sizes]
+        hb_main = C.store_bytes(cfg["store"], "host", 1 << 30)
+        tasks = [(n, cfg, None) for n in main]
+        tasks += [(p, scfg, hb) for p, hb in points if not (scfg is cfg and hb == hb_main and p in main)]
         with progress_bar(progress, console) as bar:
-            for system in systems:
-                if system.peer:
-                    results.setdefault("skipped", {})[system.name] = "the peer runs in real mode only"
-                    continue
-                task = bar.add_task(system.name, total=workload.num_turns)
-                res, _ = run_sim_system(system, cfg, workload, on_job=lambda r, t=task: bar.advance(t))
-                results["systems"][system.name] = res
-                _write(out, results)
-            sweep = cfg.get("sweep")
-            if sweep:
-                scfg, swl = cfg, workload
-                if sweep.get("sessions") and sweep["sessions"] < len(workload.sessions):
-                    # a shorter trace for the sweep; the disk budget scaled with it (same share of the trace)
-                    n = int(sweep["sessions"])
-                    scfg = json.loads(json.dumps(cfg))
-                    scfg["workload"]["sessions"] = n
-                    scfg["warmup_turns"] = int(sweep.get("warmup_turns", cfg["warmup_turns"] * n / len(workload.sessions)))
-                    db = C.store_bytes(cfg["store"], "disk", None)
-                    if db is not None:
-                        for k in [k for k in scfg["store"] if k.startswith("disk_")]:
-                            del scfg["store"][k]
-                        scfg["store"]["disk_bytes"] = int(db * n / len(workload.sessions))
-                    swl = build_workload(scfg)
-                results["sweep"] = run_sweep(scfg, swl, sweep, bar)
-                results["sweep"]["sessions"] = len(swl.sessions)
-                results["sweep"]["turns"] = swl.num_turns
-                results["sweep"]["disk_bytes"] = C.store_bytes(scfg["store"], "disk", None)
+            task = bar.add_task("simulate", total=len(tasks))
+            done = _run_sim_tasks(tasks, jobs, lambda: bar.advance(task))
+        for n in main:
+            results["systems"][n] = done[(n, None)]
+        if sweep:
+            rows = {}
+            for p, hb in points:
+                res = done.get((p, hb)) or done[(p, None)]
+                rows.setdefault(p, []).append(
+                    {"token_hit_rate": res["token_hit_rate"], "hit_rate_by_tier": res["hit_rate_by_tier"],
+                     "memory_hit_rate": res["hit_rate_by_tier"]["device"] + res["hit_rate_by_tier"]["host"],
+                     "reuse_upper_bound": res["reuse_upper_bound"], "ttft_mean_s": res["ttft_mean_s"]})
+            swl = workload if scfg is cfg else build_workload(scfg)
+            results["sweep"] = {"host_capacity": labels, "unit": unit, "policies": rows, "sessions": len(swl.sessions),
+                                "turns": swl.num_turns, "disk_bytes": C.store_bytes(scfg["store"], "disk", None)}
     _write(out, results)
     print_table(results, console)
     write_plots(results, out)
     return results
 
 
-def run_sweep(cfg: dict, workload: Workload, sweep: dict, bar) -> dict:
-    """Hit rate against host capacity, per policy (simulation)."""
+def _sweep_config(cfg: dict, sweep: dict, n_sessions: int) -> dict:
+    """The config the sweep replays: the main one, or a shorter trace (``sweep.sessions``) with the
+    disk budget scaled with it (the same share of the trace)."""
+    if not sweep.get("sessions") or sweep["sessions"] >= n_sessions:
+        return cfg
+    n = int(sweep["sessions"])
+    scfg = json.loads(json.dumps(cfg))
+    scfg["workload"]["sessions"] = n
+    scfg["warmup_turns"] = int(sweep.get("warmup_turns", cfg["warmup_turns"] * n / n_sessions))
+    db = C.store_bytes(cfg["store"], "disk", None)
+    if db is not None:
+        for k in [k for k in scfg["store"] if k.startswith("disk_")]:
+            del scfg["store"][k]
+        scfg["store"]["disk_bytes"] = int(db * n / n_sessions)
+    return scfg
+
+
+def _sweep_sizes(sweep: dict):
     if "host_gb" in sweep:
-        sizes = [int(float(x) * 10**9) for x in sweep["host_gb"]]
-        labels = [float(x) for x in sweep["host_gb"]]
-        unit = "GB"
-    else:
-        sizes = [int(float(x)) << 20 for x in sweep["host_mib"]]
-        labels = [float(x) for x in sweep["host_mib"]]
-        unit = "MiB"
+        return [int(float(x) * 10**9) for x in sweep["host_gb"]], [float(x) for x in sweep["host_gb"]], "GB"
+    return [int(float(x)) << 20 for x in sweep["host_mib"]], [float(x) for x in sweep["host_mib"]], "MiB"
+
+
+_WORKLOADS: dict = {}
+
+
+def _sim_task(task) -> dict:
+    """One simulated system (``host_bytes`` None: the config's), in this process or a worker."""
+    name, cfg, host_bytes = task
     from .systems import SYSTEMS
 
-    out = {"host_capacity": labels, "unit": unit, "policies": {}}
-    for name in sweep.get("policies", ["cachedattn", "lru", "fifo", "lfu", "belady"]):
-        system = SYSTEMS[name]
-        task = bar.add_task(f"sweep {name}", total=len(sizes))
-        rows = []
-        for hb in sizes:
-            res, _ = run_sim_system(system, cfg, workload, host_bytes=hb)
-            rows.append({"token_hit_rate": res["token_hit_rate"], "hit_rate_by_tier": res["hit_rate_by_tier"],
-                         "memory_hit_rate": res["hit_rate_by_tier"]["device"] + res["hit_rate_by_tier"]["host"],
-                         "reuse_upper_bound": res["reuse_upper_bound"], "ttft_mean_s": res["ttft_mean_s"]})
-            bar.advance(task)
-        out["policies"][name] = rows
+    key = json.dumps(cfg["workload"], sort_keys=True) + str(cfg["seed"])
+    if key not in _WORKLOADS:
+        _WORKLOADS.clear()
+        _WORKLOADS[key] = build_workload(cfg)
+    res, _ = run_sim_system(SYSTEMS[name], cfg, _WORKLOADS[key], host_bytes=host_bytes)
+    return res
+
+
+def _run_sim_tasks(tasks: list, jobs: int, tick) -> dict:
+    """``{(name, host_bytes): result}``; ``jobs`` > 1 runs them in that many worker processes."""
+    out = {}
+    if jobs <= 1:
+        for t in tasks:
+            out[(t[0], t[2])] = _sim_task(t)
+            tick()
+        return out
+    import concurrent.futures as cf
+    import multiprocessing as mp
+
+    with cf.ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn")) as ex:
+        futs = {ex.submit(_sim_task, t): (t[0], t[2]) for t in tasks}
+        for f in cf.as_completed(futs):
+            out[futs[f]] = f.result()
+            tick()
     return out
 
 

@@ -73,3 +73,10 @@ class SimExecutor:
         if self.store is not None:
             self.store.now = now
             self.store.end(job.sid, outcome.tokens_after)
+
+    def sync(self, now: float) -> None:
+        if self.store is not None:
+            self.store.now = now
+
+    def idle(self, gap_s: float) -> None:
+        pass  # the simulator's store times its transfers on the trace clock

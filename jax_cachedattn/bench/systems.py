@@ -15,7 +15,8 @@ class System:
     the turn waits for its KV to be written. naive_truncation: keys stored after RoPE, so a truncated
     history must be recomputed. device_only: only a device-memory prefix cache of the device budget,
     nothing behind it. unbounded: that device cache has no limit (the oracle). predict: the
-    short-queue ranking of the queue-aware policy. sim_only / peer: runs only in simulation / is the
+    short-queue ranking of the queue-aware policy; predicted_prefetch: its read-ahead of idle sessions
+    (both only where the config's scheduler section leaves them on). sim_only / peer: runs only in simulation / is the
     Hugging Face transformers peer (real mode, when torch and transformers are installed)."""
 
     name: str
@@ -28,6 +29,7 @@ class System:
     device_only: bool = False
     unbounded: bool = False
     predict: str = "short-queue"
+    predicted_prefetch: bool = True
     sim_only: bool = False
     peer: bool = False
 
@@ -37,6 +39,7 @@ SYSTEMS: dict[str, System] = {s.name: s for s in (
     System("device-prefix", policy="lru", prefetch=False, device_only=True),
     System("cachedattn"),
     System("cachedattn-paper", predict="never"),  # the pure queue policy (no short-queue ranking)
+    System("cachedattn-rank-only", predicted_prefetch=False),  # the ranking without the predicted read-ahead
     System("lru", policy="lru"),
     System("fifo", policy="fifo"),
     System("lfu", policy="lfu"),
@@ -68,4 +71,5 @@ def policy_and_config(system: System, cfg: dict):
     policy = make_policy(system.policy, **kw)
     sc = dict(cfg.get("scheduler", {}))
     sc["prefetch"] = system.prefetch and sc.get("prefetch", True)
+    sc["predicted_prefetch"] = system.predicted_prefetch and sc.get("predicted_prefetch", True)
     return policy, SchedulerConfig(**sc)

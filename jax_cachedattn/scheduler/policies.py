@@ -75,7 +75,10 @@ class _Bookkeeping(EvictionPolicy):
 
     def choose_victims(self, candidates: Iterable[str], tier: str) -> list[str]:
         with self._lock:
-            return sorted(candidates, key=lambda sid: self._key(sid, tier))
+            return sorted(candidates, key=self._keyfn(tier))
+
+    def _keyfn(self, tier: str):
+        return lambda sid: self._key(sid, tier)
 
     def _key(self, sid: str, tier: str):
         raise NotImplementedError
@@ -86,6 +89,10 @@ class LRU(_Bookkeeping):
 
     def _key(self, sid, tier):
         return self.last(sid, tier)
+
+    def _keyfn(self, tier):
+        last, empty = self._last.get, {}
+        return lambda sid: last(sid, empty).get(tier, -1)
 
 
 class FIFO(_Bookkeeping):
@@ -122,13 +129,17 @@ class QueueAwarePolicy(_Bookkeeping):
 
     predict: ``"short-queue"`` (default) ranks the sessions with no queued job by predicted next-turn
     time when the queue holds fewer jobs than the eviction window, LRU otherwise (the paper);
-    ``"always"`` and ``"never"`` for comparison.
+    ``"always"`` and ``"never"`` for comparison. predict_tiers: the tiers where that ranking applies;
+    on disk (where an eviction deletes the session) the idle sessions go least recently used first:
+    on the paper trace every horizon tried for the disk ranking lost to LRU there (docs/benchmarks.md).
     """
 
     name = "cachedattn"
 
-    def __init__(self, predict: str = "short-queue", predictor: NextTurnPredictor | None = None) -> None:
+    def __init__(self, predict: str = "short-queue", predictor: NextTurnPredictor | None = None,
+                 predict_tiers: tuple[str, ...] = ("device", "host")) -> None:
         super().__init__()
+        self.predict_tiers = tuple(predict_tiers)
         if predict not in ("short-queue", "always", "never"):
             raise ValueError(f"predict must be 'short-queue', 'always' or 'never', got {predict!r}")
         self.predict = predict
@@ -164,12 +175,18 @@ class QueueAwarePolicy(_Bookkeeping):
             return False
         return self.predict == "always" or self._queue_len < self._evict_window
 
+    def predicting(self) -> bool:
+        """Whether sessions with no queued job are ranked by predicted next turn now (the scheduler's
+        predicted prefetch follows the same switch)."""
+        with self._lock:
+            return self._use_prediction()
+
     def choose_victims(self, candidates: Iterable[str], tier: str) -> list[str]:
         cands = list(candidates)
         if not cands:
             return []
         with self._lock:
-            predict = self._use_prediction()
+            predict = tier in self.predict_tiers and self._use_prediction()
             pos, w = self._pos, self._evict_window
             p = np.fromiter((pos.get(sid, -1) for sid in cands), np.int64, len(cands))
             last = np.fromiter((self.last(sid, tier) for sid in cands), np.int64, len(cands))

@@ -8,8 +8,11 @@ weighs both questions:
   online from the sessions seen so far: those that came back after turn ``k`` against those that
   stayed silent longer than ``end_after_s`` (then presumed ended), with a prior of weight 2 toward the
   pooled estimate over all ``k``.
-* the think time: log-normal, the global mean and spread of observed log think times, the mean
-  shifted toward each session's own observed think times (shrunk by ``n / (n + 1)``).
+* the think time: log-normal; each session's log think times vary around its own mean (spread
+  ``sigma_w``, within sessions) and the session means around the global one (spread ``tau``); both
+  are estimated online (pooled within-session variance, and the total less it). A session with ``n``
+  observed think times gets the empirical-Bayes posterior: mean shrunk toward the global one by
+  ``w = n / (n + sigma_w^2 / tau^2)``, spread ``sqrt(sigma_w^2 + (1 - w) tau^2)``.
 
 For a session idle for ``e`` seconds after ``k`` turns, the chance it is still coming is
 ``q = p S(e) / (p S(e) + 1 - p)`` (``S``: survival of its think time), and the chance that its next
@@ -43,6 +46,7 @@ class _Sess:
     turns: int = 0
     last_finish: float | None = None
     log_thinks_sum: float = 0.0
+    log_thinks_sum2: float = 0.0
     n_thinks: int = 0
     counted_end: bool = False
 
@@ -56,6 +60,8 @@ class NextTurnPredictor:
         self._ended = defaultdict(int)  # k -> sessions silent past end_after_s after turn k
         self._sum = self._sum2 = 0.0
         self._n = 0
+        self._within_ss = 0.0  # sum over sessions of their squared deviations from their own mean
+        self._within_df = 0  # sum over sessions of (thinks - 1)
         self._fixed_end = end_after_s
         self.min_samples = min_samples
         self._idle: dict[str, None] = {}  # sessions finished and not yet back (insertion ordered)
@@ -69,8 +75,14 @@ class NextTurnPredictor:
             self._sum += lt
             self._sum2 += lt * lt
             self._n += 1
+            if s.n_thinks:
+                self._within_ss -= s.log_thinks_sum2 - s.log_thinks_sum ** 2 / s.n_thinks
+                self._within_df -= s.n_thinks - 1
             s.log_thinks_sum += lt
+            s.log_thinks_sum2 += lt * lt
             s.n_thinks += 1
+            self._within_ss += s.log_thinks_sum2 - s.log_thinks_sum ** 2 / s.n_thinks
+            self._within_df += s.n_thinks - 1
             if s.counted_end:  # presumed ended, came back after all
                 self._ended[s.turns] -= 1
                 s.counted_end = False
@@ -85,6 +97,15 @@ class NextTurnPredictor:
         s.counted_end = False
         self._idle[sid] = None
 
+    def recent_idle(self, k: int) -> list[str]:
+        """Up to ``k`` sessions finished and not yet back (nor presumed ended), latest finish first."""
+        out = []
+        for sid in reversed(self._idle):
+            if len(out) >= k:
+                break
+            out.append(sid)
+        return out
+
     def forget(self, sid: str) -> None:
         self._idle.pop(sid, None)
 
@@ -93,13 +114,20 @@ class NextTurnPredictor:
     def ready(self) -> bool:
         return self._n >= self.min_samples
 
-    def _lognormal(self, s: _Sess) -> tuple[float, float]:
+    def _components(self) -> tuple[float, float, float]:
+        """(global mean, within-session variance, between-session variance) of log think times."""
         mu = self._sum / self._n
         var = max(1e-6, self._sum2 / self._n - mu * mu)
+        within = self._within_ss / self._within_df if self._within_df >= 10 else var / 2.0
+        within = min(max(within, 1e-6), var)
+        return mu, within, max(1e-4 * var, var - within)
+
+    def _lognormal(self, s: _Sess) -> tuple[float, float]:
+        mu, sw2, tau2 = self._components()
+        w = s.n_thinks / (s.n_thinks + sw2 / tau2)
         if s.n_thinks:
-            w = s.n_thinks / (s.n_thinks + 1.0)
             mu = (1 - w) * mu + w * (s.log_thinks_sum / s.n_thinks)
-        return mu, math.sqrt(var)
+        return mu, math.sqrt(sw2 + (1 - w) * tau2)
 
     def end_after_s(self) -> float:
         """Silence after which a session is presumed ended: the 99.9th percentile of think times."""
@@ -146,8 +174,7 @@ class NextTurnPredictor:
         out = np.full(len(sids), np.nan)
         if not self.ready or not sids:
             return out
-        mu0 = self._sum / self._n
-        sd = math.sqrt(max(1e-6, self._sum2 / self._n - mu0 * mu0))
+        mu0, sw2, tau2 = self._components()
         tot_c, tot_e = sum(self._cont.values()), sum(self._ended.values())
         pooled = (tot_c + 1.0) / (tot_c + tot_e + 2.0)
         idx, fin, n, lsum, k = [], [], [], [], []
@@ -163,8 +190,9 @@ class NextTurnPredictor:
         if not idx:
             return out
         n, lsum = np.asarray(n, float), np.asarray(lsum, float)
-        w = n / (n + 1.0)
+        w = n / (n + sw2 / tau2)
         mu = (1 - w) * mu0 + w * np.where(n > 0, lsum / np.maximum(n, 1), mu0)
+        sd = np.sqrt(sw2 + (1 - w) * tau2)
         e = np.maximum(1e-3, now - np.asarray(fin))
         surv = np.maximum(1e-12, 1.0 - _phi_v((np.log(e) - mu) / sd))
         surv_h = 1.0 - _phi_v((np.log(e + horizon_s) - mu) / sd)

@@ -14,7 +14,14 @@ of the queue the scheduler plans (`plan`):
   next use first (:mod:`.policies`);
 * **high watermark**: when the host tier is fuller than ``high_watermark`` of its capacity, host copies
   of sessions outside the prefetch window are dropped (the disk keeps them: saves write through), in
-  the policy's order, down to ``low_watermark``, so a prefetch finds room without waiting.
+  the policy's order, down to ``low_watermark``, so a prefetch finds room without waiting;
+* **predicted prefetch** (beyond the paper, for short queues): when the queue holds fewer jobs than the
+  prefetch window and the policy predicts next turns (`QueueAwarePolicy.predicting`), the window's
+  empty places go to sessions with no queued job whose KV is only on disk, most likely to send their
+  next turn within the host horizon first (:mod:`.predictor`). One is read into free host room (below
+  ``low_watermark``) or in place of an idle host session whose chance is lower by ``swap_margin``; at
+  most ``max_predicted_inflight`` such reads at once. It runs at every plan and whenever an engine
+  slot idles (`idle`), so a session can be back in memory before its turn is even queued.
 
 The store is reached through the small `StoreView` protocol; `jax_cachedattn.bench` adapts both the
 real `TieredStore` and the simulator's store to it, so both modes run this code. Every decision is
@@ -58,13 +65,25 @@ class SchedulerConfig:
     """prefetch: issue disk -> host prefetches for the prefetch window (off for the no-prefetch
     ablation). high_watermark / low_watermark: fractions of the host capacity between which eviction
     runs ahead of need (``high_watermark`` 1.0 turns it off). max_prefetch_window: an upper bound on
-    ``L_pw`` (None: none). min_session_bytes: ``S_kv`` before any session is known."""
+    ``L_pw`` (None: none). min_session_bytes: ``S_kv`` before any session is known.
+    predicted_prefetch: prefetch idle sessions by predicted next turn when the queue is short (only
+    with a policy that predicts); swap_margin: how much likelier a disk session must be than an idle
+    host session it replaces; min_predicted_prob: below this chance nothing is read ahead;
+    max_predicted_inflight: predicted reads in flight at once; predicted_candidates: the most
+    recently finished idle sessions considered; predict_interval_s: trace seconds between two such
+    read-ahead passes."""
 
     prefetch: bool = True
     high_watermark: float = 0.9
     low_watermark: float = 0.8
     max_prefetch_window: int | None = None
     min_session_bytes: int = 1
+    predicted_prefetch: bool = True
+    swap_margin: float = 0.05
+    min_predicted_prob: float = 0.1
+    max_predicted_inflight: int = 2
+    predicted_candidates: int = 128
+    predict_interval_s: float = 1.0
 
     def __post_init__(self) -> None:
         if not 0 < self.low_watermark <= self.high_watermark <= 1.0:
@@ -82,6 +101,8 @@ class Scheduler:
         self.prefetch_window = 0
         self.eviction_window = 0
         self._prefetched: set[str] = set()
+        self._predicted: set[str] = set()
+        self._last_predict = -math.inf
         self._arrivals: collections.deque[float] = collections.deque(maxlen=256)
 
     # ---- the engine's side ---------------------------------------------------------------------
@@ -158,6 +179,66 @@ class Scheduler:
                     self.store.prefetch(sid)
                     self._prefetched.add(sid)
                     self.decisions.append(("prefetch", sid))
+        if len(self.queue) < l_pw:
+            self._predicted_prefetch(now, set(window), h_mem)
+
+    def idle(self, now: float) -> None:
+        """An engine slot is free and the queue is empty at ``now``: read ahead what is predicted."""
+        if len(self.queue) or not self._predicts():
+            return
+        self.policy.now = now
+        self.policy.set_future([])
+        self._prefetched = {s for s in self._prefetched if self.store.tier_of(s) == "disk"}
+        self._predicted_prefetch(now, set(), self.horizon_s(self.prefetch_window))
+
+    def _predicts(self) -> bool:
+        cfg = self.config
+        return cfg.prefetch and cfg.predicted_prefetch and bool(getattr(self.policy, "predicting", lambda: False)())
+
+    def _predicted_prefetch(self, now: float, keep: set[str], horizon: float | None) -> None:
+        """See the module docstring (predicted prefetch)."""
+        cfg, store = self.config, self.store
+        cap = store.capacity("host")
+        if not cap or horizon is None or now - self._last_predict < cfg.predict_interval_s or not self._predicts():
+            return
+        self._last_predict = now
+        self._predicted = {s for s in self._predicted if store.busy(s) and store.tier_of(s) in ("host", "disk")}
+        room_for = cfg.max_predicted_inflight - len(self._predicted)
+        if room_for <= 0:
+            return
+        pred = self.policy.predictor
+        queued = set(self.queue.sessions())
+        cands = [s for s in pred.recent_idle(cfg.predicted_candidates)
+                 if s not in queued and s not in self._prefetched and store.tier_of(s) == "disk" and not store.busy(s)]
+        if not cands:
+            return
+        p = pred.return_probs(cands, now, horizon)
+        order = [i for i in sorted(range(len(cands)), key=lambda i: -p[i]) if p[i] >= cfg.min_predicted_prob]
+        if not order:
+            return
+        victims = None
+        for i in order[:room_for]:
+            sid, need = cands[i], store.kv_bytes(cands[i])
+            free = int(cfg.low_watermark * cap) - store.used("host")
+            if free < need:
+                if victims is None:  # idle host sessions, least likely back first
+                    hs = [s for s in store.sessions_in("host") if s not in queued and s not in keep
+                          and s not in self._predicted and not store.busy(s) and store.tier_of(s) == "host"]
+                    hp = pred.return_probs(hs, now, horizon)
+                    victims = sorted(((x, s) for x, s in zip(hp, hs) if not math.isnan(x)), reverse=True)
+                chosen = []
+                while free < need and victims and victims[-1][0] + cfg.swap_margin <= p[i]:
+                    pv, v = victims.pop()
+                    chosen.append(v)
+                    free += store.kv_bytes(v)
+                if free < need:
+                    break  # nothing likely enough to give way: stop (the rest are less likely still)
+                for v in chosen:
+                    store.evict(v, "host")
+                    self.decisions.append(("evict", v, "host"))
+            store.prefetch(sid)
+            self._predicted.add(sid)
+            self.decisions.append(("predict-prefetch", sid))
 
     def _watermark(self, keep: set[str]) -> None:
         cap = self.store.capacity("host")
