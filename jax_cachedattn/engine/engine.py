@@ -28,6 +28,7 @@ from jax_cachedattn.engine.pool import PagePool, PoolFull, block_table
 from jax_cachedattn.engine.prefill import Context, Rows, prefill
 from jax_cachedattn.engine.read_buffer import ReadAhead, ReadBuffer
 from jax_cachedattn.engine.truncation import ContextOverflow
+from jax_cachedattn.engine.warmup import warmup as _warmup
 from jax_cachedattn.model import TRACE_COUNTS, ModelConfig, TokenError, bucket_length, unstack_layers, validate_tokens
 from jax_cachedattn.store import KVLost, TieredStore, UnknownSession, validate_session_id
 
@@ -281,6 +282,19 @@ class Engine:
                 self.store.evict(sid, t)
                 if t == "disk":
                     break
+
+    def warmup(self, prompt_lengths: Sequence[int] = (16, 32, 64, 128, 256),
+               history_lengths: Sequence[int] = (256, 512, 1024, 2048),
+               sources: Sequence[str] = ("new", "host", "device")) -> dict:
+        """Compile ahead what turns with these prompt and history lengths will run (their buckets:
+        any length in the same bucket runs the same programs), and the decode step, so a library
+        user's first turns do not compile. Runs real turns of scratch sessions in a temporary
+        in-memory store (the engine's store and pool are left as they were); ``sources`` among
+        ``new``, ``host``, ``device``, ``disk``. Returns ``{"turns", "seconds"}``. See engine/warmup.py."""
+        return _warmup(self, prompt_lengths, history_lengths, sources)
+
+    def _swap_store(self, store: TieredStore | None) -> None:
+        self.store = self._ctx.store = store
 
     def flush(self) -> None:
         """Wait for every save and commit; raise the first failure."""
