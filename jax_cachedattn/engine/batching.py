@@ -91,6 +91,7 @@ class Loop:
             self._starting = plan.sid
             try:
                 e._slots[free[0]] = e._start(i, plan, free[0], t0, time.perf_counter())
+                e._slots[free[0]].slot = free[0]
             except PoolFull:
                 if not e._slots:
                     raise

@@ -54,6 +54,7 @@ class _Active:
     prefill: Any
     prompt_logits: np.ndarray | None
     decode_logits: list | None
+    slot: int = -1  # the decode slot (set by the loop)
 
 
 class Engine:
@@ -88,7 +89,10 @@ class Engine:
         self._width = -(-(mc.max_context + len(self._end) + 2) // page)  # pages per slot
         tokens = ec.pool_tokens or max(ec.max_slots * min(2048, mc.max_context), self._width * page)
         self.pool = PagePool(mc.num_layers, mc.num_kv_heads, mc.head_dim, mc.dtype, page, -(-tokens // page) + 1)
-        self.state = SL.empty_state(ec.max_slots, self._width, max(1, len(self._end)))
+        self._ring = ec.save_every + ec.decode_steps  # decoded rows a save may ask for (engine/slots.py)
+        self.state = SL.empty_state(ec.max_slots, self._width, max(1, len(self._end)),
+                                    self._ring if ec.rope_mode != "naive" else 1,
+                                    (mc.num_layers, mc.num_kv_heads, mc.head_dim), mc.jnp_dtype)
         self.read_ahead = ReadAhead(mc.num_layers, ec.read_ahead)
         self.read_buffer = ReadBuffer()
         self._ctx = Context(mc, self.params, self.layers, store, ec, self.read_ahead, self.read_buffer)
@@ -168,7 +172,8 @@ class Engine:
                 pf, S, T = prefill(self._ctx, plan, None)
             n_comp = len(plan.compute_ids)
             pool.pages = P.write_pages(pool.pages, pf.hists, pf.news, jnp.asarray(table), jnp.int32(plan.cached_len),
-                                       jnp.int32(n_comp), write_hist=plan.source != "device")
+                                       jnp.int32(n_comp), write_hist=plan.source != "device", config=mc,
+                                       rotate=ec.rope_mode != "naive")
             prompt_logits = None
             if ec.return_logits:
                 prompt_logits = np.asarray(P.all_logits(self.params, mc, pf.x)[n_comp - len(plan.new_ids) : n_comp])
@@ -200,7 +205,13 @@ class Engine:
         if self.store is None or hi <= lo:
             return
         size = bucket_length(hi - lo, minimum=self.config.save_every)
-        parts = P.read_rows(self.pool.pages, jnp.asarray(a.table), jnp.int32(lo), size)
+        if self.config.rope_mode == "naive":  # the store keeps the pool's (rotated) keys
+            parts = P.read_rows(self.pool.pages, jnp.asarray(a.table), jnp.int32(lo), size)
+        else:  # pre-RoPE keys from the decode state's ring
+            if hi - lo > self._ring:
+                raise AssertionError(f"{hi - lo} decoded rows to save, the key ring holds {self._ring}")
+            parts = P.read_decoded(self.pool.pages, self.state.raw_k, jnp.asarray(a.table), jnp.int32(a.slot), jnp.int32(lo),
+                                   size)
         for layer, part in enumerate(parts):
             self.store.save_layer(a.plan.sid, layer, Rows(part, 0, hi - lo), start=lo)
         a.saved = hi

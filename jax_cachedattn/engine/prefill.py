@@ -142,7 +142,8 @@ class InProgram:
     is the slower; when compute is the slower it says loads hide behind it, and the read-ahead
     stays small)."""
 
-    def run(self, c: Context, plan: TurnPlan, x, positions, S: int, naive: bool, ready: dict, preloaded: int):
+    def run(self, c: Context, plan: TurnPlan, x, positions, S: int, naive: bool, ready: dict, preloaded: int,
+            rotated: bool = False):
         ec, store, L = c.engine_config, c.store, len(c.layers)
         groups = ec.program_groups or (4 if plan.source == "disk" else 1)
         sizes = group_sizes(L, groups, ec.group_growth)
@@ -157,7 +158,7 @@ class InProgram:
             parts = [(p[0] if i in ready else padded_blocks(p[0], S), p[1]) for i, p in zip(idx, parts)]
             x, h, n = P.layers_in_program(
                 tuple(c.layers[i] for i in idx), c.config, x, tuple(p[0] for p in parts),
-                jnp.asarray([p[1] for p in parts], jnp.int32), jnp.int32(plan.cached_len), positions, S, naive)
+                jnp.asarray([p[1] for p in parts], jnp.int32), jnp.int32(plan.cached_len), positions, S, naive, rotated)
             hists += h
             news += n
             for i, layer in enumerate(idx):
@@ -177,7 +178,7 @@ class PerLayer:
         self.upfront = upfront
 
     def run(self, c: Context, plan: TurnPlan, x, positions, S: int, T: int, naive: bool, ready: dict,
-            preloaded: int):
+            preloaded: int, rotated: bool = False):
         ec, store, L = c.engine_config, c.store, len(c.layers)
         loads = dict(ready)
         hist_bytes = plan.cached_len * store.layout.bytes_per_token_layer
@@ -204,7 +205,7 @@ class PerLayer:
             loads[0].block_until_ready()
             if measure:
                 c.read_ahead.observe_load(hist_bytes, time.perf_counter() - t_l0)
-        rope = P.rope_for_layers(c.config, S, positions, naive)
+        rope = P.rope_for_layers(c.config, S, positions, naive, rotated)
         hists, news = [], []
         hist_len = jnp.int32(plan.cached_len)
         for layer in range(L):
@@ -226,7 +227,8 @@ class PerLayer:
 
 def prefill(c: Context, plan: TurnPlan, device_hist: tuple | None) -> tuple[Prefilled, int, int]:
     """Run the job's prefill with the configured strategy. ``device_hist``: per layer the history
-    already on the device (a pool hit), or None. Returns ``(Prefilled, S, T)``."""
+    already on the device (a pool hit: keys rotated to their positions, used as they are), or None.
+    Returns ``(Prefilled, S, T)``."""
     ec, mc = c.engine_config, c.config
     naive = ec.rope_mode == "naive"
     n_comp, cached = len(plan.compute_ids), plan.cached_len
@@ -243,6 +245,7 @@ def prefill(c: Context, plan: TurnPlan, device_hist: tuple | None) -> tuple[Pref
         ready = c.read_buffer.take(plan.sid, plan.num_tokens, plan.turn, S)
         preloaded = len(ready)
     mode = "in_program" if ec.preload == "auto" else ec.preload
+    rotated = device_hist is not None
     if mode == "in_program":
-        return InProgram().run(c, plan, x, positions, S, naive, ready, preloaded), S, T
-    return PerLayer(mode == "upfront").run(c, plan, x, positions, S, T, naive, ready, preloaded), S, T
+        return InProgram().run(c, plan, x, positions, S, naive, ready, preloaded, rotated), S, T
+    return PerLayer(mode == "upfront").run(c, plan, x, positions, S, T, naive, ready, preloaded, rotated), S, T
