@@ -47,7 +47,8 @@ def ours(cfg, params, hists, prompts, new: int, steps: int) -> dict:
         acc["s"] += time.perf_counter() - t
         acc["tokens"] += int((em >= 0).sum())
         tokens = sum(int(x) for x in np.asarray(out[0].lengths)) + eng.pool.cached_tokens()
-        acc["ratio"] = max(acc["ratio"], eng.pool.used_bytes() / max(1, tokens * cfg.kv_bytes_per_token))
+        ring = sum(x.nbytes for x in out[0].raw_k)  # the decode state's pre-RoPE key ring counts too
+        acc["ratio"] = max(acc["ratio"], (eng.pool.used_bytes() + ring) / max(1, tokens * cfg.kv_bytes_per_token))
         return out
 
     SL.generate = timed
