@@ -301,7 +301,10 @@ class Engine:
         any length in the same bucket runs the same programs), and the decode step, so a library
         user's first turns do not compile. Runs real turns of scratch sessions in a temporary
         in-memory store (the engine's store and pool are left as they were); ``sources`` among
-        ``new``, ``host``, ``device``, ``disk``. Returns ``{"turns", "seconds"}``. See engine/warmup.py."""
+        ``new``, ``host``, ``device``, ``disk``. Returns ``{"turns", "seconds"}``. See engine/warmup.py.
+        Each (prompt bucket, history bucket, source) is one program to compile (the defaults: 45, minutes
+        on a CPU for a 30-layer model; with the persistent compilation cache, once per machine): pass
+        the lengths your traffic has."""
         return _warmup(self, prompt_lengths, history_lengths, sources)
 
     def _swap_store(self, store: TieredStore | None) -> None:
