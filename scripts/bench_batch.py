@@ -137,6 +137,7 @@ def main() -> int:
     ap.add_argument("--decode-steps", type=int, default=4, help="decode steps per dispatch (EngineConfig.decode_steps)")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 2, help="torch threads for transformers")
     ap.add_argument("--skip-hf", action="store_true", help="do not run transformers")
+    ap.add_argument("--hf-sessions", default=None, help="comma-separated session counts to run transformers at (default: all)")
     ap.add_argument("--ttft-history", type=int, default=1024, help="history tokens of the TTFT probe (0: skip it)")
     ap.add_argument("--ttft-reps", type=int, default=3, help="timed repetitions of the TTFT probe per source")
     ap.add_argument("--ttft-decode", type=int, default=32, help="tokens each of the 8 slots decodes beside the probe")
@@ -154,7 +155,7 @@ def main() -> int:
                  for x in np.linspace(args.hist_min, args.hist_max, n).round()]
         prompts = [r.randint(0, m.config.vocab_size, args.prompt).astype(np.int32) for _ in range(n)]
         row = {"sessions": n, "ours": ours(m.config, m.params, hists, prompts, args.new_tokens, args.decode_steps)}
-        if not args.skip_hf:
+        if not args.skip_hf and (args.hf_sessions is None or n in {int(x) for x in args.hf_sessions.split(",")}):
             # transformers sees the same conversation as one prompt per sequence (history + message).
             # Same lengths as our measured turn: history, reply, message, reply, then the new message.
             z = np.zeros(args.new_tokens, np.int32)
