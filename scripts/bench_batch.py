@@ -1,6 +1,8 @@
 """Continuous batching on SmolLM2 fp32: decode tokens/s and finished turns/min with 1..16 sessions at
 once, beside transformers' batched ``generate`` (left-padded, same weights, same machine, same run),
-and the device pool's KV bytes against tokens held x bytes per token.
+the device pool's KV bytes against tokens held x bytes per token, and the TTFT of a turn whose history
+is in host memory against one whose history is in the device pool, each started while 8 other slots
+decode (``--ttft-history``).
 
 Each session first gets a history (a first turn of a ragged length, also the compile warm-up); the
 measured round is one more turn of every session at once (history from the device pool). Messages
@@ -25,8 +27,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def ours(cfg, params, hists, prompts, new: int, steps: int) -> dict:
-    import jax
-
     from jax_cachedattn.engine import Engine, EngineConfig
     from jax_cachedattn.engine import slots as SL
     from jax_cachedattn.store import KVLayout, StoreConfig, TieredStore
@@ -47,7 +47,8 @@ def ours(cfg, params, hists, prompts, new: int, steps: int) -> dict:
         acc["s"] += time.perf_counter() - t
         acc["tokens"] += int((em >= 0).sum())
         tokens = sum(int(x) for x in np.asarray(out[0].lengths)) + eng.pool.cached_tokens()
-        acc["ratio"] = max(acc["ratio"], eng.pool.used_bytes() / max(1, tokens * cfg.kv_bytes_per_token))
+        ring = sum(x.nbytes for x in out[0].raw_k)  # the decode state's pre-RoPE key ring counts too
+        acc["ratio"] = max(acc["ratio"], (eng.pool.used_bytes() + ring) / max(1, tokens * cfg.kv_bytes_per_token))
         return out
 
     SL.generate = timed
@@ -62,10 +63,40 @@ def ours(cfg, params, hists, prompts, new: int, steps: int) -> dict:
     finally:
         SL.generate = real
     eng.close()
-    jax.clear_caches()
     return {"decode_tok_s": acc["tokens"] / acc["s"], "turns_per_min": 60 * n / wall, "wall_s": wall,
             "ttft_mean_s": float(np.mean([r.ttft_s for r in res])), "sources": sorted({r.source for r in res}),
             "device_kv_over_held": acc["ratio"]}
+
+
+def ttft_beside_decode(cfg, params, hist: int, prompt: int, decode_new: int, reps: int, steps: int) -> dict:
+    """TTFT of a turn started while 8 other slots decode, its ``hist``-token history in the device pool
+    (``keep_pages=True``) or in host memory (``keep_pages=False``: every history is loaded from the
+    store). Each repetition: session p's first turn (the history, 1 token) and 8 decoding jobs start
+    together; p's turn ends after the first dispatch, so p's second turn (the probe) is prefilled in a
+    later round, beside the 8 slots still decoding. The modes alternate repetition by repetition;
+    the first repetition of each compiles and is not counted."""
+    from jax_cachedattn.engine import Engine, EngineConfig
+    from jax_cachedattn.store import KVLayout, StoreConfig, TieredStore
+
+    r = np.random.RandomState(1)
+    lay = KVLayout(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, cfg.dtype, "bench-ttft")
+    out: dict = {"device": [], "host": []}
+    for rep in range(reps + 1):
+        for where in ("device", "host"):
+            store = TieredStore(StoreConfig(kvstore={"driver": "memory"}, host_bytes=4 << 30, token_block=64), lay)
+            eng = Engine(cfg, params, store, None, EngineConfig(max_new_tokens=decode_new, max_slots=9, decode_steps=steps,
+                                                                keep_pages=where == "device", pool_tokens=16384))
+            ids = lambda n: r.randint(0, cfg.vocab_size, n).astype(np.int32)  # noqa: E731
+            jobs = [("p", ids(hist), 1)] + [(f"d{i}", ids(prompt), decode_new) for i in range(8)] + [("p", ids(prompt), 2)]
+            res = eng.run_batch(jobs)
+            eng.close()
+            probe = res[-1]
+            assert probe.source == where, (probe.source, where)
+            if rep:
+                out[where].append(probe.ttft_s)
+    dev, host = float(np.median(out["device"])), float(np.median(out["host"]))
+    return {"history": hist, "prompt": prompt, "decoding_slots": 8, "device_ttft_s": dev, "host_ttft_s": host,
+            "host_over_device": host / dev, "reps": reps, "device_all": out["device"], "host_all": out["host"]}
 
 
 def transformers_generate(gguf: Path, hists, prompts, new: int, threads: int) -> dict:
@@ -106,6 +137,10 @@ def main() -> int:
     ap.add_argument("--decode-steps", type=int, default=4, help="decode steps per dispatch (EngineConfig.decode_steps)")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 2, help="torch threads for transformers")
     ap.add_argument("--skip-hf", action="store_true", help="do not run transformers")
+    ap.add_argument("--hf-sessions", default=None, help="comma-separated session counts to run transformers at (default: all)")
+    ap.add_argument("--ttft-history", type=int, default=1024, help="history tokens of the TTFT probe (0: skip it)")
+    ap.add_argument("--ttft-reps", type=int, default=3, help="timed repetitions of the TTFT probe per source")
+    ap.add_argument("--ttft-decode", type=int, default=32, help="tokens each of the 8 slots decodes beside the probe")
     ap.add_argument("--out", default="runs/bench_batch.json", help="JSON result file")
     args = ap.parse_args()
 
@@ -120,7 +155,7 @@ def main() -> int:
                  for x in np.linspace(args.hist_min, args.hist_max, n).round()]
         prompts = [r.randint(0, m.config.vocab_size, args.prompt).astype(np.int32) for _ in range(n)]
         row = {"sessions": n, "ours": ours(m.config, m.params, hists, prompts, args.new_tokens, args.decode_steps)}
-        if not args.skip_hf:
+        if not args.skip_hf and (args.hf_sessions is None or n in {int(x) for x in args.hf_sessions.split(",")}):
             # transformers sees the same conversation as one prompt per sequence (history + message).
             # Same lengths as our measured turn: history, reply, message, reply, then the new message.
             z = np.zeros(args.new_tokens, np.int32)
@@ -128,6 +163,14 @@ def main() -> int:
             row["transformers"] = transformers_generate(smollm2_gguf_path(), hh, prompts, args.new_tokens, args.threads)
         rows.append(row)
         print(json.dumps(row), flush=True)
+    ttft = None
+    if args.ttft_history:
+        try:
+            ttft = ttft_beside_decode(m.config, m.params, args.ttft_history, args.prompt, args.ttft_decode, args.ttft_reps,
+                                      args.decode_steps)
+            print(json.dumps(ttft), flush=True)
+        except Exception as e:  # the throughput rows above still get written
+            print(f"TTFT probe failed: {e!r}", file=sys.stderr, flush=True)
     base = rows[0]["ours"]["decode_tok_s"]
     print("\n| sessions | ours decode tok/s | x vs 1 | transformers decode tok/s | ours/transformers | ours turns/min |"
           " transformers turns/min | device KV / held |")
@@ -137,9 +180,12 @@ def main() -> int:
         print(f"| {row['sessions']} | {o['decode_tok_s']:.1f} | {o['decode_tok_s'] / base:.2f} | "
               f"{h['decode_tok_s'] if h else float('nan'):.1f} | {o['decode_tok_s'] / h['decode_tok_s'] if h else float('nan'):.2f} | "
               f"{o['turns_per_min']:.1f} | {h['turns_per_min'] if h else float('nan'):.1f} | {o['device_kv_over_held']:.2f} |")
+    if ttft:
+        print(f"\nTTFT with 8 slots decoding beside it, {ttft['history']}-token history: device {ttft['device_ttft_s'] * 1e3:.0f} ms,"
+              f" host {ttft['host_ttft_s'] * 1e3:.0f} ms, host/device {ttft['host_over_device']:.3f} (median of {ttft['reps']})")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
-                                          "args": vars(args), "rows": rows}, indent=1))
+                                          "args": vars(args), "rows": rows, "ttft": ttft}, indent=1))
     return 0
 
 

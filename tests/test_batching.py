@@ -135,3 +135,38 @@ def test_compile_count_fixed_across_jobs(model, tmp_path):
     assert warm.get("generate") == 1 and warm.get("insert", 0) <= 2
     assert dict(h.count) == warm, {k: h.count[k] - warm.get(k, 0) for k in h.count if h.count[k] != warm.get(k, 0)}
     eng.close()
+
+
+def test_warmup_compiles_what_later_jobs_run(model, tmp_path):
+    """After ``Engine.warmup`` for one prompt bucket and one history bucket, batches of new sessions
+    and of turns against histories from host and from the pool, all of other lengths in those buckets,
+    compile nothing."""
+    cfg, params = model
+    store = _store(cfg, tmp_path)
+    eng = Engine(cfg, params, store, None, EngineConfig(max_new_tokens=5, max_slots=4, pool_tokens=8192))
+    h = _Compiles()
+    log = logging.getLogger("jax")
+    old_level = log.level
+    log.addHandler(h)
+    log.setLevel(logging.DEBUG)
+    try:
+        with jax.log_compiles(True):
+            out = eng.warmup(prompt_lengths=(20,), history_lengths=(300,))
+            warm = dict(h.count)
+            assert out["turns"] == 3  # new; host; device
+            assert eng.pool.cached_tokens() == 0 and eng.pool.used_pages() == 0  # nothing left over
+            # Histories of 300-450 tokens (bucket 512), committed the way a turn commits them.
+            for i, n in enumerate((300, 347, 401, 450)):
+                for layer in range(cfg.num_layers):
+                    kv = np.random.RandomState(i).randn(2, n, cfg.num_kv_heads, cfg.head_dim).astype(np.float32)
+                    store.save_layer(f"h{i}", layer, kv, start=0)
+                store.commit_turn(f"h{i}", _ids(cfg, n, 60 + i)).result()
+            new = eng.run_batch([(f"n{i}", _ids(cfg, 17 + 5 * i, 70 + i), 2 + i) for i in range(4)])
+            host = eng.run_batch([(f"h{i}", _ids(cfg, 32 - 4 * i, 80 + i), 5 - i) for i in range(4)])
+            dev = eng.run_batch([(f"h{i}", _ids(cfg, 18 + 3 * i, 90 + i), 3) for i in range(4)])
+    finally:
+        log.removeHandler(h)
+        log.setLevel(old_level)
+    assert [r.source for r in new + host + dev] == ["new"] * 4 + ["host"] * 4 + ["device"] * 4
+    assert dict(h.count) == warm, {k: h.count[k] - warm.get(k, 0) for k in h.count if h.count[k] != warm.get(k, 0)}
+    eng.close()

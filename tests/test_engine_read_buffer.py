@@ -78,3 +78,34 @@ def test_owned_params_are_freed_once_unstacked(tiny):
     assert all(leaf.is_deleted() for leaf in jax.tree.leaves(params["layers"]))
     assert eng.turn("x", [1, 2, 3]).reply_tokens == Engine(cfg, params0, None, None, EngineConfig(max_new_tokens=2)).turn(
         "x", [1, 2, 3]).reply_tokens
+
+
+def test_in_program_read_buffer_grows_when_loads_are_slow(tiny, monkeypatch):
+    """The default path (in-program, history from host) feeds the estimator too: once its loads are
+    slow, the next job's preload puts every layer in the read buffer, not the default two. Jobs of
+    other history lengths in one bucket compile nothing (the blocks are padded), so each is measured."""
+    cfg, params = tiny
+    lay = KVLayout(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, cfg.dtype, "rb2")
+    store = TieredStore(StoreConfig(kvstore={"driver": "memory"}, host_bytes=1 << 25, token_block=64), lay)
+    eng = Engine(cfg, params, store, None, EngineConfig(max_new_tokens=3, keep_pages=False))
+    r = np.random.RandomState(1)
+    ids = lambda n: r.randint(0, cfg.vocab_size, n).astype(np.int32)  # noqa: E731
+    eng.turn("s", ids(300))  # compiles the 384-token prefill
+    eng.turn("t", ids(290))  # same bucket: a compute measurement
+    assert eng.read_ahead.comp_s_per_token is not None
+    first = eng.turn("s", ids(20))  # history 303 tokens from host: compiles the in-program prefill
+    assert (first.source, first.preload) == ("host", "in_program")
+    eng.turn("s", ids(18))  # history 326: another block count, the same program: a load measurement
+    assert eng.read_ahead.load_s_per_byte is not None
+    assert eng.preload("t") and eng.read_buffer.held_layers("t") < cfg.num_layers
+    eng.read_buffer.drop("t")
+    real = store.layer_blocks
+
+    def slow_blocks(*a, **k):
+        time.sleep(0.2)  # far slower than one tiny layer's compute
+        return real(*a, **k)
+
+    monkeypatch.setattr(store, "layer_blocks", slow_blocks)
+    assert eng.turn("s", ids(25)).source == "host"  # measures the slow loads
+    assert eng.preload("t") and eng.read_buffer.held_layers("t") == cfg.num_layers
+    eng.close()

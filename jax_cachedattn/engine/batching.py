@@ -1,9 +1,10 @@
 """The host loop of continuous batching: moves jobs between the queue and the decode slots.
 
 Each round: pull jobs from the iterable (a look-ahead window beyond the free slots), tell the store
-what comes next (eviction order, disk -> host prefetch), start jobs in free slots (one prefill per
-round while other slots decode, so a long prefill never stalls them for more than one job; every
-free slot at once when nothing decodes), dispatch ``decode_steps`` steps of every active slot, and
+what comes next (eviction order, disk -> host prefetch), start jobs in free slots (while other slots
+decode, prefills until the round's ``EngineConfig.prefill_budget`` new tokens are spent, at least one
+job, so a burst of short jobs fills the slots at once and a long prefill stalls the decoding slots
+for one job at most; every free slot at once when nothing decodes), dispatch ``decode_steps`` steps of every active slot, and
 finish the slots that are done (their turns commit and their results are yielded). Jobs of one
 session never share the decode slots: the second waits for the first and runs against its history.
 """
@@ -78,6 +79,7 @@ class Loop:
         e = self.e
         free = [s for s in range(e.config.max_slots) if s not in e._slots]
         decoding = bool(e._slots)
+        spent = 0  # new tokens prefilled this round
         while free:
             job = self._ready()
             if job is None:
@@ -89,6 +91,7 @@ class Loop:
             self._starting = plan.sid
             try:
                 e._slots[free[0]] = e._start(i, plan, free[0], t0, time.perf_counter())
+                e._slots[free[0]].slot = free[0]
             except PoolFull:
                 if not e._slots:
                     raise
@@ -97,8 +100,9 @@ class Loop:
             self._starting = None
             self.pending.remove(job)
             free.pop(0)
-            if decoding:
-                return  # one prefill per round while other slots decode
+            spent += len(plan.compute_ids)
+            if decoding and spent >= e.config.prefill_budget:
+                return  # the decoding slots wait for at most this round's budget of prefill
 
     def _preload_next(self) -> None:
         job = self._ready()

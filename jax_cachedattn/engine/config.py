@@ -48,6 +48,10 @@ class EngineConfig:
       kept so the conversation continues.
     return_logits: keep the logits of the prompt tokens and of every decode step in the result.
     max_slots: sessions decoding at once (continuous batching); ``Engine.turn`` is a batch of one.
+    prefill_budget: new tokens the loop may prefill in one round while other slots decode (at least
+      one job per round): jobs are started until their new tokens reach it, so a burst of short jobs
+      joins the batch in one round, and the decoding slots never wait for more than the budget (or
+      one job's prefill, when that is larger).
     decode_steps: decode steps per dispatch of the batched step (one host sync per dispatch; a slot
       that finishes mid-dispatch waits for the dispatch to end before it is refilled).
     pool_tokens: tokens the device KV pool holds (pages of the store's ``token_block``); None: room for
@@ -73,6 +77,7 @@ class EngineConfig:
     use_cache: bool = True
     return_logits: bool = False
     max_slots: int = 8
+    prefill_budget: int = 512
     decode_steps: int = 4
     pool_tokens: int | None = None
     keep_pages: bool = True
@@ -102,6 +107,8 @@ class EngineConfig:
             raise ValueError(f"read_ahead must be None or >= 1, got {self.read_ahead}")
         if not isinstance(self.max_slots, int) or self.max_slots < 1:
             raise ValueError(f"max_slots must be an int >= 1, got {self.max_slots!r}")
+        if not isinstance(self.prefill_budget, int) or self.prefill_budget < 1:
+            raise ValueError(f"prefill_budget must be an int >= 1, got {self.prefill_budget!r}")
         if not isinstance(self.decode_steps, int) or self.decode_steps < 1:
             raise ValueError(f"decode_steps must be an int >= 1, got {self.decode_steps!r}")
         if self.pool_tokens is not None and self.pool_tokens < 1:

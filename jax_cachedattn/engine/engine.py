@@ -29,6 +29,7 @@ from jax_cachedattn.engine.pool import PagePool, PoolFull, block_table
 from jax_cachedattn.engine.prefill import Context, Rows, prefill
 from jax_cachedattn.engine.read_buffer import ReadAhead, ReadBuffer
 from jax_cachedattn.engine.truncation import ContextOverflow
+from jax_cachedattn.engine.warmup import warmup as _warmup
 from jax_cachedattn.model import TRACE_COUNTS, ModelConfig, TokenError, bucket_length, unstack_layers, validate_tokens
 from jax_cachedattn.store import KVLost, TieredStore, UnknownSession, validate_session_id
 
@@ -54,6 +55,7 @@ class _Active:
     prefill: Any
     prompt_logits: np.ndarray | None
     decode_logits: list | None
+    slot: int = -1  # the decode slot (set by the loop)
 
 
 class Engine:
@@ -88,7 +90,10 @@ class Engine:
         self._width = -(-(mc.max_context + len(self._end) + 2) // page)  # pages per slot
         tokens = ec.pool_tokens or max(ec.max_slots * min(2048, mc.max_context), self._width * page)
         self.pool = PagePool(mc.num_layers, mc.num_kv_heads, mc.head_dim, mc.dtype, page, -(-tokens // page) + 1)
-        self.state = SL.empty_state(ec.max_slots, self._width, max(1, len(self._end)))
+        self._ring = ec.save_every + ec.decode_steps  # decoded rows a save may ask for (engine/slots.py)
+        self.state = SL.empty_state(ec.max_slots, self._width, max(1, len(self._end)),
+                                    self._ring if ec.rope_mode != "naive" else 1,
+                                    (mc.num_layers, mc.num_kv_heads, mc.head_dim), mc.jnp_dtype)
         self.read_ahead = ReadAhead(mc.num_layers, ec.read_ahead)
         self.read_buffer = ReadBuffer()
         self._ctx = Context(mc, self.params, self.layers, store, ec, self.read_ahead, self.read_buffer)
@@ -194,7 +199,8 @@ class Engine:
                 pf, S, T = prefill(self._ctx, plan, None)
             n_comp = len(plan.compute_ids)
             pool.pages = P.write_pages(pool.pages, pf.hists, pf.news, jnp.asarray(table), jnp.int32(plan.cached_len),
-                                       jnp.int32(n_comp), write_hist=plan.source != "device")
+                                       jnp.int32(n_comp), write_hist=plan.source != "device", config=mc,
+                                       rotate=ec.rope_mode != "naive")
             prompt_logits = None
             if ec.return_logits:
                 prompt_logits = np.asarray(P.all_logits(self.params, mc, pf.x)[n_comp - len(plan.new_ids) : n_comp])
@@ -226,7 +232,13 @@ class Engine:
         if self.store is None or hi <= lo:
             return
         size = bucket_length(hi - lo, minimum=self.config.save_every)
-        parts = P.read_rows(self.pool.pages, jnp.asarray(a.table), jnp.int32(lo), size)
+        if self.config.rope_mode == "naive":  # the store keeps the pool's (rotated) keys
+            parts = P.read_rows(self.pool.pages, jnp.asarray(a.table), jnp.int32(lo), size)
+        else:  # pre-RoPE keys from the decode state's ring
+            if hi - lo > self._ring:
+                raise AssertionError(f"{hi - lo} decoded rows to save, the key ring holds {self._ring}")
+            parts = P.read_decoded(self.pool.pages, self.state.raw_k, jnp.asarray(a.table), jnp.int32(a.slot), jnp.int32(lo),
+                                   size)
         for layer, part in enumerate(parts):
             self.store.save_layer(a.plan.sid, layer, Rows(part, 0, hi - lo), start=lo)
         a.saved = hi
@@ -312,6 +324,22 @@ class Engine:
                 self.store.evict(sid, t)
                 if t == "disk":
                     break
+
+    def warmup(self, prompt_lengths: Sequence[int] = (16, 32, 64, 128, 256),
+               history_lengths: Sequence[int] = (256, 512, 1024, 2048),
+               sources: Sequence[str] = ("new", "host", "device")) -> dict:
+        """Compile ahead what turns with these prompt and history lengths will run (their buckets:
+        any length in the same bucket runs the same programs), and the decode step, so a library
+        user's first turns do not compile. Runs real turns of scratch sessions in a temporary
+        in-memory store (the engine's store and pool are left as they were); ``sources`` among
+        ``new``, ``host``, ``device``, ``disk``. Returns ``{"turns", "seconds"}``. See engine/warmup.py.
+        Each (prompt bucket, history bucket, source) is one program to compile (the defaults: 45, minutes
+        on a CPU for a 30-layer model; with the persistent compilation cache, once per machine): pass
+        the lengths your traffic has."""
+        return _warmup(self, prompt_lengths, history_lengths, sources)
+
+    def _swap_store(self, store: TieredStore | None) -> None:
+        self.store = self._ctx.store = store
 
     def flush(self) -> None:
         """Wait for every save and commit; raise the first failure."""

@@ -114,26 +114,60 @@ class NoHistory:
         return Prefilled(x, hists, news, "none", 0, 0)
 
 
-class InProgram:
-    """Each group of layers as one program that moves its own history blocks to the device."""
+_ZERO_BLOCKS: dict = {}
 
-    def run(self, c: Context, plan: TurnPlan, x, positions, S: int, naive: bool, ready: dict, preloaded: int):
+
+def padded_blocks(blocks: tuple, S: int) -> tuple:
+    """A layer's history blocks padded with a shared zero block (same shape, dtype and memory) to
+    the count any history of capacity ``S`` may need, ``ceil((S + B - 1) / B)`` (the first kept
+    token may sit anywhere in the first block): the in-program signature depends on the history
+    bucket only, not on the history's length, so jobs of one bucket share one compiled program."""
+    B = blocks[0].shape[1]
+    want = -(-(S + B - 1) // B)
+    if len(blocks) >= want:
+        return tuple(blocks)
+    b = blocks[0]
+    key = (b.shape, b.dtype, b.sharding)
+    if key not in _ZERO_BLOCKS:
+        _ZERO_BLOCKS[key] = jax.device_put(np.zeros(b.shape, b.dtype), b.sharding)
+    return tuple(blocks) + (_ZERO_BLOCKS[key],) * (want - len(blocks))
+
+
+class InProgram:
+    """Each group of layers as one program that moves its own history blocks to the device.
+
+    The read buffer's rates come from here too: the compute rate from a job without history or with
+    its history on the device (the engine), the load rate from a host job's program, whose time is
+    at least the copy of every layer's history (an upper bound of the load time, exact when loading
+    is the slower; when compute is the slower it says loads hide behind it, and the read-ahead
+    stays small)."""
+
+    def run(self, c: Context, plan: TurnPlan, x, positions, S: int, naive: bool, ready: dict, preloaded: int,
+            rotated: bool = False):
         ec, store, L = c.engine_config, c.store, len(c.layers)
         groups = ec.program_groups or (4 if plan.source == "disk" else 1)
         sizes = group_sizes(L, groups, ec.group_growth)
         if plan.source == "disk":
             store.prefetch(plan.sid)  # every layer's read in flight at once; each group waits for its own
+        measure = plan.source == "host" and not ready
+        traced, t0 = sum(TRACE_COUNTS.values()), time.perf_counter()
         hists, news = [], []
         for g0, size in zip(np.cumsum([0] + sizes[:-1]).tolist(), sizes):
             idx = range(g0, g0 + size)
             parts = [((ready[i],), 0) if i in ready else store.layer_blocks(plan.sid, i)[:2] for i in idx]
+            parts = [(p[0] if i in ready else padded_blocks(p[0], S), p[1]) for i, p in zip(idx, parts)]
             x, h, n = P.layers_in_program(
                 tuple(c.layers[i] for i in idx), c.config, x, tuple(p[0] for p in parts),
-                jnp.asarray([p[1] for p in parts], jnp.int32), jnp.int32(plan.cached_len), positions, S, naive)
+                jnp.asarray([p[1] for p in parts], jnp.int32), jnp.int32(plan.cached_len), positions, S, naive, rotated)
             hists += h
             news += n
             for i, layer in enumerate(idx):
                 c.save_new(plan, layer, n[i])
+        if measure:
+            x.block_until_ready()  # the engine waits for the first token next anyway
+            if sum(TRACE_COUNTS.values()) == traced:  # a compile is neither load nor compute
+                c.read_ahead.observe_load(L * plan.cached_len * store.layout.bytes_per_token_layer,
+                                          time.perf_counter() - t0)
         return Prefilled(x, tuple(hists), tuple(news), "in_program", sizes[0], preloaded)
 
 
@@ -144,7 +178,7 @@ class PerLayer:
         self.upfront = upfront
 
     def run(self, c: Context, plan: TurnPlan, x, positions, S: int, T: int, naive: bool, ready: dict,
-            preloaded: int):
+            preloaded: int, rotated: bool = False):
         ec, store, L = c.engine_config, c.store, len(c.layers)
         loads = dict(ready)
         hist_bytes = plan.cached_len * store.layout.bytes_per_token_layer
@@ -171,7 +205,7 @@ class PerLayer:
             loads[0].block_until_ready()
             if measure:
                 c.read_ahead.observe_load(hist_bytes, time.perf_counter() - t_l0)
-        rope = P.rope_for_layers(c.config, S, positions, naive)
+        rope = P.rope_for_layers(c.config, S, positions, naive, rotated)
         hists, news = [], []
         hist_len = jnp.int32(plan.cached_len)
         for layer in range(L):
@@ -193,7 +227,8 @@ class PerLayer:
 
 def prefill(c: Context, plan: TurnPlan, device_hist: tuple | None) -> tuple[Prefilled, int, int]:
     """Run the job's prefill with the configured strategy. ``device_hist``: per layer the history
-    already on the device (a pool hit), or None. Returns ``(Prefilled, S, T)``."""
+    already on the device (a pool hit: keys rotated to their positions, used as they are), or None.
+    Returns ``(Prefilled, S, T)``."""
     ec, mc = c.engine_config, c.config
     naive = ec.rope_mode == "naive"
     n_comp, cached = len(plan.compute_ids), plan.cached_len
@@ -210,6 +245,7 @@ def prefill(c: Context, plan: TurnPlan, device_hist: tuple | None) -> tuple[Pref
         ready = c.read_buffer.take(plan.sid, plan.num_tokens, plan.turn, S)
         preloaded = len(ready)
     mode = "in_program" if ec.preload == "auto" else ec.preload
+    rotated = device_hist is not None
     if mode == "in_program":
-        return InProgram().run(c, plan, x, positions, S, naive, ready, preloaded), S, T
-    return PerLayer(mode == "upfront").run(c, plan, x, positions, S, T, naive, ready, preloaded), S, T
+        return InProgram().run(c, plan, x, positions, S, naive, ready, preloaded, rotated), S, T
+    return PerLayer(mode == "upfront").run(c, plan, x, positions, S, T, naive, ready, preloaded, rotated), S, T

@@ -79,6 +79,11 @@ class ReadBuffer:
     def drop(self, sid: str) -> None:
         self._held.pop(sid, None)
 
+    def held_layers(self, sid: str) -> int:
+        """How many of ``sid``'s layers are held (0 when none)."""
+        pre = self._held.get(sid)
+        return 0 if pre is None else len(pre.layers)
+
     def clear(self) -> None:
         self._held.clear()
 

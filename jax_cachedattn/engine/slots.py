@@ -12,7 +12,12 @@ that close the turn: the chat template's end, and the last sampled token when th
 A stop token is not fed: the turn is closed with the template's end instead (so a reply ended by
 ``<|endoftext|>`` is stored as the template renders it, ``...<|im_end|>\\n``).
 
-Legend: S slots, M pages per slot, E closing tokens (at most), V vocab, D d_model.
+The pool holds every slot's keys rotated to their positions (its history is rotated once, when
+written into its pages at insert), so a step rotates only its new token's key. The store keeps keys
+before RoPE: each step also puts its new pre-RoPE keys into ``raw_k``, a ring of the last R rows
+per slot, from which the engine's saves take them (values come from the pool).
+
+Legend: S slots, M pages per slot, E closing tokens (at most), V vocab, D d_model, R ring rows, L layers.
 """
 
 from __future__ import annotations
@@ -23,8 +28,8 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from jax_cachedattn.model import TRACE_COUNTS, ModelConfig, embed, unembed
-from jax_cachedattn.model.paged_attention import decode_rope_tables, paged_decode_block
+from jax_cachedattn.model import TRACE_COUNTS, ModelConfig, embed, rope_tables, unembed
+from jax_cachedattn.model.paged_attention import paged_decode_block
 
 IDLE, GEN, CLOSE, DONE = 0, 1, 2, 3
 
@@ -47,9 +52,14 @@ class DecodeState:
     keys: jax.Array  # [S] PRNG keys (typed), one stream per slot
     temperature: jax.Array  # [S] float32 (0: greedy)
     top_p: jax.Array  # [S] float32
+    raw_k: tuple  # per layer [S, R, K, Dh]: the pre-RoPE keys of each slot's last R rows (row i at i % R)
 
 
-def empty_state(slots: int, width: int, end_max: int, device=None) -> DecodeState:
+def empty_state(slots: int, width: int, end_max: int, ring: int = 1, raw_shape: tuple = (0, 1, 1),
+                dtype=jnp.float32, device=None) -> DecodeState:
+    """raw_shape: ``(layers, kv_heads, head_dim)`` of the ring of pre-RoPE keys (``ring`` rows per slot)."""
+    L, K, Dh = raw_shape
+
     def z():  # a buffer of its own per field: the state is donated leaf by leaf
         return jnp.zeros((slots,), jnp.int32)
 
@@ -58,6 +68,7 @@ def empty_state(slots: int, width: int, end_max: int, device=None) -> DecodeStat
         end=jnp.zeros((slots, end_max), jnp.int32), end_len=z(), tail=jnp.zeros((slots, end_max + 1), jnp.int32),
         tail_len=z(), tail_pos=z(), keys=jax.random.split(jax.random.key(0), slots),
         temperature=jnp.zeros((slots,), jnp.float32), top_p=jnp.ones((slots,), jnp.float32),
+        raw_k=tuple(jnp.zeros((slots, ring, K, Dh), dtype) for _ in range(L)),
     )
     # Committed to the device like every later state, so the first step compiles the same program.
     return jax.device_put(st, device or jax.devices()[0])
@@ -135,12 +146,16 @@ def generate(params, layers, config: ModelConfig, state: DecodeState, pool, stop
     params: the non-layer params (embed, final_norm, lm_head); layers: per-layer params (a tuple,
     unrolled: slicing stacked weights inside a program copies them). Returns ``(state, pool,
     emitted [steps, S], logits)``: emitted holds each step's sampled token, -1 where a slot did not
-    sample; logits ``[steps, S, V]`` (or None unless ``with_logits``). ``naive``: the pool holds
-    post-RoPE keys (``EngineConfig.rope_mode="naive"``).
+    sample; logits ``[steps, S, V]`` (or None unless ``with_logits``). ``naive``: the store keeps
+    post-RoPE keys too (``EngineConfig.rope_mode="naive"``): the saves read the pool, the ring is unused.
+    ``state.raw_k`` has one ring per layer.
     """
     TRACE_COUNTS["slots_generate"] += 1
     S, M = state.tables.shape
     B = pool[0].shape[2]
+    if len(state.raw_k) != len(layers):
+        raise ValueError(f"the state has {len(state.raw_k)} key rings for {len(layers)} layers")
+    R = 0 if naive else state.raw_k[0].shape[1]
     idx = jnp.arange(S)
 
     def step(carry, _):
@@ -149,12 +164,17 @@ def generate(params, layers, config: ModelConfig, state: DecodeState, pool, stop
         pos = st.lengths
         page = jnp.where(live, st.tables[idx, jnp.minimum(pos // B, M - 1)], 0)
         row = jnp.where(live, pos % B, 0)
-        rope = decode_rope_tables(config, M, B, pos)
+        rope = rope_tables(pos, config.head_dim, config.rope_theta, config.rope_scaling)
         x = embed(params, st.tokens)
-        new_pool = []
-        for lp, kv in zip(layers, pool):
-            x, kv = paged_decode_block(lp, x, kv, st.tables, pos, page, row, live, config, rope, naive)
+        new_pool, raw = [], []
+        for lp, kv, rk in zip(layers, pool, st.raw_k):
+            x, kv, k = paged_decode_block(lp, x, kv, st.tables, pos, page, row, live, config, rope)
             new_pool.append(kv)
+            if R:  # only live slots write: a finished slot's last rows may still be waiting for their save
+                r = pos % R
+                rk = rk.at[idx, r].set(jnp.where(live[:, None, None], k.astype(rk.dtype), rk[idx, r]))
+            raw.append(rk)
+        st = st.replace(raw_k=tuple(raw))
         logits = unembed(params, config, x)  # [S, V] f32
         keys, subs = jnp.moveaxis(jax.vmap(jax.random.split)(st.keys), 1, 0)
         sampled = _sample(logits, subs, st.temperature, st.top_p)

@@ -3,10 +3,13 @@
 Legend: S sequences (decode slots), H query heads, K kv heads, G = H/K, Dh head dim, P pages in the
 pool, B tokens per page, M pages per sequence (block-table width).
 
-The pool of one layer is ``[2, P, B, K, Dh]`` (index 0: *pre-RoPE* keys, 1: values); sequence ``s``
-holds its token ``i`` at page ``block_tables[s, i // B]``, row ``i % B``, at position ``i`` of its
-context. Keys are rotated by position at attention time, page by page: row ``b`` of the ``j``-th page
-of every sequence sits at position ``j*B + b``, so one table ``[M, B, Dh]`` serves every slot.
+The pool of one layer is ``[2, P, B, K, Dh]`` (index 0: keys, 1: values); sequence ``s`` holds its
+token ``i`` at page ``block_tables[s, i // B]``, row ``i % B``, at position ``i`` of its context. The
+engine's pool holds keys already rotated to those positions (rotated once per turn, when a slot's
+history is written into its pages), so decode attention reads them as they are. The attention can
+also rotate pre-RoPE keys page by page (``rope_pages``: row ``b`` of the ``j``-th page of every
+sequence sits at position ``j*B + b``, so one table ``[M, B, Dh]`` serves every slot); the engine
+did that at every step until measured (docs/engine.md).
 
 The pure-``jnp`` path is a loop over page index with an online softmax, each step reading one page
 per sequence: on XLA:CPU this beat gathering every page into a dense ``[S, M*B, K, Dh]`` first (the
@@ -112,28 +115,27 @@ def paged_decode_attention_gathered(q, kv_pages, block_tables, lengths, rope_pag
     return out.reshape(S, H, Dh).astype(q.dtype)
 
 
-def paged_decode_block(lp: dict, x, kv_pages, block_tables, positions, page, row, live, config: ModelConfig, rope,
-                       naive_rope: bool = False):
+def paged_decode_block(lp: dict, x, kv_pages, block_tables, positions, page, row, live, config: ModelConfig, rope):
     """One decoder block for one new token per slot, its K/V written into the pool first.
 
-    x ``[S, D]``; kv_pages ``[2, P, B, K, Dh]`` (donated by the caller's program: updated in place);
+    x ``[S, D]``; kv_pages ``[2, P, B, K, Dh]`` (donated by the caller's program: updated in place)
+    holding each slot's keys *rotated* to their positions in the slot's context (the engine rotates
+    a slot's history once per turn, when it writes it into the pages; see engine/programs.py), so no
+    key is rotated again here: the new key is stored rotated and the pages are used as they are.
     positions ``[S]``: each token's position (= rows its slot already holds); page/row ``[S]``: where
-    its pre-RoPE K/V goes (the trash page 0 for idle slots); live ``[S]`` bool; rope: from
-    :func:`decode_rope_tables`. ``naive_rope``: the pool holds keys *after* RoPE (the usual engine,
-    kept for comparison): the new key is stored rotated and the pages are used as they are.
-    Returns ``(x [S, D], kv_pages)``.
+    its K/V goes (the trash page 0 for idle slots); live ``[S]`` bool; rope: ``(cos, sin)`` ``[S, Dh]``
+    of ``positions``. Returns ``(x [S, D], kv_pages, k [S, K, Dh])`` with ``k`` the new key *before*
+    RoPE (what the store keeps).
     """
     S = x.shape[0]
     H, K, Dh = config.num_heads, config.num_kv_heads, config.head_dim
     h = rms_norm(x, lp["attn_norm"], config.rms_eps)
     q, k, v = project_qkv(lp, h, config)  # Qwen2-style q/k/v biases included, as in layer_step
     q, k, v = q.reshape(S, H, Dh), k.reshape(S, K, Dh), v.reshape(S, K, Dh)
-    page_rope, (cos_q, sin_q) = rope
-    if naive_rope:
-        k, page_rope = apply_rope(k, cos_q, sin_q), None
-    kv_pages = kv_pages.at[:, page, row].set(jnp.stack([k, v]).astype(kv_pages.dtype))
+    cos_q, sin_q = rope
+    kv_pages = kv_pages.at[:, page, row].set(jnp.stack([apply_rope(k, cos_q, sin_q), v]).astype(kv_pages.dtype))
     lengths = jnp.where(live, positions + 1, 0)
-    a = paged_decode_attention(apply_rope(q, cos_q, sin_q), kv_pages, block_tables, lengths, page_rope)
+    a = paged_decode_attention(apply_rope(q, cos_q, sin_q), kv_pages, block_tables, lengths)
     x = x + a.reshape(S, H * Dh) @ lp["wo"]
     x = x + mlp(lp, rms_norm(x, lp["mlp_norm"], config.rms_eps))
-    return x, kv_pages
+    return x, kv_pages, k
