@@ -102,6 +102,7 @@ def test_rerendered_earlier_turns_reuse_the_common_prefix_and_equal_a_recompute(
     eng.close()
 
 
+@pytest.mark.slow  # make test-all
 def test_identical_rerender_reuses_everything(chatml):
     eng, store = _engine(chatml, max_new=4)
     tok = chatml[3]
@@ -133,6 +134,7 @@ def test_identical_rerender_reuses_everything(chatml):
     eng.close()
 
 
+@pytest.mark.slow  # make test-all
 def test_a_truncated_session_continues_from_the_realigned_render(chatml):
     """The client re-sends the whole (growing) conversation; once it outgrows the window the engine truncates
     (the sink kept), and the next render, which does not fit either, is realigned with the stored tail: those

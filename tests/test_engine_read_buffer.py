@@ -33,6 +33,7 @@ def tiny():
     return cfg, init_params(cfg, jax.random.key(1))
 
 
+@pytest.mark.slow  # make test-all
 def test_engine_read_ahead_follows_measured_load_times(tiny, monkeypatch):
     """Per-layer prefill from host: when the store's loads get slow, the next turn keeps more layers
     in flight."""

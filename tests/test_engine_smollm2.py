@@ -91,6 +91,7 @@ def test_six_turns_from_disk_equal_recompute(smol, recomputed, tmp_path):
     assert recomputed[-1].history_tokens > 500
 
 
+@pytest.mark.slow  # make test-all
 def test_disk_round_trip_is_bit_exact_on_real_weights(smol, tmp_path):
     """The same turns with the history kept in host memory and with it evicted to disk: identical bits."""
     layout = kv_layout(smol.config, smol.fingerprint)
@@ -150,6 +151,7 @@ def test_cli_bad_input_exit_2(tmp_path, args, needle, smollm2_gguf):
     assert not (store / "s").exists() or not any((store / "s").iterdir())
 
 
+@pytest.mark.slow  # make test-all
 def test_cli_chat_status_lines(tmp_path, smollm2_gguf):
     """``cachedattn chat`` answers each line and prints a status line per turn (stdin driven)."""
     env = dict(os.environ, JAX_PLATFORMS="cpu")
