@@ -160,16 +160,7 @@ class Dropper:
         return int(stop)
 
     def drop_range(self, sid: str, start: int, stop: int) -> cf.Future:
-        """Remove tokens ``[start, stop)`` of the session's committed history: the tokens before
-        ``start`` and from ``stop`` on stay bit-identical, the later ones move down by ``stop - start``
-        (keys are stored before RoPE). ``drop_range(sid, 0, n)`` is `truncate_front`; ``(sid, sink,
-        sink + n)`` keeps ``sink`` attention-sink tokens; ``(sid, k, num_tokens)`` drops the tail.
-
-        Refused (`LayoutMismatch`) while a turn is open. Returns a future that resolves once the new
-        manifest is durable; if it fails, the session goes back to its last durable state (like a
-        failed turn). A kill at any point leaves the old or the new history on disk. Dropping a middle
-        range copies the kept rows to fresh blocks (the session must fit twice in the host budget
-        for that moment: else `BudgetError`, nothing changed); front and tail drops are metadata only."""
+        """`TieredStore.drop_range` (its docstring is the contract): front, tail or a moved middle."""
         s = self.life.get(sid)
         core = self.core
         with core.lock:
