@@ -1,6 +1,10 @@
 """Helpers shared by the store's fault tests."""
 
+import os
+import subprocess
+
 import numpy as np
+import pytest
 
 from jax_cachedattn.store import KVLayout, StoreConfig, TieredStore
 
@@ -60,3 +64,19 @@ def quiet(st):
     assert st.accounting() == ZERO, st.accounting()
     for tier, cap in st.budget.items():
         assert cap is None or st.usage()[tier] <= cap
+
+
+def tmpfs(tmp_path, size: str):
+    """A real tmpfs of ``size`` (e.g. ``"512k"``) mounted under ``tmp_path`` for a fixture to yield from;
+    skips with the reason printed when not root or when mounting fails; unmounted afterwards."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root; running as uid %d" % os.geteuid())
+    mnt = tmp_path / "fs"
+    mnt.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mnt)], capture_output=True, text=True)
+    if r.returncode:
+        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _util import B, BLK, L, LAY, ZERO, check, drain, open_store, quiet, rows, save, turn  # noqa: E402
+from _util import B, BLK, L, LAY, ZERO, check, drain, open_store, quiet, rows, save, tmpfs, turn  # noqa: E402
 
 from jax_cachedattn.store import (  # noqa: E402
     BudgetError, DiskFull, FingerprintMismatch, InvalidSessionId, KVLayout, StoreConfig, TieredStore,
@@ -264,19 +264,7 @@ def test_6_failed_truncation_rolls_back_memory_and_manifest(tmp_path):
 # ---------------------------------------------------------------- 7. a real full disk (tmpfs)
 @pytest.fixture
 def small_fs(tmp_path):
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root; running as uid %d" % os.geteuid())
-    import subprocess
-
-    mnt = tmp_path / "fs"
-    mnt.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=512k", "tmpfs", str(mnt)], capture_output=True, text=True)
-    if r.returncode:
-        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
-    try:
-        yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
+    yield from tmpfs(tmp_path, "512k")
 
 
 def test_7_long_lived_store_after_disk_full_on_tmpfs(small_fs):

@@ -9,7 +9,7 @@ filesystem. Deleting the other conversation frees the space; the failed message 
 """
 
 import os
-import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -17,6 +17,9 @@ import pytest
 from jax_cachedattn.engine import Engine, EngineConfig
 from jax_cachedattn.runtime import kv_layout, load_model
 from jax_cachedattn.store import DiskFull, StoreConfig, TieredStore
+
+sys.path.insert(0, os.path.dirname(__file__))
+from _util import tmpfs  # noqa: E402
 
 OTHER = ("Read this: Mount Everest, known locally as Sagarmatha in Nepal and Chomolungma in Tibet, is Earth's "
          "highest mountain above sea level. It lies in the Mahalangur Himal sub-range of the Himalayas, and the "
@@ -35,17 +38,7 @@ TOKEN_BLOCK = 64
 
 @pytest.fixture
 def fs14(tmp_path):
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root; running as uid %d" % os.geteuid())
-    mnt = tmp_path / "fs"
-    mnt.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=14m", "tmpfs", str(mnt)], capture_output=True, text=True)
-    if r.returncode:
-        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
-    try:
-        yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
+    yield from tmpfs(tmp_path, "14m")
 
 
 def close_logits(got, want):
