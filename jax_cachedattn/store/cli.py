@@ -59,6 +59,10 @@ def _scan(disk: DiskTier, layout: KVLayout | None, B: int, verify: bool) -> list
             rows.append(row)
             continue
         row.update(tokens=m.end - m.offset, turn=m.turn, offset=m.offset, fingerprint=m.fingerprint)
+        if cap is not None and layout is not None and m.kv_valid:
+            front = min(m.offset // B, cap)
+            row["bytes"] = (cap - front) * B * layout.bytes_per_token  # blocks before the front are dead
+            row["dead_blocks"] = sum(1 for b in disk.stored_blocks(sid) if b < front)
         if layout is not None and (m.fingerprint != layout.fingerprint or m.version != 2 or m.dtype != layout.dtype):
             row["state"] = "foreign"
         elif not m.kv_valid:
@@ -117,7 +121,7 @@ def cmd_gc(args) -> int:
     try:
         disk, layout, B = _open(args.store)
         rows = _scan(disk, layout, B, verify=not args.no_verify)
-        removed, shrunk, quarantined = [], [], []
+        removed, shrunk, quarantined, reclaimed = [], [], [], []
         for r in rows:
             sid, state = r["session"], r["state"]
             if state == "orphan":
@@ -132,11 +136,15 @@ def cmd_gc(args) -> int:
                 disk.write_manifest(sid, dataclasses.replace(m, kv_valid=False)).result()
                 disk.delete_data(sid)
                 removed.append(sid + " (kv)")
-            elif state == "uncommitted_tail":
+            if state in ("committed", "uncommitted_tail") and r.get("dead_blocks"):
+                disk.delete_blocks(sid, 0, r["offset"] // B)  # left by a crash before their reclaim
+                reclaimed.append(sid)
+            if state == "uncommitted_tail":
                 m = disk.read_manifest(sid)
                 disk.resize(sid, -(-m.end // B))
                 shrunk.append(sid)
-        _print(rows, args.json, {"removed": removed, "shrunk": shrunk, "quarantined": quarantined})
+        _print(rows, args.json, {"removed": removed, "shrunk": shrunk, "quarantined": quarantined,
+                                     "reclaimed": reclaimed})
     finally:
         lock.release()
     return 0
@@ -149,7 +157,7 @@ def add_store_commands(subparsers) -> argparse.ArgumentParser:
     for name, fn, text in (
         ("ls", cmd_ls, "list sessions: tokens, turn, bytes, committed state"),
         ("verify", cmd_verify, "check every chunk checksum; exit 1 if any session is damaged"),
-        ("gc", cmd_gc, "remove orphans and damaged KV (token ids are kept), shrink uncommitted tails"),
+        ("gc", cmd_gc, "remove orphans and damaged KV (token ids are kept), shrink uncommitted tails, delete dead chunks before a front"),
     ):
         sp = sub.add_parser(name, help=text, description=text)
         sp.add_argument("--store", required=True, help="the store folder (a file kvstore root)")

@@ -69,6 +69,7 @@ class DiskTier:
         self._arrays: dict[str, Any] = {}
         self._alock = threading.Lock()  # guards _arrays (the save worker, promotions and recovery share it)
         self.faults = FaultInjector()
+        self.chunk = cfg.token_block  # tokens per disk chunk (`StoreConfig.disk_chunk`, set by the open)
 
     @property
     def root(self) -> str | None:
@@ -285,6 +286,41 @@ class DiskTier:
             import shutil
 
             shutil.rmtree(os.path.join(self.root, "s", sid), ignore_errors=True)
+
+    # ---- reclaiming the dead front ----------------------------------------------------------
+    def _chunk_key(self, sid: str, layer: int, c: int) -> str:
+        return f"s/{sid}/kv/c.{layer}.0.{c}.0.0"
+
+    def delete_blocks(self, sid: str, lo: int, hi: int) -> None:
+        """Delete the chunk files of token blocks ``[lo, hi)`` of every layer (blocks before the front
+        of a durable manifest: no manifest covers them any more). A file already gone is fine, so an
+        interrupted call runs again. Raises on any other error (nothing is counted freed then)."""
+        self.faults.check("delete", sid)
+        per = self.cfg.token_block // self.chunk
+        keys = [self._chunk_key(sid, layer, c) for layer in range(self.layout.num_layers)
+                for c in range(lo * per, hi * per)]
+        if self.root is not None:
+            for key in keys:
+                try:
+                    os.unlink(os.path.join(self.root, key))
+                except FileNotFoundError:
+                    pass
+            return
+        futs = [self.kv.delete_range(ts.KvStore.KeyRange(k, k + "\0")) for k in keys]
+        for f in futs:
+            f.result()
+
+    def stored_blocks(self, sid: str) -> set[int]:
+        """Token blocks of ``sid`` that have at least one chunk file (any layer)."""
+        prefix = f"s/{sid}/kv/c."
+        keys = self.kv.list(ts.KvStore.KeyRange(prefix, prefix[:-1] + "/")).result()
+        per = self.cfg.token_block // self.chunk
+        out = set()
+        for k in keys:
+            parts = k.decode()[len(prefix):].split(".")
+            if len(parts) == 5 and parts[2].isdigit():
+                out.add(int(parts[2]) // per)
+        return out
 
     def delete_data(self, sid: str) -> None:
         self.faults.check("delete", sid)

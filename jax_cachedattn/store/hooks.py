@@ -25,6 +25,7 @@ POINTS = (
     "drop.tail",  # a drop_range of the tail is about to trim the host tier (save worker)
     "promote.read",  # a disk -> host promotion is about to read
     "delete.disk",  # a deleted session's files are about to be removed (save worker)
+    "reclaim.delete",  # the chunks before a durable manifest's front are about to be deleted (save worker)
 )
 
 

@@ -72,7 +72,8 @@ class Lifecycle:
                     return res
                 waits = list(core.gates.values()) + [
                     f for o in core.sessions.values() if o is not owner
-                    for f in [o.last_task] + [t.done for t in o.log] if f is not None and not f.done()]
+                    for f in [o.last_task] + [t.done for t in o.log] if f is not None and not f.done()] + [
+                    f for o in core.sessions.values() for f in [o.reclaim] if f is not None and not f.done()]
             for f in waits:  # deletions under way free disk bytes; finished work makes sessions evictable
                 try:
                     f.result()
@@ -187,7 +188,7 @@ class Lifecycle:
         finally:
             with core.lock:
                 s.held["disk"].release()
-                s.disk_blocks = s.disk_cap = 0
+                s.disk_blocks = s.disk_cap = s.disk_lo = 0
                 core.freeing -= s.freeing
                 s.freeing = 0
 
@@ -225,7 +226,7 @@ class Lifecycle:
         with core.lock:
             s.chunk_writes.clear()
             s.held["disk"].release()
-            s.disk_blocks = s.disk_cap = 0
+            s.disk_blocks = s.disk_cap = s.disk_lo = 0
 
     def give_up_open(self, s: Session) -> None:
         """Under the lock: kill the open turn (if any) and give back what it took."""

@@ -7,7 +7,9 @@ same options open again. One bad folder never stops the store from opening: a fo
 a valid session id, or whose manifest is damaged or breaks the schema, or was made by another model
 in a store that is not being adopted, is moved to ``quarantine/`` (counted in ``stats.quarantined``);
 an array without a manifest (a first turn that never committed) is deleted; an array shorter than its
-manifest, or whose ``zarr.json`` does not match the layout, marks the session's KV lost (token ids kept).
+manifest, or whose ``zarr.json`` does not match the layout, marks the session's KV lost (token ids kept);
+chunk files before a manifest's front (a crash between the manifest of a truncation and the deletion
+that follows it) are deleted.
 """
 
 from __future__ import annotations
@@ -58,6 +60,22 @@ def _lose(core: Core, s: Session, m: Manifest) -> None:
     core.disk.delete_data(s.sid)
 
 
+def _reclaim_front(core: Core, s: Session, front: int) -> int:
+    """Delete the chunk files before block ``front`` (the manifest's front) that a crash between a
+    manifest and its reclaim left behind; returns the first block the disk budget counts."""
+    if front <= 0:
+        return 0
+    try:
+        dead = [b for b in core.disk.stored_blocks(s.sid) if b < front]
+        if dead:
+            core.disk.delete_blocks(s.sid, min(dead), front)
+            core.stats.add("bytes_reclaimed", core.disk_bytes(front - min(dead)), tier="disk")
+    except Exception:  # noqa: BLE001 - counted as still there; the next open tries again
+        core.stats.add("reclaim_failures")
+        return 0
+    return front
+
+
 def recover(core: Core, mem: Memory, adopting: bool) -> None:
     disk, stats = core.disk, core.stats
     with_manifest, with_data = disk.session_ids()
@@ -106,7 +124,8 @@ def recover(core: Core, mem: Memory, adopting: bool) -> None:
                 _lose(core, s, m)
             else:
                 s.disk_cap = s.disk_blocks = cap
-                s.held["disk"].absorb(core.take("disk", core.disk_bytes(cap)))
+                s.disk_lo = _reclaim_front(core, s, m.offset // core.B)
+                s.held["disk"].absorb(core.take("disk", core.disk_bytes(cap - s.disk_lo)))
                 if cap > need:  # the uncommitted tail of a turn that did not commit
                     stats.add("recoveries")
         core.policy.touch(name, "disk")

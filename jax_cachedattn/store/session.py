@@ -75,8 +75,10 @@ class Session:
         self.host = None  # BlockTable in pinned_host memory, or None (not in the host tier)
         self.device = None  # BlockTable on the device, or None
         self.held = held  # tier -> Reservation of the bytes this session's tables / disk array hold
-        self.disk_blocks = 0  # blocks reserved in the disk budget (>= disk_cap)
-        self.disk_cap = 0  # blocks the array on disk has
+        self.disk_blocks = 0  # end (in blocks) of what the disk budget holds for it (>= disk_cap)
+        self.disk_cap = 0  # blocks the array on disk has (its shape)
+        self.disk_lo = 0  # blocks before this one are deleted (dead front): held = disk_blocks - disk_lo
+        self.reclaim: cf.Future | None = None  # the deletion of its dead front queued after a manifest
         self.chunk_writes: dict[tuple[int, int], Any] = {}  # (layer, block) -> commit of its last write
         self.layer_task: dict[int, cf.Future] = {}  # layer -> its last save task (read-your-writes)
         self.layer_ver: dict[int, int] = {}  # layer -> saves published (a device copy made before one is stale)

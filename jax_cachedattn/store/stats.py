@@ -22,7 +22,9 @@ class StoreStats:
     prefetches started, and those that had completed when the session was next loaded;
     checksum_failures: chunks or manifests that failed verification (their KV was dropped);
     recoveries: sessions rolled back to their last committed turn, or orphans ignored, at open;
-    quarantined: folders moved to ``quarantine/`` at open (bad id, bad manifest, another model's).
+    quarantined: folders moved to ``quarantine/`` at open (bad id, bad manifest, another model's);
+    bytes_reclaimed: disk bytes of blocks before a session's durable front deleted (at run time or at
+    open); reclaim_failures: such deletions that failed (retried by the next one, or at the next open).
     """
 
     hits: dict[str, int] = dataclasses.field(default_factory=_per_tier)
@@ -35,6 +37,8 @@ class StoreStats:
     checksum_failures: int = 0
     recoveries: int = 0
     quarantined: int = 0
+    bytes_reclaimed: dict[str, int] = dataclasses.field(default_factory=_per_tier)
+    reclaim_failures: int = 0
     _lock: threading.Lock = dataclasses.field(default_factory=threading.Lock, repr=False, compare=False)
 
     def add(self, name: str, value: int = 1, tier: str | None = None) -> None:

@@ -229,7 +229,7 @@ class TieredStore:
             for s in core.sessions.values():
                 held["host"] += (s.host.count() if s.host is not None else 0) * self.block_bytes
                 held["device"] += (s.device.count() if s.device is not None else 0) * self.block_bytes
-                held["disk"] += core.disk_bytes(s.disk_blocks)
+                held["disk"] += core.disk_bytes(s.disk_blocks - s.disk_lo)
             return {t: core.budgets[t].used - held[t] for t in TIERS}
 
     def close(self) -> None:

@@ -208,6 +208,40 @@ class Writeback:
             if turn.live:
                 self.mem.drop_front(s, turn.snap.offset // self.core.B)
 
+    def _reclaim(self, s: Session, _no_turn) -> None:
+        """Delete the chunk files before the durable manifest's front (no manifest covers them any
+        more) and give their bytes back to the disk budget. A crash before this leaves them to the next
+        open (`recovery`); a failure leaves them to the next reclaim. Runs on the save worker, so no
+        write of this session issued after it can be undone by it (a session that lost its KV and
+        restarts at 0 has ``kv_valid`` False until its new manifest is durable: nothing is deleted)."""
+        core = self.core
+        core.hooks.point("reclaim.delete", s.sid)
+        with core.lock:
+            m = s.durable
+            if s.gone or m is None or not m.kv_valid or not s.kv_valid:
+                return
+            lo, hi = s.disk_lo, min(m.offset // core.B, s.disk_cap)
+            if hi <= lo:
+                return
+            waits = [s.chunk_writes.pop((layer, b)) for layer in range(core.L) for b in range(lo, hi)
+                     if (layer, b) in s.chunk_writes]
+        for w in waits:  # never in flight here (the writes of blocks before a durable front finished)
+            try:
+                w.result()
+            except BaseException:  # noqa: BLE001 - reported by its own turn
+                pass
+        try:
+            core.disk.delete_blocks(s.sid, lo, hi)
+        except Exception:  # noqa: BLE001 - left for the next reclaim or the next open
+            core.stats.add("reclaim_failures")
+            return
+        with core.lock:
+            if s.gone or s.disk_lo != lo:
+                return
+            s.held["disk"].release(core.disk_bytes(hi - lo))
+            s.disk_lo = hi
+        core.stats.add("bytes_reclaimed", core.disk_bytes(hi - lo), tier="disk")
+
     # ---- committer ----------------------------------------------------------------------------------
     def _commit(self, s: Session, turn: Turn, prev: cf.Future | None) -> None:
         core = self.core
@@ -237,6 +271,8 @@ class Writeback:
                     s.durable = turn.snap
                     if turn in s.log:
                         s.log.remove(turn)
+                    if turn.snap.kv_valid and turn.snap.offset // core.B > s.disk_lo and not s.gone:
+                        s.reclaim = self.submit(s, None, self._reclaim)  # the dead front, after the queued writes
             turn.done.set_result(turn.snap.turn)
         except BaseException as e:  # noqa: BLE001 - to the turn's future (and flush)
             turn.done.set_exception(self.on_fail(s, turn, e))

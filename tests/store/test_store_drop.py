@@ -18,10 +18,11 @@ from jax_cachedattn.store.errors import TurnFailed  # noqa: E402
 
 N = 45  # rows of the first turn (blocks 0..5, the last one partial)
 IDS = np.arange(100, 100 + N, dtype=np.int32)
-# use -> (start, stop, first kept block, blocks after, disk blocks counted)
+# use -> (start, stop, first kept block, blocks after, disk blocks counted: the live ones, blocks
+# before the front are deleted once the drop's manifest is durable)
 USES = {
-    "front": (0, 13, 1, 6, 6),  # truncate_front: offset 13
-    "sink": (4, 20, 5, 10, 10),  # 4 sink rows + rows 20..44 copied to rows 45..73 (blocks 5..9)
+    "front": (0, 13, 1, 6, 5),  # truncate_front: offset 13
+    "sink": (4, 20, 5, 10, 5),  # 4 sink rows + rows 20..44 copied to rows 45..73 (blocks 5..9)
     "tail": (30, N, 0, 4, 6),  # rows 30..44 dropped: metadata only
 }
 
