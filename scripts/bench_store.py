@@ -173,6 +173,8 @@ def store_once(folder: str, model: str, tokens: int, layer_np, layer, cfg_kw: di
         store.commit_turn(sid, ids).result()
         store.flush()
         w = nbytes / (time.perf_counter() - t0)
+        kvdir = os.path.join(root, "s", sid, "kv")
+        files = sum(1 for n in os.listdir(kvdir) if n.startswith("c."))
         store.evict(sid, "host")
         assert store.lookup(sid).tier == "disk"
         drop_tree(os.path.join(root, "s", sid))
@@ -188,7 +190,7 @@ def store_once(folder: str, model: str, tokens: int, layer_np, layer, cfg_kw: di
     finally:
         store.close()
         shutil.rmtree(root, ignore_errors=True)
-    return {"write": w, "read": r, "read_cpu": r_cpu}
+    return {"write": w, "read": r, "read_cpu": r_cpu, "files": files}
 
 
 def bench_case(folder: str, model: str, tokens: int, repeat: int, cfg_kw: dict, use_dd: bool, check: bool) -> dict:
@@ -259,6 +261,48 @@ def decode_amplification(folder: str, model: str, hist: int, n: int, every: int,
             "kv_bytes_produced": produced, "write_amplification": written / produced}
 
 
+def conversation_amplification(folder: str, model: str, turns: int, seed: int, every: int, cfg_kw: dict) -> dict:
+    """Disk bytes written / KV bytes produced over a multi-turn chat as the engine saves it: per turn a
+    prompt (chat template + user message) saved in one `save_layer` per layer, then a reply decoded and
+    saved every ``every`` tokens, then `commit_turn`. Lengths drawn (seeded) from lognormals with the
+    ShareGPT means (user message ~80 tokens + ~12 of template, reply ~340)."""
+    from jax_cachedattn.store import KVLayout, StoreConfig, TieredStore
+
+    L, K, D, dt = MODELS[model]
+    lay = KVLayout(L, K, D, dt, fingerprint="bench-chat")
+    rng = np.random.default_rng(seed)
+    users = 12 + np.maximum(1, rng.lognormal(np.log(80) - 0.5, 1.0, turns).astype(int))
+    replies = np.maximum(1, rng.lognormal(np.log(340) - 0.32, 0.8, turns).astype(int))
+    total = int(users.sum() + replies.sum())
+    root = tempfile.mkdtemp(prefix="chat_", dir=folder)
+    store = TieredStore(StoreConfig(root=root, host_bytes=8 << 30, **cfg_kw), lay)
+    try:
+        x = np.random.default_rng(seed).standard_normal((2, total, K, D), np.float32).astype(lay.np_dtype)
+        n = 0
+        for u, r in zip(users, replies):
+            for layer in range(L):
+                store.save_layer("c", layer, x[:, n : n + u], n)
+            n += int(u)
+            for lo in range(n, n + r, every):
+                hi = min(n + r, lo + every)
+                for layer in range(L):
+                    store.save_layer("c", layer, x[:, lo:hi], lo)
+            n += int(r)
+            store.commit_turn("c", np.arange(n)).result()
+        store.flush()
+        written = store.stats.bytes_written["disk"]
+        kvdir = os.path.join(root, "s", "c", "kv")
+        files = sum(1 for f in os.listdir(kvdir) if f.startswith("c."))
+    finally:
+        store.close()
+        shutil.rmtree(root, ignore_errors=True)
+    produced = total * lay.bytes_per_token
+    return {"model": model, "turns": turns, "seed": seed, "tokens": total, "mean_user": float(users.mean()),
+            "mean_reply": float(replies.mean()), "save_every": every, "disk_chunk": cfg_kw.get("disk_chunk"),
+            "bytes_written": written, "kv_bytes_produced": produced, "write_amplification": written / produced,
+            "files": files}
+
+
 def drop_bytes(folder: str, model: str, hist: int, start: int, stop: int, cfg_kw: dict) -> dict:
     """Disk bytes `drop_range(start, stop)` writes on a committed ``hist``-token session, over the KV
     bytes it keeps, and the disk bytes the session then counts (blocks before the new front stay)."""
@@ -306,13 +350,26 @@ def main(argv=None) -> int:
     ap.add_argument("--decode", default=None, metavar="HIST,N,EVERY",
                     help="instead: decode write amplification (disk bytes written / KV bytes produced) of a turn that "
                          "decodes N tokens after HIST, saved every EVERY tokens, e.g. 1000,2048,16")
+    ap.add_argument("--disk-chunk", type=int, default=None, help="StoreConfig.disk_chunk (default: the store's)")
+    ap.add_argument("--conversation", default=None, metavar="TURNS,SEED,EVERY",
+                    help="instead: write amplification of a TURNS-turn chat (ShareGPT-like lengths, seeded), decode "
+                         "saved every EVERY tokens, e.g. 12,0,16")
     ap.add_argument("--drop", default=None, metavar="HIST,START,STOP",
                     help="instead: disk bytes written by drop_range(START, STOP) on a HIST-token session, e.g. "
                          "4000,4,2052 (4 attention-sink tokens kept); STOP may be HIST (a tail drop)")
     args = ap.parse_args(argv)
+    kw = {k: v for k, v in (("token_block", args.token_block), ("disk_chunk", args.disk_chunk)) if v is not None}
+    if args.conversation:
+        turns, seed, every = (int(v) for v in args.conversation.split(","))
+        folder = tempfile.mkdtemp(prefix=".bench_store_", dir=args.dir or os.getcwd())
+        try:
+            for model in args.models.split(","):
+                print(json.dumps(conversation_amplification(folder, model, turns, seed, every, kw)), flush=True)
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+        return 0
     if args.drop:
         hist, start, stop = (int(v) for v in args.drop.split(","))
-        kw = {"token_block": args.token_block} if args.token_block else {}
         folder = tempfile.mkdtemp(prefix=".bench_store_", dir=args.dir or os.getcwd())
         try:
             for model in args.models.split(","):
@@ -322,7 +379,6 @@ def main(argv=None) -> int:
         return 0
     if args.decode:
         hist, n, every = (int(v) for v in args.decode.split(","))
-        kw = {"token_block": args.token_block} if args.token_block else {}
         folder = tempfile.mkdtemp(prefix=".bench_store_", dir=args.dir or os.getcwd())
         try:
             for model in args.models.split(","):
@@ -333,7 +389,8 @@ def main(argv=None) -> int:
         return 0
 
     cfg_kw = {k: v for k, v in (("token_block", args.token_block), ("io_concurrency", args.io_concurrency),
-                                 ("copy_concurrency", args.copy_concurrency)) if v is not None}
+                                 ("copy_concurrency", args.copy_concurrency), ("disk_chunk", args.disk_chunk))
+              if v is not None}
     base = args.dir or os.getcwd()
     os.makedirs(base, exist_ok=True)
     folder = tempfile.mkdtemp(prefix=".bench_store_", dir=base)
@@ -358,7 +415,7 @@ def main(argv=None) -> int:
                     "dd_write_GBps": g("raw_dd_write"), "dd_read_GBps": g("raw_dd_read"),
                     "store_write_GBps": g("store_write"), "store_read_GBps": g("store_read"),
                     "raw_read_cpu_s_per_GB": m["raw_read_cpu"], "store_read_cpu_s_per_GB": m["store_read_cpu"],
-                    "loadavg": m["loadavg"], "runs": res["runs"],
+                    "loadavg": m["loadavg"], "files": m["store_files"], "runs": res["runs"],
                 }
                 row["write_ratio"] = row["store_write_GBps"] / row["raw_write_GBps"]
                 row["read_ratio"] = row["store_read_GBps"] / row["raw_read_GBps"]
@@ -370,11 +427,12 @@ def main(argv=None) -> int:
         shutil.rmtree(folder, ignore_errors=True)
 
     cols = ["model", "tokens", "MiB", "raw write", "store h→d", "ratio", "raw read", "store d→h", "ratio",
-            "dd write", "dd read", "CPU s/GB raw read", "CPU s/GB d→h", "load"]
+            "dd write", "dd read", "CPU s/GB raw read", "CPU s/GB d→h", "files", "load"]
     table = [[r["model"], str(r["tokens"]), f"{r['bytes'] / (1 << 20):.0f}", fmt(r["raw_write_GBps"]),
               fmt(r["store_write_GBps"]), fmt(r["write_ratio"]), fmt(r["raw_read_GBps"]),
               fmt(r["store_read_GBps"]), fmt(r["read_ratio"]), fmt(r["dd_write_GBps"]), fmt(r["dd_read_GBps"]),
-              fmt(r["raw_read_cpu_s_per_GB"]), fmt(r["store_read_cpu_s_per_GB"]), fmt(r["loadavg"], ".1f")]
+              fmt(r["raw_read_cpu_s_per_GB"]), fmt(r["store_read_cpu_s_per_GB"]), str(int(r["files"])),
+              fmt(r["loadavg"], ".1f")]
              for r in rows]
     try:
         from rich.console import Console

@@ -4,7 +4,7 @@
 Each schedule runs on one store root (a ``file`` kvstore) that lives across schedules: two driver
 threads, each owning its own sessions, issue turns (prefill-sized or decode-sized saves), aborted
 turns, truncations, drops of a range (attention sink + middle, tail), deletions and loads without waiting for commits, while a third thread keeps
-prefetching and evicting and the schedule injects ENOSPC/EIO into chunk writes, resizes and
+prefetching and evicting and the schedule injects ENOSPC/EIO into chunk writes, resizes, dead-front deletions and
 manifests. At the end of a schedule every commit's fate is settled against the model (a failed
 turn fails every later one and leaves the last durable turn), every row of every session is read
 and compared, and the budgets' accounting must be exact; some schedules close and reopen the store
@@ -43,7 +43,7 @@ from jax_cachedattn.store import (  # noqa: E402
 )
 from jax_cachedattn.store.faults import FaultInjector  # noqa: E402
 
-L, K, D, B = 2, 1, 8, 8
+L, K, D, B, C = 2, 1, 8, 8, 2  # C: tokens per disk chunk (4 chunks per block)
 LAY = KVLayout(num_layers=L, kv_heads=K, head_dim=D, dtype="float32", fingerprint="torture")
 BLK = B * LAY.bytes_per_token_layer
 MAX_TOKENS = 80
@@ -58,14 +58,29 @@ def value(sid: str, ids: np.ndarray, layer: int) -> np.ndarray:
 
 
 def config(root: str) -> StoreConfig:
-    return StoreConfig(root=root, token_block=B, host_bytes=L * 24 * BLK, device_bytes=L * 8 * BLK)
+    return StoreConfig(root=root, token_block=B, disk_chunk=C, host_bytes=L * 24 * BLK, device_bytes=L * 8 * BLK)
+
+
+def dead_bytes(store, root: str, below: str) -> int:
+    """Bytes of chunk files on disk before each session's ``below`` block: "lo" = the first block the
+    disk budget counts (files there are a leak: deleted in the accounting, still on disk), "front" =
+    the front of its history (after an open, which reclaims them, files there are a leak too)."""
+    total = 0
+    for sid, s in list(store._core.sessions.items()):
+        lim = s.disk_lo if below == "lo" else (s.offset // B if s.kv_valid else 0)
+        d = os.path.join(root, "s", sid, "kv")
+        for n in (os.listdir(d) if os.path.isdir(d) else []):
+            parts = n.split(".")
+            if n.startswith("c.") and len(parts) == 6 and int(parts[3]) // (B // C) < lim:
+                total += os.path.getsize(os.path.join(d, n))
+    return total
 
 
 class Tally:
     def __init__(self):
         self.lock = threading.Lock()
         self.schedules = self.rows = self.wrong = self.leaked = self.kills = self.reopens = 0
-        self.failed_turns = self.refused = self.drops = 0
+        self.failed_turns = self.refused = self.drops = self.reclaimed = 0
         self.lost: list[str] = []
         self.faults = 0
 
@@ -305,7 +320,7 @@ def verify_all(store, models, tally, where) -> None:
 
 def schedule(store, models, rng, tally, faults: FaultInjector) -> None:
     for _ in range(int(rng.integers(0, 3))):
-        faults.add(str(rng.choice(["chunk_write", "resize", "manifest"])), str(rng.choice(["ENOSPC", "EIO"])),
+        faults.add(str(rng.choice(["chunk_write", "resize", "manifest", "reclaim"])), str(rng.choice(["ENOSPC", "EIO"])),
                    after=int(rng.integers(0, 12)))
     stop = threading.Event()
     bg = threading.Thread(target=background, args=(store, stop, np.random.default_rng(int(rng.integers(1 << 30))), tally))
@@ -337,6 +352,10 @@ def schedule(store, models, rng, tally, faults: FaultInjector) -> None:
     if any(acc.values()):
         tally.add(leaked=sum(abs(v) for v in acc.values()))
         print(f"LEAK: {acc}", flush=True)
+    dead = dead_bytes(store, store.disk.root, "lo")
+    if dead:
+        tally.add(leaked=dead)
+        print(f"LEAK: {dead} bytes of chunk files the disk budget no longer counts", flush=True)
     verify_all(store, models, tally, "after a schedule")
 
 
@@ -374,8 +393,13 @@ def kill_round(root: str, rng, tally, env) -> None:
 
 
 def reopen_check(root, tally) -> tuple[TieredStore, dict]:
-    """Open after a kill: every session must hold whole turns whose rows match their token ids."""
+    """Open after a kill: every session must hold whole turns whose rows match their token ids, and
+    no chunk file before its front (the open deletes what the kill left)."""
     store = TieredStore(config(root), LAY)
+    dead = dead_bytes(store, root, "front")
+    if dead:
+        tally.add(leaked=dead)
+        print(f"LEAK: {dead} bytes of chunk files before a front after reopening", flush=True)
     models = {sid: Model() for sid in SIDS}
     for sid in SIDS:
         info = store.lookup(sid)
@@ -390,6 +414,11 @@ def reopen_check(root, tally) -> tuple[TieredStore, dict]:
         models[sid].gen = int(ids.max()) // 100000 + 1 if len(ids) else 1
         check_rows(store, sid, [ids], tally, where="after a SIGKILL")
     return store, models
+
+
+def close(store, tally) -> None:
+    tally.add(reclaimed=store.stats.bytes_reclaimed["disk"])
+    store.close()
 
 
 def main(argv=None) -> int:
@@ -423,17 +452,21 @@ def main(argv=None) -> int:
             schedule(store, models, rng, tally, faults)
             tally.add(schedules=1)
             if args.reopen_every and tally.schedules % args.reopen_every == 0:
-                store.close()
+                close(store, tally)
                 store = TieredStore(config(root), LAY, faults=faults)
                 tally.add(reopens=1)
                 verify_all(store, models, tally, "after a reopen")
+                dead = dead_bytes(store, root, "front")
+                if dead:
+                    tally.add(leaked=dead)
+                    print(f"LEAK: {dead} bytes of chunk files before a front after reopening", flush=True)
             if args.kill_every and tally.schedules % args.kill_every == 0:
                 tally.faults += sum(faults.injected.values())
                 faults.injected = {k: 0 for k in faults.injected}
-                store.close()
+                close(store, tally)
                 kill_round(root, rng, tally, env)
                 store, models = reopen_check(root, tally)
-                store.close()
+                close(store, tally)
                 store = TieredStore(config(root), LAY, faults=faults)
             if time.monotonic() - last > 30:
                 last = time.monotonic()
@@ -441,7 +474,7 @@ def main(argv=None) -> int:
                       f"lost {len(tally.lost)}, leaked {tally.leaked}", flush=True)
     finally:
         try:
-            store.close()
+            close(store, tally)
         except StoreError:
             pass
         if own:
@@ -457,7 +490,9 @@ def main(argv=None) -> int:
     print(f"sessions lost:       {len(tally.lost)}")
     for reason in tally.lost[:20]:
         print(f"  - {reason}")
-    print(f"leaked bytes:        {tally.leaked}")
+    print(f"leaked bytes:        {tally.leaked}  (budget accounting, and chunk files before a front that the"
+          " budget no longer counts or that an open left)")
+    print(f"dead bytes reclaimed: {tally.reclaimed}")
     return 1 if (tally.wrong or tally.lost or tally.leaked) else 0
 
 

@@ -31,7 +31,9 @@ def _open(path: str) -> tuple[DiskTier, KVLayout | None, int]:
             "(open it with StoreConfig(keep_tokens_on_mismatch=True) to keep its conversations and recompute their KV)")
     layout = KVLayout(**meta["layout"])
     cfg = StoreConfig(root=path, token_block=meta["token_block"])
-    return DiskTier(cfg, layout), layout, meta["token_block"]
+    disk = DiskTier(cfg, layout)
+    disk.chunk = meta.get("disk_chunk", meta["token_block"])  # a store.json without it: one chunk per block
+    return disk, layout, meta["token_block"]
 
 
 def _scan(disk: DiskTier, layout: KVLayout | None, B: int, verify: bool) -> list[dict]:
@@ -74,7 +76,8 @@ def _scan(disk: DiskTier, layout: KVLayout | None, B: int, verify: bool) -> list
         if verify and row["state"] in ("committed", "uncommitted_tail"):
             # Reading a chunk checks its crc32c (TensorStore raises on a missing, short or damaged one).
             f, nb = m.offset // B, -(-m.end // B)
-            futs = [(layer, b, disk.read_block(sid, layer, b)) for layer in range(layout.num_layers) for b in range(f, nb)]
+            futs = [(layer, b, disk.read_block(sid, layer, b, disk.rows_on_disk(b, m.end)))
+                    for layer in range(layout.num_layers) for b in range(f, nb)]
             bad = 0
             for layer, b, fu in futs:
                 try:

@@ -3,8 +3,9 @@
 Keys under the store's kvstore:
   store.json                  format, layout and model fingerprint of the whole store
   s/<sid>/kv/zarr.json        zarr3 array [layers, 2, tokens, kv_heads, head_dim], chunks
-  s/<sid>/kv/c.<l>.0.<b>.0.0  [1, 2, token_block, kv_heads, head_dim] (flat keys: one folder per
-                              session); tokens grows by resize
+  s/<sid>/kv/c.<l>.0.<c>.0.0  [1, 2, disk_chunk, kv_heads, head_dim] (flat keys: one folder per
+                              session; disk_chunk divides token_block); tokens grows by resize.
+                              Only chunks up to the committed end are ever written or read.
   s/<sid>/manifest.json       committed state: offset, end, turn, token ids; the last line is the
                               crc32 of the body, so a truncated or damaged manifest is detected.
 Integrity of the data: every chunk ends with its crc32c (the zarr3 ``crc32c`` codec), computed and
@@ -166,7 +167,7 @@ class DiskTier:
 
     # ---- arrays -----------------------------------------------------------------------------
     def _spec(self, sid: str) -> dict:
-        lay, B = self.layout, self.cfg.token_block
+        lay, C = self.layout, self.chunk
         codecs: list[dict] = [{"name": "bytes", "configuration": {"endian": "little"}}]
         if self.cfg.compression == "zstd":
             codecs.append({"name": "zstd", "configuration": {"level": self.cfg.compression_level}})
@@ -175,12 +176,13 @@ class DiskTier:
             "driver": "zarr3",
             "kvstore": self._sub(f"s/{sid}/kv/"),
             "fill_missing_data_reads": False,
+            "store_data_equal_to_fill_value": True,  # else a chunk of zeros is not written, and reads fail
             "metadata": {
                 "shape": [lay.num_layers, 2, 0, lay.kv_heads, lay.head_dim],
                 "data_type": lay.dtype,
                 "chunk_grid": {
                     "name": "regular",
-                    "configuration": {"chunk_shape": [1, 2, B, lay.kv_heads, lay.head_dim]},
+                    "configuration": {"chunk_shape": [1, 2, C, lay.kv_heads, lay.head_dim]},
                 },
                 "chunk_key_encoding": {"name": "default", "configuration": {"separator": "."}},
                 "codecs": codecs,
@@ -246,31 +248,44 @@ class DiskTier:
         with self._alock:
             self._arrays[sid] = new
 
-    def write_block(self, sid: str, layer: int, b: int, block: np.ndarray):
-        """Write ``block`` [2, B, K, D] (never modified afterwards: TensorStore may keep referencing
-        it instead of copying it) as chunk (layer, b); returns the write's commit future."""
+    def write_block(self, sid: str, layer: int, b: int, block: np.ndarray, lo: int = 0, hi: int | None = None):
+        """Write rows ``[lo, hi)`` (whole disk chunks) of ``block`` [2, B, K, D] (never modified
+        afterwards: TensorStore may keep referencing it instead of copying it) to token block ``b``;
+        returns the write's commit future."""
         B = self.cfg.token_block
+        hi = B if hi is None else hi
         try:
             self.faults.check("chunk_write", sid)
             arr = self.array(sid)
-            return arr[layer, :, b * B : (b + 1) * B].write(block, can_reference_source_data_indefinitely=True).commit
+            return arr[layer, :, b * B + lo : b * B + hi].write(block[:, lo:hi],
+                                                                can_reference_source_data_indefinitely=True).commit
         except BaseException as e:  # noqa: BLE001 - reported through the future, like TensorStore's own errors
             fut: cf.Future = cf.Future()
             fut.set_exception(e)
             return fut
 
-    def read_block_into(self, arr, layer: int, b: int, out: np.ndarray):
-        """Copy chunk (layer, b) of the open array ``arr`` into ``out`` [2, B, K, D] (TensorStore decodes it
-        straight into ``out``: no intermediate array); a future. Raises like `read_block`."""
+    def read_block_into(self, arr, layer: int, b: int, out: np.ndarray, hi: int | None = None):
+        """Copy rows ``[0, hi)`` (whole disk chunks; the rest of ``out`` is zeroed) of token block ``b``
+        of the open array ``arr`` into ``out`` [2, B, K, D] (TensorStore decodes straight into ``out``:
+        no intermediate array); a future. Raises like `read_block`."""
         B = self.cfg.token_block
-        return ts.array(out, context=self.context, copy=False, write=True).write(arr[layer, :, b * B : (b + 1) * B])
+        hi = B if hi is None else hi
+        if hi < B:
+            out[:, hi:] = 0
+        return ts.array(out[:, :hi], context=self.context, copy=False, write=True).write(arr[layer, :, b * B : b * B + hi])
 
-    def read_block(self, sid: str, layer: int, b: int):
-        """Future of chunk (layer, b) as a ``[2, B, K, D]`` array; TensorStore checks its crc32c and
-        raises on a missing, short or damaged chunk."""
+    def read_block(self, sid: str, layer: int, b: int, hi: int | None = None):
+        """Future of rows ``[0, hi)`` of token block ``b`` as a ``[2, hi, K, D]`` array; TensorStore
+        checks each chunk's crc32c and raises on a missing, short or damaged chunk."""
         B = self.cfg.token_block
+        hi = B if hi is None else hi
         self.faults.check("read", sid)
-        return self.array(sid)[layer, :, b * B : (b + 1) * B].read()
+        return self.array(sid)[layer, :, b * B : b * B + hi].read()
+
+    def rows_on_disk(self, b: int, end: int) -> int:
+        """Rows of block ``b`` a session ending at absolute row ``end`` has on disk (whole chunks)."""
+        B, C = self.cfg.token_block, self.chunk
+        return min(B, -(-(end - b * B) // C) * C)
 
     def forget(self, sid: str) -> None:
         with self._alock:
@@ -295,7 +310,7 @@ class DiskTier:
         """Delete the chunk files of token blocks ``[lo, hi)`` of every layer (blocks before the front
         of a durable manifest: no manifest covers them any more). A file already gone is fine, so an
         interrupted call runs again. Raises on any other error (nothing is counted freed then)."""
-        self.faults.check("delete", sid)
+        self.faults.check("reclaim", sid)
         per = self.cfg.token_block // self.chunk
         keys = [self._chunk_key(sid, layer, c) for layer in range(self.layout.num_layers)
                 for c in range(lo * per, hi * per)]

@@ -14,7 +14,7 @@ import errno
 import random
 import threading
 
-OPS = ("chunk_write", "resize", "manifest", "read", "delete")
+OPS = ("chunk_write", "resize", "manifest", "read", "delete", "reclaim")  # reclaim: dead-front chunk deletes
 KINDS = {"ENOSPC": errno.ENOSPC, "EIO": errno.EIO}
 
 

@@ -80,6 +80,11 @@ class KVLayout:
         return dataclasses.asdict(self)
 
 
+#: Tokens per disk chunk of a new store (`StoreConfig.disk_chunk`), chosen by measurement (docs/store.md);
+#: a ``token_block`` it does not divide gets chunks of one block.
+DEFAULT_DISK_CHUNK = 64
+
+
 @dataclasses.dataclass(frozen=True)
 class StoreConfig:
     """Configuration of a `TieredStore`. Budgets count the bytes actually held, padding included.
@@ -95,7 +100,11 @@ class StoreConfig:
         ``None`` means unlimited (the filesystem's ENOSPC still raises `DiskFull`).
       compression: ``None`` or ``"zstd"`` (zarr3 codec) for the disk tier.
       compression_level: zstd level.
-      token_block: tokens per block: the unit of host/device allocation and the disk chunk length.
+      token_block: tokens per block: the unit of host/device allocation.
+      disk_chunk: tokens per disk chunk (a divisor of ``token_block``): a turn rewrites at most the one
+        chunk holding the end of the history it continues, so a smaller chunk writes fewer bytes twice
+        (decode write amplification) and makes more, smaller files (read cost); see docs/store.md.
+        ``None``: the store's own (from its ``store.json``), or `DEFAULT_DISK_CHUNK` for a new store.
       io_concurrency: TensorStore ``file_io_concurrency`` limit.
       copy_concurrency: TensorStore ``data_copy_concurrency`` limit.
       cache_bytes: TensorStore ``cache_pool`` limit (0: no chunk cache; the host tier is the cache).
@@ -117,6 +126,7 @@ class StoreConfig:
     compression: str | None = None
     compression_level: int = 1
     token_block: int = 256
+    disk_chunk: int | None = None
     io_concurrency: int = 16
     copy_concurrency: int = 8
     cache_bytes: int = 0
@@ -144,6 +154,10 @@ class StoreConfig:
             raise ValueError(f"StoreConfig.compression must be None or 'zstd', got {self.compression!r}")
         if not isinstance(self.token_block, int) or self.token_block < 1:
             raise ValueError("StoreConfig.token_block must be an int >= 1")
+        if self.disk_chunk is not None and (not isinstance(self.disk_chunk, int) or isinstance(self.disk_chunk, bool)
+                                            or self.disk_chunk < 1 or self.token_block % self.disk_chunk):
+            raise ValueError(f"StoreConfig.disk_chunk must be None or an int >= 1 dividing token_block "
+                             f"({self.token_block}), got {self.disk_chunk!r}")
         for name in ("io_concurrency", "copy_concurrency"):
             if getattr(self, name) < 1:
                 raise ValueError(f"StoreConfig.{name} must be >= 1")
@@ -151,6 +165,12 @@ class StoreConfig:
             raise ValueError("StoreConfig.cache_bytes must be >= 0")
         if self.memory_kind not in ("pinned_host", "unpinned_host"):
             raise ValueError("StoreConfig.memory_kind must be 'pinned_host' or 'unpinned_host'")
+
+    def new_disk_chunk(self) -> int:
+        """Tokens per disk chunk for a new store."""
+        if self.disk_chunk is not None:
+            return self.disk_chunk
+        return DEFAULT_DISK_CHUNK if self.token_block % DEFAULT_DISK_CHUNK == 0 else self.token_block
 
     def kvstore_spec(self) -> dict:
         if self.kvstore is not None:

@@ -39,8 +39,8 @@ def aligned_empty(shape: tuple, dtype, align: int = 64) -> np.ndarray:
 class Promotion:
     """One disk -> host read of a session; loads wait on their own layer's event."""
 
-    def __init__(self, num_layers: int, epoch: int, f: int, nb: int):
-        self.epoch, self.f, self.nb = epoch, f, nb
+    def __init__(self, num_layers: int, epoch: int, f: int, nb: int, end: int):
+        self.epoch, self.f, self.nb, self.end = epoch, f, nb, end
         self.parts: list[Any] = [None] * num_layers
         self.events = [threading.Event() for _ in range(num_layers)]
         self.error: BaseException | None = None
@@ -65,7 +65,7 @@ class Promoter:
         if p is not None and not p.done.done() and p.epoch == s.epoch:
             return False, p
         f, nb = self.mem.span(s)
-        p = s.promoting = Promotion(self.core.L, s.epoch, f, nb)
+        p = s.promoting = Promotion(self.core.L, s.epoch, f, nb, s.end)
         return True, p
 
     def run(self, s: Session, p: Promotion) -> None:
@@ -80,7 +80,7 @@ class Promoter:
                     p.parts[layer] = blocks
                     p.events[layer].set()
 
-                blocks = self.read_verified(s, p.f, p.nb, publish)
+                blocks = self.read_verified(s, p.f, p.nb, publish, end=p.end)
                 installed = False
                 with core.lock:
                     if s.host is None and not s.gone and s.epoch == p.epoch and self.mem.span(s) == (p.f, p.nb):
@@ -100,8 +100,10 @@ class Promoter:
             for ev in p.events:
                 ev.set()
 
-    def read_verified(self, s: Session, f: int, nb: int, publish=None, *, keep: bool = True) -> list[list[Any]]:
-        """Read blocks [f, nb) of every layer; ``keep`` False verifies only (one reused buffer per layer)."""
+    def read_verified(self, s: Session, f: int, nb: int, publish=None, *, keep: bool = True,
+                      end: int | None = None) -> list[list[Any]]:
+        """Read blocks [f, nb) of every layer, the last one up to the disk chunk holding row ``end - 1``
+        (rows after it are zeros); ``keep`` False verifies only (one reused buffer per layer)."""
         core, lay = self.core, self.core.layout
         B, L = core.B, core.L
         blocks: list[list[Any]] = [[None] * nb for _ in range(L)]
@@ -133,9 +135,12 @@ class Promoter:
             raise lost(e) from e
         scratch = None if keep else aligned_empty((nb - f, 2, B, lay.kv_heads, lay.head_dim), lay.np_dtype)
 
+        his = [B if end is None else core.disk.rows_on_disk(b, end) for b in range(f, nb)]
+        rows = sum(his)
+
         def issue(layer):
             buf = scratch if scratch is not None else aligned_empty((nb - f, 2, B, lay.kv_heads, lay.head_dim), lay.np_dtype)
-            return buf, [core.disk.read_block_into(arr, layer, b, buf[i]) for i, b in enumerate(range(f, nb))]
+            return buf, [core.disk.read_block_into(arr, layer, b, buf[i], his[i]) for i, b in enumerate(range(f, nb))]
 
         layer_bytes = (nb - f) * core.block_bytes
         ahead = 1 if scratch is not None else max(2, min(L, READ_AHEAD_BYTES // max(1, layer_bytes)))
@@ -152,7 +157,7 @@ class Promoter:
                 except Exception as e:  # noqa: BLE001 - missing, short or damaged chunk
                     pending[layer] = (buf, futs)
                     raise lost(e) from e
-                core.stats.add("bytes_read", len(futs) * core.block_bytes, tier="disk")
+                core.stats.add("bytes_read", rows * lay.bytes_per_token_layer, tier="disk")
                 if not keep:
                     continue
                 val = jax.device_put(list(buf), core.host_sharding, may_alias=True)

@@ -9,8 +9,8 @@ rows ``[i*B, (i+1)*B)``). Dropping rows ``[start, stop)`` of it (relative to the
   (a barrier) until this drop's manifest is durable or failed: a kill leaves the old manifest over
   untouched rows or the new one, never a manifest over rewritten rows.
 * otherwise -- a move: the kept rows ``[offset, offset+start)`` and ``[offset+stop, end)`` are copied,
-  in order, to fresh rows from ``dst = end`` on (rows no older manifest covers; block ``end // B``'s
-  rows before ``end`` are rewritten with their own bytes, as an append does), then ``offset = end``,
+  in order, to fresh rows from ``dst = end`` on (rows no older manifest covers; the disk chunk holding ``end`` is rewritten with its
+  rows before ``end`` unchanged, as an append does), then ``offset = end``,
   ``end = end + kept``. The manifest, written last, switches from the old run to the new one. Bytes
   rewritten: the kept rows (every layer, K and V); the old blocks leave the memory tiers once copied.
 
@@ -125,9 +125,11 @@ def _move(s, turn, wb, res) -> None:
                     mem.put(s, "host", layer, d0 + i, hosts[layer][i], res)
                 s.layer_ver[layer] = s.layer_ver.get(layer, 0) + 1
             mem.drop(s, "device")  # the device copy held the old run
+    C = core.disk.chunk
     for layer in range(core.L):
-        for i in range(d1 - d0):
-            wb._write_chunk(s, turn, layer, d0 + i, news[layer][i])
+        for i in range(d1 - d0):  # whole chunks from the one holding ``dst`` to the one holding the new end
+            lo = (dst - d0 * B) // C * C if i == 0 else 0
+            wb._write_chunk(s, turn, layer, d0 + i, news[layer][i], lo, core.disk.rows_on_disk(d0 + i, dst + kept))
     with core.lock:
         if turn.live:
             mem.drop_front(s, d0)  # the old run leaves the memory tiers

@@ -26,18 +26,27 @@ from .session import Session
 
 
 def store_meta(core: Core) -> bytes:
-    want = {"format": STORE_FORMAT, "layout": core.layout.to_json(), "token_block": core.B}
+    want = {"format": STORE_FORMAT, "layout": core.layout.to_json(), "token_block": core.B,
+            "disk_chunk": core.disk.chunk}
     return json.dumps(want, sort_keys=True).encode()
 
 
 def open_mode(core: Core) -> tuple[str, bytes | None]:
-    """("same" | "new" | "adopt" | "wipe", the stored store.json)."""
+    """("same" | "new" | "adopt" | "wipe", the stored store.json). Sets the disk chunk: the config's,
+    else the store's own (a store.json without ``disk_chunk`` has chunks of one token block), else the
+    default for a new store."""
     have = core.disk.read_key("store.json")
+    core.disk.chunk = core.cfg.new_disk_chunk()
     if have is None:
         return "new", None
     try:
-        same = json.loads(have) == json.loads(store_meta(core))
-    except ValueError:
+        meta = json.loads(have)
+        meta.setdefault("disk_chunk", meta.get("token_block"))
+        c = meta["disk_chunk"]
+        if core.cfg.disk_chunk is None and isinstance(c, int) and 0 < c <= core.B and core.B % c == 0:
+            core.disk.chunk = c
+        same = meta == json.loads(store_meta(core))
+    except (ValueError, TypeError, AttributeError):
         same = False
     if same:
         return "same", have
@@ -142,7 +151,7 @@ def verify_all(core: Core, mem: Memory, promoter, reserve) -> None:
             continue
         with reserve("host", (nb - f) * core.block_bytes, s):
             try:
-                promoter.read_verified(s, f, nb, keep=False)
+                promoter.read_verified(s, f, nb, keep=False, end=s.end)
             except KVLost:
                 pass
 

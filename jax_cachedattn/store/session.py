@@ -40,6 +40,7 @@ class Turn:
         self.sid, self.kind, self.seq = sid, kind, next(_seq)
         self.base_offset = base_offset  # absolute index of token 0 of ``start`` (0 for a session saved from scratch)
         self.pend = [base_end] * num_layers  # per layer: absolute end of what the turn saved
+        self.base_end = base_end  # rows before it are on disk already (or queued before the turn's writes)
         self.tasks: list[cf.Future] = []  # its worker tasks, in order
         self.writes: list[Any] = []  # commit futures of the chunk writes it issued (it owns them)
         self.dirty: dict[int, dict[int, np.ndarray]] = {}  # layer -> {block: data} partial, not written yet

@@ -10,7 +10,9 @@ session to its last durable turn (``on_fail``, the facade's rollback); the error
 future and to `flush`.
 
 Writes: a full block is written once, when a save fills it; a partial block stays in the host tier
-(counted there) and is written once, when its turn commits. Two writes of one chunk are never in
+(counted there) and is written once, when its turn commits. A write covers whole disk chunks
+(``disk_chunk`` tokens, a divisor of the block) from the one holding the turn's first row to the one
+holding its last: rows of earlier turns are rewritten only in the chunk the turn continues. Two writes of one chunk are never in
 flight at once (they were seen landing out of order), and all writes are issued from the one worker
 thread, so a later write of a chunk always lands after an earlier one.
 """
@@ -129,12 +131,12 @@ class Writeback:
                         dirty.pop(b, None)
                         full.append((b, new[i]))
                     else:
-                        dirty[b] = new[i]
+                        dirty[b] = new[i]  # written at the commit, rows up to the turn's end
             core.stats.add("bytes_written", x.nbytes, tier="host")
             if dev:  # keep the device copy of the layer current: the touched blocks, moved outside the lock
                 self._refresh_device(s, turn, layer, b0, new, ver)
             for b, data in full:
-                self._write_chunk(s, turn, layer, b, data)
+                self._write_chunk(s, turn, layer, b, data, self._first_row(turn, b), B)
 
     def _refresh_device(self, s: Session, turn: Turn, layer: int, b0: int, new: np.ndarray, ver: int) -> None:
         core = self.core
@@ -157,13 +159,25 @@ class Writeback:
     def _flush(self, s: Session, turn: Turn) -> None:
         self.core.hooks.point("commit.flush", s.sid)
         with self.core.lock:
-            todo = [(layer, b, d) for layer, blocks in sorted(turn.dirty.items()) for b, d in sorted(blocks.items())]
+            todo = [(layer, b, d, self.core.disk.rows_on_disk(b, turn.pend[layer]))
+                    for layer, blocks in sorted(turn.dirty.items()) for b, d in sorted(blocks.items())]
             turn.dirty.clear()
-        for layer, b, data in todo:
-            self._write_chunk(s, turn, layer, b, data)
+        for layer, b, data, hi in todo:
+            self._write_chunk(s, turn, layer, b, data, self._first_row(turn, b), hi)
 
-    def _write_chunk(self, s: Session, turn: Turn, layer: int, b: int, data: np.ndarray) -> None:
+    def _first_row(self, turn: Turn, b: int) -> int:
+        """The first row of block ``b`` that ``turn`` writes: rows before the turn's start are on disk
+        (written by earlier turns, or queued before it on this worker), except those sharing a disk
+        chunk with the turn's first row (a chunk is written whole)."""
+        B, C = self.core.B, self.core.disk.chunk
+        return max(0, (turn.base_end - b * B) // C * C)
+
+    def _write_chunk(self, s: Session, turn: Turn, layer: int, b: int, data: np.ndarray, lo: int = 0,
+                     hi: int | None = None) -> None:
+        """Write rows ``[lo, hi)`` (whole disk chunks) of block ``b`` of ``layer``; the turn owns the write."""
         core = self.core
+        hi = core.B if hi is None else hi
+        nbytes = (hi - lo) * core.layout.bytes_per_token_layer
         # No wait for a removal of an earlier session of this id: it is a task of this same worker,
         # queued before any task of the new session (FIFO), so it already ran.
         with core.lock:
@@ -184,13 +198,13 @@ class Writeback:
                 prev.result()
             except BaseException:  # noqa: BLE001 - that write's own turn reports it
                 pass
-        w = core.disk.write_block(s.sid, layer, b, data)
+        w = core.disk.write_block(s.sid, layer, b, data, lo, hi)
         with core.lock:
             s.chunk_writes[(layer, b)] = w
             turn.writes.append(w)
-        core.stats.add("bytes_written", core.block_bytes, tier="disk")
-        self._inflight.append((core.block_bytes, w))
-        self._inflight_bytes += core.block_bytes
+        core.stats.add("bytes_written", nbytes, tier="disk")
+        self._inflight.append((nbytes, w))
+        self._inflight_bytes += nbytes
         while self._inflight and self._inflight[0][1].done():
             self._inflight_bytes -= self._inflight.popleft()[0]
         while self._inflight and self._inflight_bytes > WRITE_INFLIGHT_BYTES:

@@ -1,6 +1,8 @@
-"""Writer process for test_store_crash: appends turns to a few sessions until it is killed."""
+"""Writer process for test_store_crash: appends turns to a few sessions until it is killed; prints
+``durable <sid> <turn>`` once a turn's manifest is durable (from the committer thread)."""
 
 import sys
+import threading
 
 import numpy as np
 
@@ -15,7 +17,7 @@ def layout():
 
 
 def config(root):
-    return StoreConfig(root=root, host_bytes=1 << 22, token_block=B)
+    return StoreConfig(root=root, host_bytes=1 << 22, token_block=B, disk_chunk=2)
 
 
 def count(sid_num: int, turn: int) -> int:
@@ -33,6 +35,13 @@ def expected(sid_num: int, layer: int, p0: int, p1: int) -> np.ndarray:
 
 def main(root: str) -> None:
     store = TieredStore(config(root), layout())
+    out = threading.Lock()
+
+    def report(sid, fut):
+        if fut.exception() is None:
+            with out:
+                print(f"durable {sid} {fut.result()}", flush=True)
+
     print("ready", flush=True)
     turn = 0
     while True:
@@ -42,7 +51,7 @@ def main(root: str) -> None:
             c = count(i, t + 1)
             for layer in range(L):
                 store.save_layer(sid, layer, expected(i, layer, n, n + c), n)
-            store.commit_turn(sid, np.arange(n + c) % 997)
+            store.commit_turn(sid, np.arange(n + c) % 997).add_done_callback(lambda f, sid=sid: report(sid, f))
         turn += 1
 
 

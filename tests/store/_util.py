@@ -8,14 +8,15 @@ import pytest
 
 from jax_cachedattn.store import KVLayout, StoreConfig, TieredStore
 
-L, K, D, B = 3, 2, 4, 8
+L, K, D, B, C = 3, 2, 4, 8, 2
 LAY = KVLayout(num_layers=L, kv_heads=K, head_dim=D, dtype="float32", fingerprint="faults")
 BLK = B * LAY.bytes_per_token_layer  # bytes of one block of one layer
 ZERO = {"device": 0, "host": 0, "disk": 0}
 
 
 def cfg(root, **kw):
-    base = dict(token_block=B, host_bytes=1 << 20, device_bytes=1 << 20)
+    # disk chunks of 2 tokens inside blocks of 8: every store test runs writes and reads of part of a block
+    base = dict(token_block=B, disk_chunk=C, host_bytes=1 << 20, device_bytes=1 << 20)
     base.update(kw)
     return StoreConfig(root=str(root), **base)
 

@@ -310,3 +310,21 @@ def test_cli_ls_verify_gc(tmp_path, capsys):
     capsys.readouterr()
     cli.main(["store", "ls", "--store", root, "--json"])
     assert [r["session"] for r in json.loads(capsys.readouterr().out)["sessions"]] == ["ok"]
+
+
+def test_a_chunk_of_zeros_is_stored_and_read_back(tmp_path):
+    """TensorStore skips writing a chunk equal to the fill value unless told to store it; with missing
+    chunks read as errors, a session whose KV has a chunk of zeros would read back as damaged."""
+    from _util import L, check, open_store, quiet, save  # noqa: PLC0415
+
+    st = open_store(tmp_path / "st")
+    x = np.zeros((L, 2, 13, 2, 4), np.float32)
+    x[:, :, 9] = 1.0  # one chunk of zeros in a block that is not all zeros, and whole blocks of zeros
+    save(st, "z", x, 0)
+    st.commit_turn("z", np.arange(13)).result()
+    st.flush()
+    st.evict("z", "host")
+    assert st.lookup("z").tier == "disk"
+    check(st, "z", x)
+    quiet(st)
+    st.close()

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _util import B, BLK, L, LAY, ZERO, check, drain, open_store, quiet, rows, save, tmpfs, turn  # noqa: E402
+from _util import B, BLK, C, L, LAY, ZERO, check, drain, open_store, quiet, rows, save, tmpfs, turn  # noqa: E402
 
 from jax_cachedattn.store import (  # noqa: E402
     BudgetError, DiskFull, FingerprintMismatch, InvalidSessionId, KVLayout, StoreConfig, TieredStore,
@@ -454,8 +454,10 @@ def test_11_decode_saves_write_each_block_once(tmp_path):
     for i in range(dec.shape[2]):
         save(st, "w", dec[:, :, i : i + 1], 5 + i)
     st.commit_turn("w", np.arange(5 + dec.shape[2])).result()
-    # 43 tokens = blocks 0..4 full (each written once when it filled) + block 5 partial (once, at commit)
-    assert st.stats.bytes_written["disk"] - w0 == L * 6 * BLK
+    # 43 tokens, disk chunks of C=2 rows: block 0 from the chunk holding row 5 (rows 4..7: row 4 of the
+    # history rewritten with its own bytes), blocks 1..4 whole when they filled, block 5 at the commit up
+    # to the chunk holding row 42 (rows 40..43: one row of padding). Each row once, plus 2.
+    assert C == 2 and st.stats.bytes_written["disk"] - w0 == L * (4 + 4 * B + 4) * BLK // B
     check(st, "w", cat(hist, dec), turn_no=2)
     st.close()
     st = open_store(tmp_path / "st")

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _util import BLK, L, check, open_store, quiet, rows, save  # noqa: E402
+from _util import BLK, B, C, L, check, open_store, quiet, rows, save  # noqa: E402
 
 from jax_cachedattn.store.cli import cmd_gc, cmd_ls  # noqa: E402
 
@@ -27,8 +27,9 @@ def kv_files(root, sid="a"):
 
 
 def chunk_blocks(root, sid="a"):
+    """Token blocks with a chunk file on disk."""
     d = os.path.join(root, "s", sid, "kv")
-    return sorted({int(n.split(".")[3]) for n in os.listdir(d) if n.startswith("c.")})
+    return sorted({int(n.split(".")[3]) // (B // C) for n in os.listdir(d) if n.startswith("c.")})
 
 
 def converse(st, root, turns, front, want=None, ids=None):
@@ -71,8 +72,9 @@ def test_truncated_50_times_under_a_fixed_disk_budget(tmp_path, front):
     want, ids, peak_files, peak_bytes = converse(st, root, 50, front)
     live = -(-KEEP // 8) + 1  # blocks the live history spans (+1: it need not start on a block)
     files, nbytes = kv_files(root)
-    assert files <= L * live and peak_files <= L * 2 * live  # a move holds the old and the new run
-    assert nbytes <= L * live * (BLK + 64) and peak_bytes <= 2 * L * live * (BLK + 64)
+    per = B // C  # chunk files per block and layer
+    assert files <= L * live * per and peak_files <= L * 2 * live * per  # a move holds the old and the new run
+    assert nbytes <= L * live * (BLK + 16 * per) and peak_bytes <= 2 * L * live * (BLK + 16 * per)
     assert st.usage()["disk"] <= L * live * BLK
     assert st.stats.bytes_reclaimed["disk"] > 5 * budget  # far more than the budget was freed and reused
     assert min(chunk_blocks(root)) > 50  # the kept run moved on; nothing of the early blocks is left
@@ -100,7 +102,7 @@ def test_reclaim_held_then_failed_then_reopened(tmp_path):
     h.wait_reached()
     assert kv_files(root) == before and st.usage()["disk"] == L * 6 * BLK
     check(st, "a", x[:, :, 30:])
-    st.disk.faults.add("delete", "EIO", sid="a")
+    st.disk.faults.add("reclaim", "EIO", sid="a")
     h.release()
     st.flush()
     assert st.stats.reclaim_failures == 1 and kv_files(root) == before
