@@ -80,9 +80,10 @@ class KVLayout:
         return dataclasses.asdict(self)
 
 
-#: Tokens per disk chunk of a new store (`StoreConfig.disk_chunk`), chosen by measurement (docs/store.md);
-#: a ``token_block`` it does not divide gets chunks of one block.
-DEFAULT_DISK_CHUNK = 64
+#: A new store's disk chunk (`StoreConfig.disk_chunk` None) is the token block halved while a chunk of one
+#: layer stays at least this big: small chunks write fewer bytes twice, but below this size reading and
+#: writing many small files costs more than it saves (measured in docs/store.md).
+DISK_CHUNK_MIN_BYTES = 512 << 10
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,7 +105,9 @@ class StoreConfig:
       disk_chunk: tokens per disk chunk (a divisor of ``token_block``): a turn rewrites at most the one
         chunk holding the end of the history it continues, so a smaller chunk writes fewer bytes twice
         (decode write amplification) and makes more, smaller files (read cost); see docs/store.md.
-        ``None``: the store's own (from its ``store.json``), or `DEFAULT_DISK_CHUNK` for a new store.
+        ``None``: the store's own (from its ``store.json``); for a new store the block halved while a
+        chunk of one layer stays >= `DISK_CHUNK_MIN_BYTES` (Llama-2-7B bf16: 32 tokens; SmolLM2-135M
+        fp32: the whole block).
       io_concurrency: TensorStore ``file_io_concurrency`` limit.
       copy_concurrency: TensorStore ``data_copy_concurrency`` limit.
       cache_bytes: TensorStore ``cache_pool`` limit (0: no chunk cache; the host tier is the cache).
@@ -166,11 +169,14 @@ class StoreConfig:
         if self.memory_kind not in ("pinned_host", "unpinned_host"):
             raise ValueError("StoreConfig.memory_kind must be 'pinned_host' or 'unpinned_host'")
 
-    def new_disk_chunk(self) -> int:
-        """Tokens per disk chunk for a new store."""
+    def new_disk_chunk(self, bytes_per_token_layer: int) -> int:
+        """Tokens per disk chunk for a new store of a layout with ``bytes_per_token_layer``."""
         if self.disk_chunk is not None:
             return self.disk_chunk
-        return DEFAULT_DISK_CHUNK if self.token_block % DEFAULT_DISK_CHUNK == 0 else self.token_block
+        c = self.token_block
+        while c % 2 == 0 and (c // 2) * bytes_per_token_layer >= DISK_CHUNK_MIN_BYTES:
+            c //= 2
+        return c
 
     def kvstore_spec(self) -> dict:
         if self.kvstore is not None:

@@ -36,7 +36,7 @@ def open_mode(core: Core) -> tuple[str, bytes | None]:
     else the store's own (a store.json without ``disk_chunk`` has chunks of one token block), else the
     default for a new store."""
     have = core.disk.read_key("store.json")
-    core.disk.chunk = core.cfg.new_disk_chunk()
+    core.disk.chunk = core.cfg.new_disk_chunk(core.layout.bytes_per_token_layer)
     if have is None:
         return "new", None
     try:

@@ -328,3 +328,35 @@ def test_a_chunk_of_zeros_is_stored_and_read_back(tmp_path):
     check(st, "z", x)
     quiet(st)
     st.close()
+
+
+def test_disk_chunk_default_config_and_older_stores(tmp_path):
+    """The disk chunk: the config's, else the store's own (a store.json without it, written before it
+    existed, means one chunk per block), else the block halved while a chunk stays >= 512 KiB."""
+    from _util import L, LAY, check, open_store, rows, save  # noqa: PLC0415
+
+    from jax_cachedattn.store import FingerprintMismatch  # noqa: PLC0415
+
+    assert StoreConfig(root="x").new_disk_chunk(2 * 32 * 128 * 2) == 32  # Llama-2-7B bf16: 512 KiB chunks
+    assert StoreConfig(root="x").new_disk_chunk(2 * 3 * 64 * 4) == 256  # SmolLM2-135M fp32: the whole block
+    assert StoreConfig(root="x", disk_chunk=16).new_disk_chunk(1) == 16
+    for bad in (3, 0, 512, True, 2.0):
+        with pytest.raises(ValueError, match="disk_chunk"):
+            StoreConfig(root="x", disk_chunk=bad)
+    root = tmp_path / "st"
+    st = open_store(root, disk_chunk=None)  # a new store of a tiny layout: one chunk per block of 8
+    x = rows(11, 3)
+    save(st, "a", x, 0)
+    st.commit_turn("a", np.arange(11)).result()
+    st.close()
+    meta = json.loads((root / "store.json").read_text())
+    assert meta["disk_chunk"] == 8
+    del meta["disk_chunk"]  # as written before disk chunks existed
+    (root / "store.json").write_text(json.dumps(meta, sort_keys=True))
+    st = open_store(root, disk_chunk=None)
+    check(st, "a", x)
+    st.close()
+    assert json.loads((root / "store.json").read_text())["disk_chunk"] == 8  # recorded once
+    with pytest.raises(FingerprintMismatch):
+        open_store(root)  # _util's chunks of 2 in a store of chunks of 8: another layout on disk
+    assert L == LAY.num_layers
