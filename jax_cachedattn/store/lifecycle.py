@@ -188,7 +188,7 @@ class Lifecycle:
         finally:
             with core.lock:
                 s.held["disk"].release()
-                s.disk_blocks = s.disk_cap = s.disk_lo = 0
+                s.disk_blocks = s.disk_cap = s.disk_lo = s.dead_below = 0
                 core.freeing -= s.freeing
                 s.freeing = 0
 
@@ -226,7 +226,7 @@ class Lifecycle:
         with core.lock:
             s.chunk_writes.clear()
             s.held["disk"].release()
-            s.disk_blocks = s.disk_cap = s.disk_lo = 0
+            s.disk_blocks = s.disk_cap = s.disk_lo = s.dead_below = 0
 
     def give_up_open(self, s: Session) -> None:
         """Under the lock: kill the open turn (if any) and give back what it took."""

@@ -36,6 +36,10 @@ def aligned_empty(shape: tuple, dtype, align: int = 64) -> np.ndarray:
     return raw[start : start + nbytes].view(dtype).reshape(shape)
 
 
+class Stale(StoreError):
+    """A promotion read blocks that a reclaim deleted after the session's front moved past them."""
+
+
 class Promotion:
     """One disk -> host read of a session; loads wait on their own layer's event."""
 
@@ -44,6 +48,7 @@ class Promotion:
         self.parts: list[Any] = [None] * num_layers
         self.events = [threading.Event() for _ in range(num_layers)]
         self.error: BaseException | None = None
+        self.stale = False  # read blocks a reclaim deleted meanwhile: published nothing
         self.done: cf.Future = cf.Future()
 
     def wait_layer(self, layer: int, sid: str):
@@ -52,7 +57,7 @@ class Promotion:
             if isinstance(self.error, StoreError):
                 raise self.error
             raise StoreError(f"session {sid!r}: reading from disk failed: {self.error}") from self.error
-        return self.parts[layer]
+        return None if self.stale else self.parts[layer]
 
 
 class Promoter:
@@ -93,6 +98,9 @@ class Promoter:
                     core.stats.add("bytes_written", nbytes, tier="host")
                     core.policy.touch(s.sid, "host")
             p.done.set_result(installed)
+        except Stale:  # nothing published: readers look again (from the new front)
+            p.stale = True
+            p.done.set_result(False)
         except BaseException as e:  # noqa: BLE001 - reported through the promotion
             p.error = e
             p.done.set_exception(e)
@@ -126,6 +134,10 @@ class Promoter:
 
         def lost(e):
             quiesce()
+            with core.lock:
+                stale = s.dead_below > f  # the blocks were reclaimed under this read: the front moved on
+            if stale:
+                return Stale(f"session {s.sid!r}: its front moved while it was read")
             return self._mark_lost(s, e)
 
         try:

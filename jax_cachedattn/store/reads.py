@@ -117,7 +117,7 @@ class Reader:
                 self.track(self.io.submit(self.promoter.run, s, p))
             part = p.wait_layer(layer, sid)
             with core.lock:
-                if p.epoch != s.epoch or s.gone or not s.kv_valid or self.mem.span(s)[1] != nb:
+                if part is None or p.epoch != s.epoch or s.gone or not s.kv_valid or self.mem.span(s)[1] != nb:
                     continue  # the session moved meanwhile: look again
             blocks = part[f:nb]
             core.stats.add("misses", tier="host")

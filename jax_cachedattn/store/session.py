@@ -80,6 +80,7 @@ class Session:
         self.disk_cap = 0  # blocks the array on disk has (its shape)
         self.disk_lo = 0  # blocks before this one are deleted (dead front): held = disk_blocks - disk_lo
         self.reclaim: cf.Future | None = None  # the deletion of its dead front queued after a manifest
+        self.dead_below = 0  # blocks before this one may be deleted (set before a reclaim deletes them)
         self.chunk_writes: dict[tuple[int, int], Any] = {}  # (layer, block) -> commit of its last write
         self.layer_task: dict[int, cf.Future] = {}  # layer -> its last save task (read-your-writes)
         self.layer_ver: dict[int, int] = {}  # layer -> saves published (a device copy made before one is stale)

@@ -239,6 +239,9 @@ class Writeback:
                 return
             waits = [s.chunk_writes.pop((layer, b)) for layer in range(core.L) for b in range(lo, hi)
                      if (layer, b) in s.chunk_writes]
+            # A promotion claimed before the front moved may be reading these blocks: its failure is
+            # then a stale read (retried from the new front), not damage.
+            s.dead_below = max(s.dead_below, hi)
         for w in waits:  # never in flight here (the writes of blocks before a durable front finished)
             try:
                 w.result()

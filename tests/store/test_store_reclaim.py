@@ -160,3 +160,37 @@ def test_sigkill_between_manifest_and_delete(tmp_path, repair, capsys):
     check(st, "a", want, turn_no=1)
     quiet(st)
     st.close()
+
+
+def test_a_promotion_reading_blocks_a_reclaim_deletes_is_retried_not_lost(tmp_path):
+    """Found by scripts/torture_store.py: a load's promotion claimed the blocks from the old front, a
+    truncation's manifest and its reclaim deleted the first of them, and the read of a deleted chunk
+    marked the session's KV lost. The read is now stale, and the load reads again from the new front."""
+    import threading
+
+    from _util import drain
+
+    root = str(tmp_path / "st")
+    st = open_store(root)
+    x = rows(45, 1)
+    save(st, "a", x, 0)
+    st.commit_turn("a", np.arange(45)).result()
+    st.flush()
+    st.evict("a", "device")
+    st.evict("a", "host")
+    h = st.hooks.hold("promote.read", sid="a")
+    got = {}
+    t = threading.Thread(target=lambda: got.setdefault("kv", np.asarray(st.load_layer("a", 1))))
+    t.start()
+    h.wait_reached()  # the promotion of blocks 0..5 is claimed and parked before reading
+    assert st.truncate_front("a", 30).result() == 1
+    drain(st)  # the reclaim ran: blocks 0..2 are gone from the disk
+    assert chunk_blocks(root) == [3, 4, 5]
+    h.release()
+    t.join()
+    info = st.lookup("a")
+    assert info.kv_valid and st.stats.checksum_failures == 0
+    np.testing.assert_array_equal(got["kv"], x[1][:, 30:])
+    check(st, "a", x[:, :, 30:])
+    quiet(st)
+    st.close()
