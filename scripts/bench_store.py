@@ -257,7 +257,8 @@ def decode_amplification(folder: str, model: str, hist: int, n: int, every: int,
         store.close()
         shutil.rmtree(root, ignore_errors=True)
     produced = n * lay.bytes_per_token
-    return {"model": model, "history": hist, "decoded": n, "save_every": every, "bytes_written": written,
+    return {"model": model, "history": hist, "decoded": n, "save_every": every, "disk_chunk": cfg_kw.get("disk_chunk"),
+            "bytes_written": written,
             "kv_bytes_produced": produced, "write_amplification": written / produced}
 
 
