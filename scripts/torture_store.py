@@ -15,7 +15,8 @@ Row ``i`` of a session is a function of its token id (``value(sid, id, layer)``,
 any served row can be checked without knowing which turn produced it.
 
 Prints: schedules run, faults injected, rows served, wrong rows served, sessions lost (with the
-reason), leaked bytes. Exit status 1 if any row was wrong, any session lost or any byte leaked.
+reason), leaked bytes (budget accounting off, plus chunk files before a session's front that the disk
+budget no longer counts, or that a reopen left), dead bytes reclaimed. Exit status 1 if any row was wrong, any session lost or any byte leaked.
 
   python scripts/torture_store.py --minutes 10 --seed 1
   python scripts/torture_store.py --seconds 5 --seed 0      (the short run inside the test suite)
