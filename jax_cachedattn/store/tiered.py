@@ -10,7 +10,8 @@ open/adopt/recover/quarantine), `rootlock` (one writer per root), `hooks` / `fau
 
 Representation: per session, per layer, token blocks ``[2, B, K, D]`` (B = ``token_block``) in the
 device's memory or in ``pinned_host`` memory; block i holds absolute tokens ``[i*B, (i+1)*B)``; on disk
-one zarr3 chunk per block. Tiers are inclusive: saves go to the host tier and on to disk; the device
+zarr3 chunks of ``disk_chunk`` tokens (a divisor of B). Blocks before a session's durable front are
+deleted from the disk (and the disk budget) once their manifest is durable. Tiers are inclusive: saves go to the host tier and on to disk; the device
 tier is a cache filled by `load_layer`. A session with a turn in flight is pinned in the host tier.
 
 Concurrency: the caller's thread validates and reserves; one save worker, one committer and an I/O
