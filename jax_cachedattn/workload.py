@@ -46,9 +46,13 @@ class Turn:
 
 @dataclasses.dataclass(frozen=True)
 class Session:
+    """``think_median_s``: the median of this session's think-time law where a generator drew it (a
+    diagnostic's oracle reads it, `jax_cachedattn.bench.gap`; no policy does), else None."""
+
     sid: str
     start_s: float
     turns: tuple[Turn, ...]
+    think_median_s: float | None = None
 
     @property
     def total_tokens(self) -> int:
@@ -134,7 +138,7 @@ def generate(
         think = rng.lognormal(math.log(scale), think_sigma, k) / time_compression
         think[0] = 0.0
         turns = tuple(Turn(int(u), int(r), float(t)) for u, r, t in zip(user, reply, think))
-        sessions.append(Session(f"s{i:0{width}d}", float(starts[i]), turns))
+        sessions.append(Session(f"s{i:0{width}d}", float(starts[i]), turns, scale / time_compression))
     return Workload(f"synthetic:{preset}", sessions)
 
 

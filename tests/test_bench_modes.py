@@ -8,7 +8,7 @@ import pytest
 from jax_cachedattn.bench import config as C
 from jax_cachedattn.bench.costmodel import from_config
 from jax_cachedattn.bench.real import RealBench
-from jax_cachedattn.bench.run import model_shape, run_sim_system
+from jax_cachedattn.bench.simrun import model_shape, run_sim_system
 from jax_cachedattn.bench.systems import SYSTEMS
 
 CFG = {

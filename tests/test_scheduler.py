@@ -331,3 +331,34 @@ def test_lfu_is_least_frequently_used_with_recency_among_equals():
     p.forget("a")  # a session deleted from the store loses its count (in-cache LFU)
     p.touch("a", "disk"); p.used("a")
     assert p.choose_victims(["a", "b"], "disk") == ["b", "a"]
+
+
+def test_gap_oracles_rank_by_the_truth_they_are_given():
+    """bench/gap.py's diagnostic predictors: the end oracle zeroes the sessions that have no next turn
+    (and keeps the think-time model for the others); the arrival oracle makes the queue-aware policy
+    evict idle sessions furthest next arrival first, as Belady does."""
+    from jax_cachedattn.bench.gap import ArrivalOracle, EndOracle
+
+    end = EndOracle(lambda sid: sid != "done")
+    t = 0.0
+    for i in range(30):  # thinks of ~10 s
+        end.arrived(f"h{i}", t)
+        end.finished(f"h{i}", t + 1)
+        end.arrived(f"h{i}", t + 11)
+        t += 20
+    for sid in ("done", "live"):
+        end.arrived(sid, t)
+        end.finished(sid, t + 1)
+    probs = end.return_probs(["done", "live"], t + 3, 30.0)
+    assert probs[0] == 0.0 and probs[1] > 0.5
+
+    nxt = {"a": 50.0, "b": math.inf, "c": 20.0, "d": 35.0}
+    pol = QueueAwarePolicy(predict="always", predictor=ArrivalOracle(nxt.get))
+    for sid in nxt:
+        pol.predictor.arrived(sid, 0.0)
+        pol.predictor.finished(sid, 1.0)
+        pol.touch(sid, "host")
+    pol.set_windows(1, 4)
+    pol.set_future(["q"])
+    pol.now = 10.0
+    assert pol.choose_victims(list(nxt) + ["q"], "host") == ["b", "a", "d", "c", "q"]

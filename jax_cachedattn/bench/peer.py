@@ -68,7 +68,7 @@ def run_peer(system, bench, on_job=None) -> dict:
 
     from jax_cachedattn.assets import smollm2_gguf_path
 
-    from .run import _NoStore
+    from .systems import NoStore
 
     torch.set_num_threads(int(bench.cfg.get("peer", {}).get("threads", 2)))
     gguf = smollm2_gguf_path()
@@ -77,7 +77,7 @@ def run_peer(system, bench, on_job=None) -> dict:
     ex = PeerExecutor(model, bench.model.tokenizer.stop_ids, reuse=system.reuse)
     with torch.inference_mode():
         model(torch.arange(16, 80)[None])  # warm-up
-    sched = Scheduler(_NoStore(), make_policy("lru"), SchedulerConfig(prefetch=False))
+    sched = Scheduler(NoStore(), make_policy("lru"), SchedulerConfig(prefetch=False))
     drv = Driver(bench.workload, sched, ex, warmup_turns=bench.cfg["warmup_turns"], on_job=on_job)
     t0 = time.perf_counter()
     recs = drv.run()

@@ -73,3 +73,34 @@ def policy_and_config(system: System, cfg: dict):
     sc["prefetch"] = system.prefetch and sc.get("prefetch", True)
     sc["predicted_prefetch"] = system.predicted_prefetch and sc.get("predicted_prefetch", True)
     return policy, SchedulerConfig(**sc)
+
+
+class NoStore:
+    """The StoreView of a system that keeps nothing (recompute)."""
+
+    def tier_of(self, sid):
+        return None
+
+    def kv_bytes(self, sid):
+        return 0
+
+    def capacity(self, tier):
+        return 0
+
+    def used(self, tier):
+        return 0
+
+    def sessions_in(self, tier):
+        return []
+
+    def mean_kv_bytes(self):
+        return 0
+
+    def prefetch(self, sid):
+        pass
+
+    def evict(self, sid, tier):
+        pass
+
+    def busy(self, sid):
+        return False

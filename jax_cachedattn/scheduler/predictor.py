@@ -156,6 +156,13 @@ class NextTurnPredictor:
         c, e = self._cont.get(k, 0), self._ended.get(k, 0)
         return (c + 2.0 * pooled) / (c + e + 2.0)
 
+    def continue_probs(self, sids: list[str], turns: list[int], pooled: float) -> np.ndarray:
+        """`p_continue` of each session (``turns[i]`` finished turns); ``pooled``: the estimate over all
+        ``k``. A diagnostic oracle (``bench/gap.py``) replaces it by the truth."""
+        c = np.asarray([self._cont.get(x, 0) for x in turns], float)
+        en = np.asarray([self._ended.get(x, 0) for x in turns], float)
+        return (c + 2.0 * pooled) / (c + en + 2.0)
+
     def return_prob(self, sid: str, now: float, horizon_s: float) -> float:
         """Chance that ``sid`` sends its next turn within ``horizon_s`` from ``now`` (nan: no model yet)."""
         s = self._s.get(sid)
@@ -196,9 +203,7 @@ class NextTurnPredictor:
         e = np.maximum(1e-3, now - np.asarray(fin))
         surv = np.maximum(1e-12, 1.0 - _phi_v((np.log(e) - mu) / sd))
         surv_h = 1.0 - _phi_v((np.log(e + horizon_s) - mu) / sd)
-        c = np.asarray([self._cont.get(x, 0) for x in k], float)
-        en = np.asarray([self._ended.get(x, 0) for x in k], float)
-        p = (c + 2.0 * pooled) / (c + en + 2.0)
+        p = self.continue_probs([sids[i] for i in idx], k, pooled)
         q = p * surv / (p * surv + (1.0 - p))
         out[np.asarray(idx)] = q * np.maximum(0.0, 1.0 - surv_h / surv)
         return out
