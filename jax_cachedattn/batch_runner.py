@@ -5,6 +5,7 @@ from the store. See jax_cachedattn/batch.py for the job and its guarantees."""
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import dataclasses
 from collections.abc import Callable, Iterator
 
@@ -16,6 +17,7 @@ from jax_cachedattn.chat_template import ChatTemplateError, check_messages, plan
 from jax_cachedattn.conversations import Conversation
 from jax_cachedattn.engine import ContextOverflow, Engine, InputError, plan_truncation
 from jax_cachedattn.model import TokenError, validate_tokens
+from jax_cachedattn.store import KVLost, UnknownSession
 
 
 class _Mismatch(ValueError):
@@ -37,6 +39,7 @@ class _Conv:
     hist: list[dict] = dataclasses.field(default_factory=list)
     at: int = 0   # the next unit to run
     whole: bool = False   # the template re-renders earlier turns: each job is the whole conversation (messages)
+    loading: concurrent.futures.Future | None = None   # a resumed session's disk -> host read
 
     def session(self, u: Unit) -> str:
         """Where ``u`` runs: the scratch copy for a reply that is not history (token route), else the
@@ -134,6 +137,8 @@ class Runner:
         """The engine job of ``c``'s next unit, or None when the conversation fails here."""
         u = c.units[c.at]
         sess = c.session(u)
+        if c.loading is not None:
+            self._loaded(c)
         try:
             if c.whole:
                 msg = self._whole_prompt(c, u)
@@ -157,6 +162,16 @@ class Runner:
         validate_tokens(np.asarray(ids, np.int32), mc, what="message")
         plan_truncation(np.zeros(0, np.int32), len(ids), self.o.max_new_tokens + 2, mc.max_context,
                         self.engine.config.truncation_ratio)
+
+    def _loaded(self, c: _Conv) -> None:
+        """Wait for a resumed session's disk -> host read (started when the conversation was opened), so
+        its turn loads the history from host memory, as the uninterrupted run's turns do: the same
+        programs, no disk-path compile in the resumed process. A failed read is the turn's to report."""
+        fut, c.loading = c.loading, None
+        try:
+            fut.result()
+        except (KVLost, UnknownSession, OSError):
+            pass
 
     def _whole_prompt(self, c: _Conv, u: Unit) -> list[dict]:
         """The messages route: the whole conversation so far; the engine renders it, reuses the longest
@@ -249,6 +264,8 @@ class Runner:
             raise _Mismatch("the output has a later turn without an earlier one")
         info = self.store.lookup(c.sid)
         committed = info.turn if info is not None else 0
+        if info is not None and info.tier == "disk" and info.kv_valid and self.engine.config.use_cache:
+            c.loading = self.store.prefetch(c.sid)
         replies = self.out.replies.get(c.conv.id, {})
         for u in main[:written]:
             self._done(c, u, replies[u.turn])
