@@ -7,7 +7,8 @@ turn, the file's replies under ``"given"``) is rendered with the chat template a
 sampling, as the front of the next prompt the model answers: the engine takes it in (prefill + save)
 in the same pass as that prompt. With ``reply_all`` under ``"given"`` the model also answers the
 user turns the file answers; that reply is computed on a copy of the session (its KV copied through
-the store, never recomputed) and dropped, so the session keeps the file's reply.
+the store, never recomputed) and dropped, so the session keeps the file's reply (on the messages
+route below, on the session itself: the next job's render replaces it with the file's reply).
 
 Many conversations at once. The jobs go to the continuous-batching engine (``Engine.serve``), up to
 ``max_slots`` decoding together. A conversation's next turn is handed to the engine once its previous
@@ -20,15 +21,19 @@ Prompts. A turn's tokens are what the model's chat template adds to the conversa
 that close the previous reply (the template's ``assistant_end``; a reply that stopped on its first
 token needs only the rest). The history's replies are the model's own tokens; the template only says
 which tokens come between them. A template that renders earlier turns differently once a turn is added
-(Mistral's moves the system prompt into the last user turn) cannot continue a stored history: such a
-conversation is reported and skipped.
+(Mistral's moves the system prompt into the last user turn) cannot continue a stored history token by
+token: such a conversation (``batch_plan.rerenders``, decided from the input so a resumed run decides
+the same) takes the messages route, each job the whole conversation as ``[{"role", "content"}, ...]``:
+the engine renders it, reuses the longest common prefix with the stored tokens, drops the stale tail
+and prefills the rest, so each reply equals a recompute of the template's render.
 
 Resuming. The output file starts with a header line (the job id and the settings that change the
 replies), then one line per reply, appended whole (one ``write``, then ``fsync``), and a summary line
 at the end. A reply's line is written only after the turn's KV commit is durable. Started again,
 the job drops a torn last line and the old summary, skips every turn that has a line, and reads each
 session's committed turn count from the store: equal to the conversation's written main turns, the
-conversation continues from the stored KV; one more (killed between the durable commit and the line)
+conversation continues from the stored KV (read disk -> host as the conversation is opened, so its
+turn runs the host-load programs an uninterrupted run compiled); one more (killed between the durable commit and the line)
 means the reply is in the store, and its line is rebuilt from the stored tokens (``"recovered":
 true``) instead of being computed again. So every turn is written exactly once and no finished turn
 is recomputed. A finished conversation's sessions are deleted (``keep_sessions`` keeps them).

@@ -11,7 +11,7 @@ import re
 from jax_cachedattn.chat_template import ChatTemplateError, render_turn
 from jax_cachedattn.conversations import Conversation, Message
 
-__all__ = ["Unit", "plan_units", "session_ids", "turn_tokens"]
+__all__ = ["Unit", "plan_units", "rerenders", "session_ids", "turn_tokens"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,3 +82,20 @@ def turn_tokens(tok, history: list[dict], new: list[dict], last_token: int | Non
     end = tok.assistant_end()
     closing = end[1:] if end and last_token == end[0] else end
     return list(closing), list(plan.compute)
+
+
+def rerenders(tok, units: list[Unit]) -> bool:
+    """Whether the chat template renders an earlier part of this conversation differently once a later
+    turn follows (Mistral's moves the system prompt into the last user turn), so that a stored history
+    cannot be continued token by token (``turn_tokens`` would refuse it). Decided from the input alone
+    (each reply a stand-in), so a resumed job takes the same way through the conversation."""
+    hist: list[dict] = []
+    for u in units:
+        new = dicts(u.before + (u.user,))
+        try:
+            turn_tokens(tok, hist, new, None if not hist else -1)
+        except ChatTemplateError:
+            return True
+        if not u.scratch:
+            hist += new + [{"role": "assistant", "content": "OK."}]
+    return False

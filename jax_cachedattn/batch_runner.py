@@ -5,17 +5,19 @@ from the store. See jax_cachedattn/batch.py for the job and its guarantees."""
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import dataclasses
 from collections.abc import Callable, Iterator
 
 import numpy as np
 
 from jax_cachedattn.batch_io import BatchSummary, JobOutput
-from jax_cachedattn.batch_plan import Unit, dicts, session_ids, turn_tokens
-from jax_cachedattn.chat_template import ChatTemplateError
+from jax_cachedattn.batch_plan import Unit, dicts, rerenders, session_ids, turn_tokens
+from jax_cachedattn.chat_template import ChatTemplateError, check_messages, plan_turn
 from jax_cachedattn.conversations import Conversation
 from jax_cachedattn.engine import ContextOverflow, Engine, InputError, plan_truncation
 from jax_cachedattn.model import TokenError, validate_tokens
+from jax_cachedattn.store import KVLost, UnknownSession
 
 
 class _Mismatch(ValueError):
@@ -36,6 +38,13 @@ class _Conv:
     done: set[int]
     hist: list[dict] = dataclasses.field(default_factory=list)
     at: int = 0   # the next unit to run
+    whole: bool = False   # the template re-renders earlier turns: each job is the whole conversation (messages)
+    loading: concurrent.futures.Future | None = None   # a resumed session's disk -> host read
+
+    def session(self, u: Unit) -> str:
+        """Where ``u`` runs: the scratch copy for a reply that is not history (token route), else the
+        conversation's session (on the messages route the next job's render drops that reply again)."""
+        return self.scratch if u.scratch and not self.whole else self.sid
 
 
 class Runner:
@@ -57,7 +66,7 @@ class Runner:
             self.jobs = []
             for index, res in self.engine.serve(self._feed(), window=self.o.window):
                 c, u, sess = self.jobs[index]
-                if u.scratch:
+                if sess == c.scratch:
                     self._drop(sess)
                     self._write(c, u, res)
                 else:
@@ -109,6 +118,7 @@ class Runner:
             self._finish(c)   # finished before (a kill may have come before the delete)
             return
         try:
+            c.whole = rerenders(self.tok, units)
             self._resume(c)
         except _CONV_ERRORS as e:
             self._fail(c, e)
@@ -126,12 +136,16 @@ class Runner:
     def _submit(self, c: _Conv) -> tuple | None:
         """The engine job of ``c``'s next unit, or None when the conversation fails here."""
         u = c.units[c.at]
+        sess = c.session(u)
+        if c.loading is not None:
+            self._loaded(c)
         try:
-            if u.scratch:
-                sess, ids = c.scratch, self._scratch_prompt(c, u)
+            if c.whole:
+                msg = self._whole_prompt(c, u)
             else:
-                sess, ids = c.sid, self._main_prompt(c, u)
-            self._check(ids)
+                ids = self._scratch_prompt(c, u) if sess == c.scratch else self._main_prompt(c, u)
+                self._check(ids)
+                msg = np.asarray(ids, np.int32)
         except _CONV_ERRORS as e:
             self._fail(c, e)
             return None
@@ -139,7 +153,7 @@ class Runner:
         self.jobs.append((c, u, sess))
         # Sampling keys: the engine derives each reply's key from its seed, the name given here (the
         # conversation id and the user turn) and the turn index.
-        return sess, np.asarray(ids, np.int32), self.o.max_new_tokens, f"{c.conv.id}\x00{u.turn}"
+        return sess, msg, self.o.max_new_tokens, f"{c.conv.id}\x00{u.turn}"
 
     def _check(self, ids: list[int]) -> None:
         """What the engine would refuse for this job alone, refused here (a refusal inside ``serve``
@@ -148,6 +162,30 @@ class Runner:
         validate_tokens(np.asarray(ids, np.int32), mc, what="message")
         plan_truncation(np.zeros(0, np.int32), len(ids), self.o.max_new_tokens + 2, mc.max_context,
                         self.engine.config.truncation_ratio)
+
+    def _loaded(self, c: _Conv) -> None:
+        """Wait for a resumed session's disk -> host read (started when the conversation was opened), so
+        its turn loads the history from host memory, as the uninterrupted run's turns do: the same
+        programs, no disk-path compile in the resumed process. A failed read is the turn's to report."""
+        fut, c.loading = c.loading, None
+        try:
+            fut.result()
+        except (KVLost, UnknownSession, OSError):
+            pass
+
+    def _whole_prompt(self, c: _Conv, u: Unit) -> list[dict]:
+        """The messages route: the whole conversation so far; the engine renders it, reuses the longest
+        common prefix with the stored tokens and drops the stale tail (a moved system prompt, or the
+        reply a ``reply_all`` turn generated where the file has its own). Checked here as the engine
+        will plan it (a refusal inside ``serve`` gives up every turn in flight)."""
+        msgs = check_messages(c.hist + dicts(u.before + (u.user,)))
+        whole = self.tok.chat(msgs, add_generation_prompt=True)
+        info = self.store.lookup(c.sid)
+        mc = self.engine.model_config
+        p = plan_turn(np.zeros(0, np.int32) if info is None else info.token_ids, whole,
+                      budget=mc.max_context - self.o.max_new_tokens - 2)
+        self._check(list(p.compute))
+        return msgs
 
     def _tokens(self, c: _Conv, u: Unit, info) -> tuple[list[int], list[int]]:
         last = int(info.token_ids[-1]) if info is not None and len(info.token_ids) else None
@@ -218,7 +256,7 @@ class Runner:
         """Match the store's committed turns with the written lines, rebuild the history's messages
         from the written replies, and rebuild the one line a kill between a durable commit and its
         line can leave missing."""
-        main = [u for u in c.units if not u.scratch]
+        main = [u for u in c.units if c.session(u) == c.sid]
         written = 0
         while written < len(main) and main[written].turn in c.done:
             written += 1
@@ -226,14 +264,44 @@ class Runner:
             raise _Mismatch("the output has a later turn without an earlier one")
         info = self.store.lookup(c.sid)
         committed = info.turn if info is not None else 0
+        if info is not None and info.tier == "disk" and info.kv_valid and self.engine.config.use_cache:
+            c.loading = self.store.prefetch(c.sid)
         replies = self.out.replies.get(c.conv.id, {})
         for u in main[:written]:
             self._done(c, u, replies[u.turn])
         if committed == written + 1 and written < len(main):
-            self._recover(c, main[written], info)
+            (self._recover_whole if c.whole else self._recover)(c, main[written], info)
         elif committed != written:
             raise _Mismatch(f"the store holds {committed} turns of it but the output has {written}: "
                             "run with the --store and --output the job started with")
+
+    def _recovered(self, c: _Conv, u: Unit, reply: str, generated: int) -> None:
+        self.out.write_turn({"conversation": c.conv.id, "turn": u.turn, "reply": reply, "prompt_tokens": None,
+                             "history_tokens": None, "generated_tokens": generated, "reused_tokens": None,
+                             "ttft_s": None, "total_s": None, "source": None, "truncated_tokens": None,
+                             "recovered": True})
+        self.s.turns_recovered += 1
+        self.advance(1)
+        self.event({"event": "recovered", "conversation": c.conv.id, "turn": u.turn})
+        self._done(c, u, reply)
+
+    def _recover_whole(self, c: _Conv, u: Unit, info) -> None:
+        """The messages route: the session holds the render of the conversation up to the generation
+        prompt (its front possibly truncated), the reply, and the template's closing of it (the engine
+        writes ``assistant_end`` in place of a stop token)."""
+        toks = info.token_ids.tolist()
+        end = self.tok.assistant_end()
+        if end and toks[len(toks) - len(end):] == end:
+            toks = toks[: len(toks) - len(end)]
+        whole = self.tok.chat(c.hist + dicts(u.before + (u.user,)), add_generation_prompt=True)
+        tail = whole[len(whole) - min(len(whole), 16):]   # the end of the prompt, kept by any truncation
+        for g in range(0, self.o.max_new_tokens + 1):
+            if toks[len(toks) - g - len(tail):len(toks) - g] == tail:
+                gen = toks[len(toks) - g:]
+                reply = self.tok.decode([t for t in gen if t not in self.stop], skip_special_tokens=True)
+                self._recovered(c, u, reply, g + (1 if g < self.o.max_new_tokens else 0))
+                return
+        raise _Mismatch(f"turn {u.turn} is committed in the store but its reply cannot be found there")
 
     def _recover(self, c: _Conv, u: Unit, info) -> None:
         toks = info.token_ids.tolist()
@@ -246,14 +314,7 @@ class Runner:
                 break  # a reply ends at its first stop token: no longer reply is possible
             if (gen[-1] in self.stop or g == self.o.max_new_tokens) and toks[len(toks) - g - len(segs):len(toks) - g] == segs:
                 reply = self.tok.decode([t for t in gen if t not in self.stop], skip_special_tokens=True)
-                self.out.write_turn({"conversation": c.conv.id, "turn": u.turn, "reply": reply, "prompt_tokens": None,
-                                     "history_tokens": None, "generated_tokens": g, "reused_tokens": None,
-                                     "ttft_s": None, "total_s": None, "source": None, "truncated_tokens": None,
-                                     "recovered": True})
-                self.s.turns_recovered += 1
-                self.advance(1)
-                self.event({"event": "recovered", "conversation": c.conv.id, "turn": u.turn})
-                self._done(c, u, reply)
+                self._recovered(c, u, reply, g)
                 return
         raise _Mismatch(f"turn {u.turn} is committed in the store but its reply cannot be found there")
 

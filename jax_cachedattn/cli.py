@@ -89,6 +89,8 @@ def _open(args):
     try:  # the flags' values are the user's input: a value the config rejects is bad input
         ec = EngineConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                           seed=args.seed, use_cache=not args.no_cache, truncation_ratio=args.truncation_ratio)
+        if getattr(args, "max_slots", None) is not None:  # cachedattn batch --max-slots
+            ec = ec.replace(max_slots=args.max_slots)
         for name in ("device_mib", "host_mib", "disk_mib", "max_context"):
             v = getattr(args, name)
             if v is not None and v < (1 if name in ("host_mib", "max_context") else 0):
@@ -190,8 +192,11 @@ def cmd_batch(args) -> int:
     from jax_cachedattn.batch import BatchOptions, run_batch_job
     from jax_cachedattn.store import DiskFull
 
-    opts = BatchOptions(history=args.history, reply_all=args.reply_all, max_new_tokens=args.max_new_tokens,
-                        strict=args.strict, keep_sessions=args.keep_sessions)
+    try:
+        opts = BatchOptions(history=args.history, reply_all=args.reply_all, max_new_tokens=args.max_new_tokens,
+                            strict=args.strict, keep_sessions=args.keep_sessions, window=args.window)
+    except ValueError as e:
+        raise _Usage(str(e)) from e
     if not Path(args.input).is_file():
         raise _Usage(f"--input {args.input}: no such file")
     engine = _open(args)
@@ -292,6 +297,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--strict", action="store_true", help="stop at the first bad input record instead of skipping it")
     b.add_argument("--keep-sessions", action="store_true", help="keep finished conversations' KV in the store")
     b.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    b.add_argument("--max-slots", type=int, default=None, help="conversations decoding at once (default 8)")
+    b.add_argument("--window", type=int, default=4, help="turns queued in the engine beyond its slots (default 4)")
     b.set_defaults(func=cmd_batch)
 
     d = sub.add_parser("demo", help="a short conversation, cached vs recomputed (the bundled SmolLM2 by default)")

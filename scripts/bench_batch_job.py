@@ -105,6 +105,20 @@ def _summary(out: Path) -> dict:
     return json.loads(last)["summary"]
 
 
+def _turn_stats(out: Path) -> dict:
+    """Where a run's turns spent their time: prefill (time to first token) and decode, summed over turns
+    (turns overlap on the batching engine, so the sums exceed the job's wall), by history source."""
+    lines = [json.loads(x) for x in out.read_text(encoding="utf-8").splitlines()[1:-1]]
+    by: dict[str, dict] = {}
+    for r in lines:
+        b = by.setdefault(str(r["source"]), {"turns": 0, "ttft_s": 0.0, "decode_s": 0.0, "computed_tokens": 0})
+        b["turns"] += 1
+        b["ttft_s"] += r["ttft_s"] or 0.0
+        b["decode_s"] += (r["total_s"] or 0.0) - (r["ttft_s"] or 0.0)
+        b["computed_tokens"] += (r["prompt_tokens"] or 0) + (r["history_tokens"] or 0) - (r["reused_tokens"] or 0)
+    return {k: {n: round(v, 3) if isinstance(v, float) else v for n, v in b.items()} for k, b in sorted(by.items())}
+
+
 def _loaded_on_resume(lines: list[dict], done_before: int) -> dict:
     """For each conversation cut by the kill, the history its first resumed turn read from the store."""
     started = {r["conversation"] for r in lines[:done_before]}
@@ -181,10 +195,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--base", default=None, help="a previous --out JSON: take its uninterrupted cachedattn run "
                    "(with --systems kill, to measure the kill alone)")
     p.add_argument("--warmup", type=int, default=2, help="conversations of an untimed run first (compile cache)")
+    p.add_argument("--no-warmup-resume", action="store_true", help="the warm-up does not kill and resume its cached "
+                   "run (by default it does, so the resumed run's programs are in the compile cache as the "
+                   "uninterrupted run's are)")
+    p.add_argument("--max-slots", type=int, default=None, help="cachedattn batch --max-slots (both modes)")
+    p.add_argument("--window", type=int, default=None, help="cachedattn batch --window (both modes)")
     p.add_argument("--workdir", default=None, help="scratch folder (default: a temporary one under runs/)")
     p.add_argument("--out", default=None, help="write the JSON result here")
     args = p.parse_args(argv)
     systems = args.systems.split(",")
+    flags = (["--max-slots", str(args.max_slots)] if args.max_slots else []) + \
+        (["--window", str(args.window)] if args.window is not None else [])
     Path("runs").mkdir(exist_ok=True)
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bench_batch_job-", dir="runs"))
     work.mkdir(parents=True, exist_ok=True)
@@ -205,16 +226,26 @@ def main(argv: list[str] | None = None) -> int:
         synthetic_file(warm, args.warmup, args.turns, args.doc_words, args.follow_words, args.seed + 1)
         for mode in ([], ["--no-cache"]):
             t = time.perf_counter()
-            run_cli(warm, work / f"warmup{len(mode)}.jsonl", work / f"store-warmup{len(mode)}", args.max_new_tokens, mode)
+            run_cli(warm, work / f"warmup{len(mode)}.jsonl", work / f"store-warmup{len(mode)}", args.max_new_tokens,
+                    mode + flags)
             print(f"warm-up {mode or ['cached']}: {time.perf_counter() - t:.1f} s", file=sys.stderr, flush=True)
+        if "kill" in systems and not args.no_warmup_resume:
+            # The resumed process's programs (histories read back from the store) into the compile cache too.
+            t = time.perf_counter()
+            half = args.warmup * args.turns // 2 + 1
+            run_cli(warm, work / "warmup-k.jsonl", work / "store-warmup-k", args.max_new_tokens, flags, kill_at=half)
+            run_cli(warm, work / "warmup-k.jsonl", work / "store-warmup-k", args.max_new_tokens, flags)
+            print(f"warm-up kill + resume: {time.perf_counter() - t:.1f} s", file=sys.stderr, flush=True)
     if args.base:
         sysres["cachedattn"] = json.loads(Path(args.base).read_text())["systems"]["cachedattn"]
     elif "cachedattn" in systems or "kill" in systems:
-        sysres["cachedattn"] = run_cli(inp, work / "cached.jsonl", work / "store-cached", args.max_new_tokens, [])
+        sysres["cachedattn"] = run_cli(inp, work / "cached.jsonl", work / "store-cached", args.max_new_tokens, flags)
+        sysres["cachedattn"]["turns"] = _turn_stats(work / "cached.jsonl")
         say("cachedattn")
     if "recompute" in systems:
         sysres["recompute"] = run_cli(inp, work / "recompute.jsonl", work / "store-recompute", args.max_new_tokens,
-                                      ["--no-cache"])
+                                      ["--no-cache"] + flags)
+        sysres["recompute"]["turns"] = _turn_stats(work / "recompute.jsonl")
         say("recompute")
     if "transformers" in systems:
         sysres["transformers"] = run_transformers(inp, args.max_new_tokens, args.threads)
@@ -222,9 +253,9 @@ def main(argv: list[str] | None = None) -> int:
     if "kill" in systems:
         out, store = work / "killed.jsonl", work / "store-killed"
         # Past half the turns, inside a conversation (its earlier turns are in the store).
-        first = run_cli(inp, out, store, args.max_new_tokens, [], kill_at=args.kill_lines or total // 2 + 1,
+        first = run_cli(inp, out, store, args.max_new_tokens, flags, kill_at=args.kill_lines or total // 2 + 1,
                         kill_delay=args.kill_delay)
-        second = run_cli(inp, out, store, args.max_new_tokens, [])
+        second = run_cli(inp, out, store, args.max_new_tokens, flags)
         lines = [json.loads(x) for x in out.read_text(encoding="utf-8").splitlines()[1:-1]]
         keys = [(r["conversation"], r["turn"]) for r in lines]
         ref = {(r["conversation"], r["turn"]): r["reply"] for r in

@@ -205,6 +205,14 @@ def test_resume_after_a_kill_between_durable_commit_and_line(tmp_path, monkeypat
     recovered = {(e["conversation"], e["turn"]) for e in events if e["event"] == "recovered"}
     lost_c, lost_t = calls["lost"]
     assert (lost_c, lost_t) in recovered and not recovered & set(computed)
+    # A history left by the killed process is read disk -> host as its conversation opens: its first turn
+    # here loads it from host memory (the uninterrupted run's programs), none from disk.
+    first = {}
+    for e in events:
+        if e["event"] == "written":
+            first.setdefault(e["conversation"], e["result"])
+    resumed = [r for r in first.values() if r.history_tokens > 0]
+    assert resumed and all(r.source == "host" and r.reused_tokens == r.history_tokens for r in resumed)
     if lost_t < 2:
         assert (lost_c, lost_t + 1) in computed                  # and the conversation goes on from it
     _, out, (summary,) = _lines(tmp_path / "out.jsonl")

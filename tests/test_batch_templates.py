@@ -110,24 +110,115 @@ def test_llama3_given_history_is_the_templates_render(tmp_path, llama3):
     ref.close()
 
 
-def test_mistral_template_that_moves_the_system_prompt_is_reported(tmp_path):
-    """Mistral's template puts the system prompt into the last user turn, so a stored history cannot
-    continue: that conversation is reported and skipped (no wrong KV served); one without a system
-    prompt runs, and its turns follow the [INST] template."""
-    folder = tmp_path / "tok"
+@pytest.fixture(scope="module")
+def mistral(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("mistral-tok")
     write_tokenizer(folder, "mistral")
-    tok = Tokenizer.from_hf_folder(folder)
-    convs = [_chat("sys", ("system", "Answer briefly."), ("user", "What is the capital of France?"), ("user", "Hello")),
-             _chat("plain", ("user", "What is the capital of France?"), ("user", "Tell me a joke"))]
-    inp = _jsonl(tmp_path / "in.jsonl", convs)
-    eng, s, events, reports = _run(tmp_path, tok, inp, BatchOptions(max_new_tokens=6))
-    eng.close()
-    _, lines = _lines(tmp_path / "store.jsonl")
-    assert sorted((r["conversation"], r["turn"]) for r in lines) == [("plain", 0), ("plain", 1), ("sys", 0)]
-    assert s.skipped and len(reports) == 1 and "'sys'" in reports[0] and "renders the earlier turns" in reports[0]
+    return Tokenizer.from_hf_folder(folder)
+
+
+MISTRAL = [_chat("sys", ("system", "Answer briefly."), ("user", "What is the capital of France?"), ("user", "Hello"),
+                 ("user", "And Spain?")),
+           _chat("plain", ("user", "What is the capital of France?"), ("user", "Tell me a joke"))]
+
+
+def _recompute(ref, msgs, name):
+    """A turn of a new session over the whole conversation: every token computed."""
+    r = ref.turn(name, msgs)
+    assert r.reused_tokens == 0
+    return r
+
+
+def test_mistral_template_that_moves_the_system_prompt_runs_as_messages(tmp_path, mistral):
+    """Mistral's template puts the system prompt into the last user turn, so a stored history cannot be
+    continued token by token: that conversation goes through the messages route (each job the whole
+    conversation; the engine reuses the longest common prefix with the stored tokens and drops the stale
+    tail) and every reply equals a recompute of the whole render. One without a system prompt continues
+    token by token and its turns follow the [INST] template."""
+    inp = _jsonl(tmp_path / "in.jsonl", MISTRAL)
+    eng, s, events, reports = _run(tmp_path, mistral, inp, BatchOptions(max_new_tokens=6, keep_sessions=True))
+    job, lines = _lines(tmp_path / "store.jsonl")
+    assert sorted((r["conversation"], r["turn"]) for r in lines) == \
+        [("plain", 0), ("plain", 1), ("sys", 0), ("sys", 1), ("sys", 2)]
+    assert not s.skipped and not reports
     got = {(e["conversation"], e["turn"]): e["result"] for e in events if e["event"] == "written"}
-    ref = tiny_engine(None, tokenizer=tok)
+    ref = tiny_engine(None, tokenizer=mistral)
+    msgs = [MISTRAL[0]["messages"][0]]
+    for t, user in enumerate(MISTRAL[0]["messages"][1:]):
+        msgs = msgs + [user]
+        res, want = got[("sys", t)], _recompute(ref, msgs, f"r{t}")
+        assert res.reply_tokens == want.reply_tokens, t
+        assert res.history_tokens + res.prompt_tokens == len(mistral.chat(msgs))
+        if t:   # the moved system prompt: the stored render is reused up to where it moved, the rest dropped
+            prev = mistral.chat(msgs[:-2])
+            assert 0 < res.reused_tokens < len(prev) and res.dropped_tokens > 0
+        msgs = msgs + [{"role": "assistant", "content": res.reply}]
+    held = eng.store.lookup(session_ids(job, "sys")[0]).token_ids.tolist()
+    whole = mistral.chat(msgs[:-1])
+    assert held[: len(whole)] == whole   # the session holds the last render, not a stale one
     for t, text in enumerate(["What is the capital of France?", "Tell me a joke"]):
         want = ref.turn("plain", text)
         assert got[("plain", t)].reply_tokens == want.reply_tokens
+    eng.close()
     ref.close()
+
+
+def test_mistral_given_history_with_reply_all_runs_on_the_session(tmp_path, mistral):
+    """Teacher forcing on the messages route: the reply to a user turn the file answers is generated on the
+    conversation's own session (no copy), and the next job's render puts the file's reply in its place
+    (the generated one dropped). Each reply equals a recompute of the render of the file's conversation."""
+    conv = _chat("g", ("system", "Be kind."), ("user", "What is the capital of France?"),
+                 ("user", "Tell me a joke."), ("assistant", "No."), ("user", "Why?"))
+    inp = _jsonl(tmp_path / "in.jsonl", [conv])
+    eng, s, events, reports = _run(tmp_path, mistral, inp, BatchOptions("given", reply_all=True, max_new_tokens=6))
+    assert s.turns_written == 3 and not s.skipped and not reports
+    got = {e["turn"]: e["result"] for e in events if e["event"] == "written"}
+    sessions = {e["result"].session for e in events if e["event"] == "written"}
+    assert len(sessions) == 1 and not sessions.pop().endswith(".r")   # no scratch copy
+    ref = tiny_engine(None, tokenizer=mistral)
+    m = conv["messages"]
+    gen0 = {"role": "assistant", "content": got[0].reply}   # the file has no reply to turn 0: the model's is history
+    for t, msgs in enumerate([m[:2], m[:2] + [gen0] + m[2:3], m[:2] + [gen0] + m[2:5]]):
+        want = _recompute(ref, msgs, f"r{t}")
+        assert got[t].reply_tokens == want.reply_tokens, t
+        assert got[t].history_tokens + got[t].prompt_tokens == len(mistral.chat(msgs))
+    assert got[2].dropped_tokens > 0 and got[2].reused_tokens > 0   # turn 1's generated reply dropped for the file's
+    eng.close()
+    ref.close()
+
+
+def test_mistral_resume_rebuilds_a_durable_turn_from_the_store(tmp_path, mistral, monkeypatch):
+    """Killed between a durable commit and its line, on the messages route: the next run rebuilds the line
+    from the stored tokens (nothing computed again) and the output equals an uninterrupted run's."""
+    from jax_cachedattn import batch_io
+
+    inp = _jsonl(tmp_path / "in.jsonl", MISTRAL[:1])
+    eng, _, _, _ = _run(tmp_path, mistral, inp, BatchOptions(max_new_tokens=6), name="ref")
+    eng.close()
+    _, ref = _lines(tmp_path / "ref.jsonl")
+    real = batch_io.JobOutput.write_turn
+
+    class Killed(BaseException):
+        pass
+
+    def dies_at_second_line(self, record):
+        if record["turn"] == 1:
+            raise Killed()
+        return real(self, record)
+
+    monkeypatch.setattr(batch_io.JobOutput, "write_turn", dies_at_second_line)
+    eng = tiny_engine(str(tmp_path / "store"), tokenizer=mistral)
+    with pytest.raises(Killed):
+        run_batch_job(eng, inp, tmp_path / "store.jsonl", BatchOptions(max_new_tokens=6), progress=False)
+    eng.close()
+    monkeypatch.setattr(batch_io.JobOutput, "write_turn", real)
+    eng, s, events, _ = _run(tmp_path, mistral, inp, BatchOptions(max_new_tokens=6), name="store")
+    eng.close()
+    assert (s.turns_done_before, s.turns_recovered, s.turns_written) == (1, 1, 1) and not s.skipped
+    assert [(e["event"], e["turn"]) for e in events if e["event"] in ("compute", "recovered")] == \
+        [("recovered", 1), ("compute", 2)]
+    _, out = _lines(tmp_path / "store.jsonl")
+    assert [(r["turn"], r["reply"]) for r in sorted(out, key=lambda r: r["turn"])] == \
+        [(r["turn"], r["reply"]) for r in sorted(ref, key=lambda r: r["turn"])]
+    rec = next(r for r in out if r.get("recovered"))
+    assert rec["generated_tokens"] == next(r for r in ref if r["turn"] == 1)["generated_tokens"]

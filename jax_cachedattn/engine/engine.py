@@ -22,6 +22,7 @@ import numpy as np
 from jax_cachedattn.chat_template import ChatTemplateError, check_messages, plan_turn
 from jax_cachedattn.engine import programs as P
 from jax_cachedattn.engine import slots as SL
+from jax_cachedattn.engine.append import append as _append
 from jax_cachedattn.engine.batching import Loop
 from jax_cachedattn.engine.config import EngineConfig, TurnResult
 from jax_cachedattn.engine.plan import TurnPlan, make_plan
@@ -313,6 +314,15 @@ class Engine:
         max_new = self.config.max_new_tokens if max_new_tokens is None else int(max_new_tokens)
         hint = next_session if next_session != session_id else None
         return list(Loop(self, [(session_id, message, max_new, sample_name)], 0, max_new, hint).run())[0][1]
+
+    def append(self, session_id: str, message) -> TurnResult:
+        """Take in finished turns of ``session_id`` without generating anything: prefill, save and commit,
+        no decode (teacher forcing: a recorded assistant reply goes into the history as given). ``message``:
+        token ids (appended as they are) or the WHOLE conversation as ``[{"role", "content"}, ...]``, which may
+        end with the assistant's reply: rendered with the chat template without a generation prompt, the
+        longest common prefix with the stored tokens reused, the stored tail past it dropped, the rest
+        prefilled. Returns a TurnResult with no reply. See engine/append.py."""
+        return _append(self, session_id, message, InputError)
 
     def evict(self, sid: str, tier: str) -> None:
         """Drop ``sid``'s copy in ``tier`` and every faster one: "device" (its pages in the pool and
