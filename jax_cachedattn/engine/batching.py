@@ -130,8 +130,9 @@ class Loop:
 
     def _step(self) -> Iterator[tuple[int, Any]]:
         e, ec = self.e, self.e.config
+        active = SL.decode_bucket(max(e._slots) + 1, ec.max_slots)  # the busy slots' rows only
         st, pages, em, lg = SL.generate(e.params, e.layers, e.model_config, e.state, e.pool.pages, e._stop_ids,
-                                        ec.decode_steps, ec.return_logits, ec.rope_mode == "naive")
+                                        ec.decode_steps, ec.return_logits, ec.rope_mode == "naive", active=active)
         e.state, e.pool.pages = st, pages
         em, phase, lengths = np.asarray(em), np.asarray(st.phase), np.asarray(st.lengths)
         lg = np.asarray(lg) if ec.return_logits else None
