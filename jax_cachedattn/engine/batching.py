@@ -130,6 +130,8 @@ class Loop:
 
     def _step(self) -> Iterator[tuple[int, Any]]:
         e, ec = self.e, self.e.config
+        for a in e._slots.values():  # pages for the rows this dispatch may write
+            e._grow(a)
         active = SL.decode_bucket(max(e._slots) + 1, ec.max_slots)  # the busy slots' rows only
         st, pages, em, lg = SL.generate(e.params, e.layers, e.model_config, e.state, e.pool.pages, e._stop_ids,
                                         ec.decode_steps, ec.return_logits, ec.rope_mode == "naive", active=active)
@@ -169,7 +171,7 @@ class Loop:
                 yield from self._step()
         except BaseException:
             if self._chunking is not None:
-                e.pool.release(self._chunking.pages)
+                e._give_back(self._chunking)
                 self._chunking = None
             if self._starting is not None:
                 e._abort_session(self._starting)

@@ -56,6 +56,7 @@ class _Active:
     prompt_logits: np.ndarray | None
     decode_logits: list | None
     slot: int = -1  # the decode slot (set by the loop)
+    promise: int = 0  # pages of its reply budget promised by the pool, not allocated yet
 
 
 @dataclasses.dataclass
@@ -69,6 +70,7 @@ class _Starting:
     t0: float
     pages: list[int]
     table: np.ndarray
+    promise: int = 0  # pages promised for its reply (allocated as it grows)
     done: int = 0  # compute_ids prefilled so far
     chunks: int = 0
     first: Any = None  # the first chunk's Prefilled, without its arrays (how the history came)
@@ -191,9 +193,12 @@ class Engine:
         """Reserve a job's pages (a device hit's own, then free ones) and apply its drops; no device work.
         Raises PoolFull when the pool cannot hold the job yet."""
         store, pool = self.store, self.pool
-        need = pool.pages_for(plan.cached_len + len(plan.compute_ids) + plan.max_new + len(self._end) + 1)
-        if need > pool.free_pages():
-            raise PoolFull(f"the job needs {need} pages, {pool.free_pages()} are free or evictable")
+        rows = plan.cached_len + len(plan.compute_ids)
+        total = pool.pages_for(rows + plan.max_new + len(self._end) + 1)
+        if total > pool.available():
+            raise PoolFull(f"the job needs {total} pages, {pool.available()} are free or evictable and not promised")
+        # Pages for the prompt and the first dispatch now; the rest of the reply budget promised.
+        need = min(total, pool.pages_for(rows + self.config.decode_steps))
         if plan.n_drop or plan.tail_drop:
             self.read_buffer.drop(plan.sid)
             if plan.n_drop:
@@ -211,7 +216,26 @@ class Engine:
             pool.release(pages[need:])
             pages = pages[:need]
         pages = pages + pool.alloc(need - len(pages), keep=plan.sid)
-        return _Starting(index, plan, slot, arrival, t0, pages, block_table(pages, self._width))
+        pool.promise(total - need)
+        return _Starting(index, plan, slot, arrival, t0, pages, block_table(pages, self._width), total - need)
+
+    def _give_back(self, s) -> None:
+        """A job's (``_Starting`` or ``_Active``) pages and promise go back to the pool."""
+        self.pool.release(s.pages)
+        self.pool.settle(s.promise)
+        s.pages, s.promise = [], 0
+
+    def _grow(self, a: _Active) -> None:
+        """Before a dispatch: pages for the rows it may write (``decode_steps`` past the slot's length),
+        from the slot's promise; its block table follows."""
+        k = min(self.pool.pages_for(a.length + self.config.decode_steps) - len(a.pages), a.promise)
+        if k <= 0:
+            return
+        a.pages = a.pages + self.pool.alloc(k, keep=a.plan.sid)
+        self.pool.settle(k)
+        a.promise -= k
+        a.table = block_table(a.pages, self._width)
+        self.state = SL.set_table(self.state, jnp.int32(a.slot), jnp.asarray(a.table))
 
     def _chunk_size(self, plan: TurnPlan) -> int:
         n = len(plan.compute_ids)
@@ -269,8 +293,7 @@ class Engine:
                 jnp.float32(ec.temperature), jnp.float32(ec.top_p), self._stop_ids)
             first = int(first)
         except BaseException:
-            pool.release(s.pages)
-            s.pages = []
+            self._give_back(s)
             raise
         ttft = time.perf_counter() - s.t0
         if (s.chunks == 1 and plan.source in ("new", "recompute", "device")
@@ -279,7 +302,7 @@ class Engine:
             self.read_ahead.observe_compute(n_comp, mc.num_layers, time.perf_counter() - t_chunk)
         length = plan.cached_len + n_comp
         return _Active(s.index, plan, s.pages, s.table, s.arrival, s.t0, ttft, [first], length, length, s.first,
-                       prompt_logits, [np.asarray(logits)] if ec.return_logits else None)
+                       prompt_logits, [np.asarray(logits)] if ec.return_logits else None, s.slot, s.promise)
 
     # ---- saving and finishing ---------------------------------------------------------------------------
     def _save(self, a: _Active, hi: int) -> None:
@@ -312,10 +335,8 @@ class Engine:
             info = self.store.lookup(plan.sid)
             if self.config.keep_pages:
                 self.pool.retain(plan.sid, a.pages, info.turn, info.num_tokens)
-            else:
-                self.pool.release(a.pages)
-        else:
-            self.pool.release(a.pages)
+                a.pages = []
+        self._give_back(a)
         reply_ids = [t for t in gen if t not in self._stop_set]
         reply = self.tokenizer.decode(reply_ids, skip_special_tokens=True) if self.tokenizer is not None else ""
         pf = a.prefill
@@ -329,7 +350,7 @@ class Engine:
 
     def _abort(self, a: _Active) -> None:
         """A failed turn: its pages go back and its session returns to its last committed turn."""
-        self.pool.release(a.pages)
+        self._give_back(a)
         self._abort_session(a.plan.sid)
 
     def _abort_session(self, sid: str) -> None:

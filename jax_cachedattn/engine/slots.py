@@ -147,6 +147,13 @@ def decode_bucket(busy: int, max_slots: int) -> int:
     return next(b for b in decode_buckets(max_slots) if b >= busy)
 
 
+@functools.partial(jax.jit, donate_argnames=("state",))
+def set_table(state: DecodeState, slot, table) -> DecodeState:
+    """A slot's block table ``[M]`` replaced (its reply grew onto a new page). DONATES ``state``."""
+    TRACE_COUNTS["slots_set_table"] += 1
+    return state.replace(tables=state.tables.at[slot].set(table))
+
+
 @functools.partial(jax.jit, static_argnames=("config", "steps", "with_logits", "naive", "active"),
                    donate_argnames=("state", "pool"))
 def generate(params, layers, config: ModelConfig, state: DecodeState, pool, stop_ids, steps: int,

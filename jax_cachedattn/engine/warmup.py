@@ -101,6 +101,7 @@ def warmup(engine, prompt_lengths: Sequence[int], history_lengths: Sequence[int]
             P.read_rows(engine.pool.pages, jnp.asarray(table), jnp.int32(0), size)
         # The decode step at every batch size the loop may run (engine/slots.py, decode_buckets); every
         # slot is idle here, so the steps change nothing but the trash page.
+        engine.state = SL.set_table(engine.state, jnp.int32(0), jnp.asarray(np.asarray(engine.state.tables)[0]))
         for b in SL.decode_buckets(ec.max_slots):
             engine.state, engine.pool.pages, _, _ = SL.generate(
                 engine.params, engine.layers, mc, engine.state, engine.pool.pages, engine._stop_ids, ec.decode_steps,
