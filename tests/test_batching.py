@@ -132,9 +132,12 @@ def test_compile_count_fixed_across_jobs(model, tmp_path):
     finally:
         log.removeHandler(h)
         log.setLevel(old_level)
-    # One decode program per batch size the busy slots needed (buckets 1, 2, 4 of max_slots 4), never per job.
-    assert 1 <= warm.get("generate", 0) <= 3 and warm.get("insert", 0) <= 2
-    assert dict(h.count) == warm, {k: h.count[k] - warm.get(k, 0) for k in h.count if h.count[k] != warm.get(k, 0)}
+    # The decode step: one program per batch size the busy slots needed (buckets 1, 2, 4 of max_slots
+    # 4; which ones a round meets depends on when its slots finish), never per job.
+    assert 1 <= warm.get("generate", 0) and h.count["generate"] <= 3 and warm.get("insert", 0) <= 2
+    rest = {k: v for k, v in h.count.items() if k != "generate"}
+    warm.pop("generate")
+    assert rest == warm, {k: rest.get(k, 0) - warm.get(k, 0) for k in set(rest) | set(warm) if rest.get(k) != warm.get(k)}
     eng.close()
 
 
