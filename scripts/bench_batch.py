@@ -201,7 +201,7 @@ def main() -> int:
     m = load_model("smollm2")
     r = np.random.RandomState(0)
     rows = []
-    for n in [int(x) for x in args.sessions.split(",")]:
+    for n in [int(x) for x in args.sessions.split(",") if x.strip()]:  # "": only the probes
         hists = [r.randint(0, m.config.vocab_size, int(x)).astype(np.int32)
                  for x in np.linspace(args.hist_min, args.hist_max, n).round()]
         prompts = [r.randint(0, m.config.vocab_size, args.prompt).astype(np.int32) for _ in range(n)]
@@ -227,7 +227,7 @@ def main() -> int:
         chunk = chunked_beside_decode(m.config, m.params, args.chunk_prompt, args.prompt, args.ttft_decode, args.chunk_reps,
                                       args.decode_steps, args.prefill_budget)
         print(json.dumps(chunk), flush=True)
-    base = rows[0]["ours"]["decode_tok_s"]
+    base = rows[0]["ours"]["decode_tok_s"] if rows else float("nan")
     print("\n| sessions | ours decode tok/s | x vs 1 | transformers decode tok/s | ours/transformers | ours turns/min |"
           " transformers turns/min | device KV / held |")
     print("|---|---|---|---|---|---|---|---|")
