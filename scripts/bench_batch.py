@@ -99,6 +99,53 @@ def ttft_beside_decode(cfg, params, hist: int, prompt: int, decode_new: int, rep
             "host_over_device": host / dev, "reps": reps, "device_all": out["device"], "host_all": out["host"]}
 
 
+def chunked_beside_decode(cfg, params, long: int, prompt: int, decode_new: int, reps: int, steps: int,
+                          budget: int) -> dict:
+    """A ``long``-token prompt prefilled while 8 other slots decode, with and without chunked prefill
+    (``EngineConfig.chunked_prefill``, chunks of ``budget`` tokens): its TTFT, the longest wait of the
+    decoding slots between two decode dispatches (the prefill's stall), and the 8 slots' decode
+    tokens/s over the run (their tokens over the wall time from the first to the last dispatch).
+    Repetition 0 of each mode compiles and is not counted; the modes alternate."""
+    from jax_cachedattn.engine import Engine, EngineConfig
+    from jax_cachedattn.engine import slots as SL
+    from jax_cachedattn.store import KVLayout, StoreConfig, TieredStore
+
+    r = np.random.RandomState(2)
+    lay = KVLayout(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, cfg.dtype, "bench-chunk")
+    out: dict = {True: [], False: []}
+    real = SL.generate
+    for rep in range(reps + 1):
+        for chunked in (True, False):
+            store = TieredStore(StoreConfig(kvstore={"driver": "memory"}, host_bytes=4 << 30, token_block=64), lay)
+            eng = Engine(cfg, params, store, None, EngineConfig(max_new_tokens=decode_new, max_slots=9, decode_steps=steps,
+                                                                prefill_budget=budget, chunked_prefill=chunked,
+                                                                pool_tokens=16384))
+            marks = []
+
+            def timed(*a, **k):
+                t = time.perf_counter()
+                o = real(*a, **k)
+                em = np.asarray(o[2])
+                marks.append((t, time.perf_counter(), int((em >= 0).sum())))
+                return o
+
+            ids = lambda n: r.randint(0, cfg.vocab_size, n).astype(np.int32)  # noqa: E731
+            jobs = [("p", ids(8), 1)] + [(f"d{i}", ids(prompt), decode_new) for i in range(8)] + [("p", ids(long), 2)]
+            SL.generate = timed
+            try:
+                res = eng.run_batch(jobs)
+            finally:
+                SL.generate = real
+            eng.close()
+            gaps = [b[0] - a[1] for a, b in zip(marks, marks[1:])]
+            if rep:
+                out[chunked].append({"ttft_s": res[-1].ttft_s, "max_stall_s": max(gaps),
+                                     "decode_tok_s": sum(m[2] for m in marks) / (marks[-1][1] - marks[0][0])})
+    med = {("chunked" if c else "one_program"): {k: float(np.median([x[k] for x in v])) for k in v[0]}
+           for c, v in out.items()}
+    return {"long_prompt": long, "budget": budget, "decoding_slots": 8, "reps": reps, **med}
+
+
 def transformers_generate(gguf: Path, hists, prompts, new: int, threads: int) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
@@ -141,6 +188,10 @@ def main() -> int:
     ap.add_argument("--ttft-history", type=int, default=1024, help="history tokens of the TTFT probe (0: skip it)")
     ap.add_argument("--ttft-reps", type=int, default=3, help="timed repetitions of the TTFT probe per source")
     ap.add_argument("--ttft-decode", type=int, default=32, help="tokens each of the 8 slots decodes beside the probe")
+    ap.add_argument("--chunk-prompt", type=int, default=0,
+                    help="new tokens of a prompt prefilled beside 8 decoding slots, with and without chunked prefill (0: skip)")
+    ap.add_argument("--chunk-reps", type=int, default=1, help="timed repetitions of the chunked-prefill probe per mode")
+    ap.add_argument("--prefill-budget", type=int, default=512, help="EngineConfig.prefill_budget (the chunk size)")
     ap.add_argument("--out", default="runs/bench_batch.json", help="JSON result file")
     args = ap.parse_args()
 
@@ -150,7 +201,7 @@ def main() -> int:
     m = load_model("smollm2")
     r = np.random.RandomState(0)
     rows = []
-    for n in [int(x) for x in args.sessions.split(",")]:
+    for n in [int(x) for x in args.sessions.split(",") if x.strip()]:  # "": only the probes
         hists = [r.randint(0, m.config.vocab_size, int(x)).astype(np.int32)
                  for x in np.linspace(args.hist_min, args.hist_max, n).round()]
         prompts = [r.randint(0, m.config.vocab_size, args.prompt).astype(np.int32) for _ in range(n)]
@@ -171,7 +222,12 @@ def main() -> int:
             print(json.dumps(ttft), flush=True)
         except Exception as e:  # the throughput rows above still get written
             print(f"TTFT probe failed: {e!r}", file=sys.stderr, flush=True)
-    base = rows[0]["ours"]["decode_tok_s"]
+    chunk = None
+    if args.chunk_prompt:
+        chunk = chunked_beside_decode(m.config, m.params, args.chunk_prompt, args.prompt, args.ttft_decode, args.chunk_reps,
+                                      args.decode_steps, args.prefill_budget)
+        print(json.dumps(chunk), flush=True)
+    base = rows[0]["ours"]["decode_tok_s"] if rows else float("nan")
     print("\n| sessions | ours decode tok/s | x vs 1 | transformers decode tok/s | ours/transformers | ours turns/min |"
           " transformers turns/min | device KV / held |")
     print("|---|---|---|---|---|---|---|---|")
@@ -183,9 +239,15 @@ def main() -> int:
     if ttft:
         print(f"\nTTFT with 8 slots decoding beside it, {ttft['history']}-token history: device {ttft['device_ttft_s'] * 1e3:.0f} ms,"
               f" host {ttft['host_ttft_s'] * 1e3:.0f} ms, host/device {ttft['host_over_device']:.3f} (median of {ttft['reps']})")
+    if chunk:
+        c, o = chunk["chunked"], chunk["one_program"]
+        print(f"\n{chunk['long_prompt']}-token prompt beside 8 decoding slots (chunks of {chunk['budget']}): "
+              f"TTFT chunked {c['ttft_s']:.2f} s / one program {o['ttft_s']:.2f} s; longest decode stall "
+              f"{c['max_stall_s']:.2f} / {o['max_stall_s']:.2f} s; decode tok/s {c['decode_tok_s']:.1f} / {o['decode_tok_s']:.1f}")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
-                                          "args": vars(args), "rows": rows, "ttft": ttft}, indent=1))
+                                          "args": vars(args), "rows": rows, "ttft": ttft,
+                                          "chunked_prefill": chunk}, indent=1))
     return 0
 
 

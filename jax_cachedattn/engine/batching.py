@@ -3,8 +3,9 @@
 Each round: pull jobs from the iterable (a look-ahead window beyond the free slots), tell the store
 what comes next (eviction order, disk -> host prefetch), start jobs in free slots (while other slots
 decode, prefills until the round's ``EngineConfig.prefill_budget`` new tokens are spent, at least one
-job, so a burst of short jobs fills the slots at once and a long prefill stalls the decoding slots
-for one job at most; every free slot at once when nothing decodes), dispatch ``decode_steps`` steps of every active slot, and
+chunk, so a burst of short jobs fills the slots at once and a long prefill runs one chunk of
+``prefill_budget`` tokens per round between decode steps; every free slot at once when nothing
+decodes), dispatch ``decode_steps`` steps of every active slot, and
 finish the slots that are done (their turns commit and their results are yielded). Jobs of one
 session never share the decode slots: the second waits for the first and runs against its history.
 """
@@ -31,7 +32,8 @@ class Loop:
         self._done_reading = False
         self.pending: collections.deque = collections.deque()  # (index, sid, message, arrival time, max new tokens)
         self._preloaded: set[str] = set()
-        self._starting: str | None = None
+        self._starting: str | None = None  # the session of the job being started (given up on failure)
+        self._chunking = None  # engine._Starting: a job whose prefill is part done (one chunk per round)
 
     # ---- the queue ------------------------------------------------------------------------------
     def _fill(self) -> None:
@@ -50,6 +52,8 @@ class Loop:
     def _ready(self) -> tuple | None:
         """The first pending job whose session is neither decoding nor queued earlier."""
         busy = {a.plan.sid for a in self.e._slots.values()}
+        if self._chunking is not None:
+            busy.add(self._chunking.plan.sid)
         for job in self.pending:
             if job[1] not in busy:
                 return job
@@ -76,38 +80,48 @@ class Loop:
 
     # ---- the rounds -------------------------------------------------------------------------------
     def _start_jobs(self) -> None:
+        """Start jobs in free slots. While other slots decode, the round prefills at most
+        ``prefill_budget`` new tokens (at least one chunk): a job longer than that is prefilled one
+        chunk per round (engine._resume) and joins the decode batch after its last chunk."""
         e = self.e
-        free = [s for s in range(e.config.max_slots) if s not in e._slots]
         decoding = bool(e._slots)
         spent = 0  # new tokens prefilled this round
-        while free:
-            job = self._ready()
-            if job is None:
-                return
-            i, sid, msg, t0, max_new, name = job
-            plan = e._plan(sid, msg, max_new)
-            if name is not None:
-                plan = dataclasses.replace(plan, sample_name=name)
-            self._starting = plan.sid
-            try:
-                e._slots[free[0]] = e._start(i, plan, free[0], t0, time.perf_counter())
-                e._slots[free[0]].slot = free[0]
-            except PoolFull:
-                if not e._slots:
-                    raise
-                self._starting = None
-                return  # wait for a slot to finish and give its pages back
-            self._starting = None
-            self.pending.remove(job)
-            free.pop(0)
-            spent += len(plan.compute_ids)
+        while True:
+            if self._chunking is None:
+                free = [s for s in range(e.config.max_slots) if s not in e._slots]
+                job = self._ready() if free else None
+                if job is None:
+                    return
+                i, sid, msg, t0, max_new, name = job
+                plan = e._plan(sid, msg, max_new)
+                if name is not None:
+                    plan = dataclasses.replace(plan, sample_name=name)
+                self._starting = plan.sid
+                try:
+                    self._chunking = e._begin(i, plan, free[0], t0, time.perf_counter())
+                except PoolFull:
+                    self._starting = None
+                    if not e._slots:
+                        raise
+                    return  # wait for a slot to finish and give its pages back
+                self.pending.remove(job)
+            s = self._chunking
+            before = s.done
+            a = e._resume(s)
+            spent += max(1, s.done - before)
+            if a is not None:
+                a.slot = s.slot
+                e._slots[s.slot] = a
+                self._chunking = self._starting = None
             if decoding and spent >= e.config.prefill_budget:
                 return  # the decoding slots wait for at most this round's budget of prefill
 
     def _preload_next(self) -> None:
         job = self._ready()
         sid = job[1] if job is not None else self.next_hint
-        if sid is not None and sid not in self._preloaded and all(a.plan.sid != sid for a in self.e._slots.values()):
+        starting = self._chunking.plan.sid if self._chunking is not None else None
+        if (sid is not None and sid != starting and sid not in self._preloaded
+                and all(a.plan.sid != sid for a in self.e._slots.values())):
             self._preloaded.add(sid)
             try:
                 self.e.preload(sid)
@@ -116,8 +130,11 @@ class Loop:
 
     def _step(self) -> Iterator[tuple[int, Any]]:
         e, ec = self.e, self.e.config
+        for a in e._slots.values():  # pages for the rows this dispatch may write
+            e._grow(a)
+        active = SL.decode_bucket(max(e._slots) + 1, ec.max_slots)  # the busy slots' rows only
         st, pages, em, lg = SL.generate(e.params, e.layers, e.model_config, e.state, e.pool.pages, e._stop_ids,
-                                        ec.decode_steps, ec.return_logits, ec.rope_mode == "naive")
+                                        ec.decode_steps, ec.return_logits, ec.rope_mode == "naive", active=active)
         e.state, e.pool.pages = st, pages
         em, phase, lengths = np.asarray(em), np.asarray(st.phase), np.asarray(st.lengths)
         lg = np.asarray(lg) if ec.return_logits else None
@@ -153,6 +170,9 @@ class Loop:
                 self._preload_next()
                 yield from self._step()
         except BaseException:
+            if self._chunking is not None:
+                e._give_back(self._chunking)
+                self._chunking = None
             if self._starting is not None:
                 e._abort_session(self._starting)
             for a in list(e._slots.values()):

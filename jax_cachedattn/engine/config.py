@@ -52,6 +52,11 @@ class EngineConfig:
       one job per round): jobs are started until their new tokens reach it, so a burst of short jobs
       joins the batch in one round, and the decoding slots never wait for more than the budget (or
       one job's prefill, when that is larger).
+    chunked_prefill: a job with more than ``prefill_budget`` new tokens is prefilled in chunks of
+      ``prefill_budget``, each against the history and the chunks before it (in the job's pages), and
+      the loop runs one chunk per round between decode steps, so the decoding slots keep going beside a
+      long prefill (docs/engine.md, "Chunked prefill"). A job is chunked the same way whether or not
+      other slots decode, so its logits do not depend on the batch. False: one program per job.
     decode_steps: decode steps per dispatch of the batched step (one host sync per dispatch; a slot
       that finishes mid-dispatch waits for the dispatch to end before it is refilled).
     pool_tokens: tokens the device KV pool holds (pages of the store's ``token_block``); None: room for
@@ -78,6 +83,7 @@ class EngineConfig:
     return_logits: bool = False
     max_slots: int = 8
     prefill_budget: int = 512
+    chunked_prefill: bool = True
     decode_steps: int = 4
     pool_tokens: int | None = None
     keep_pages: bool = True

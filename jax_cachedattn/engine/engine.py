@@ -57,6 +57,25 @@ class _Active:
     prompt_logits: np.ndarray | None
     decode_logits: list | None
     slot: int = -1  # the decode slot (set by the loop)
+    promise: int = 0  # pages of its reply budget promised by the pool, not allocated yet
+
+
+@dataclasses.dataclass
+class _Starting:
+    """A job being prefilled, chunk by chunk between decode steps: its slot and pages are reserved."""
+
+    index: int
+    plan: TurnPlan
+    slot: int
+    arrival: float
+    t0: float
+    pages: list[int]
+    table: np.ndarray
+    promise: int = 0  # pages promised for its reply (allocated as it grows)
+    done: int = 0  # compute_ids prefilled so far
+    chunks: int = 0
+    first: Any = None  # the first chunk's Prefilled, without its arrays (how the history came)
+    logits: list = dataclasses.field(default_factory=list)  # per chunk its rows' logits (return_logits)
 
 
 class Engine:
@@ -162,12 +181,25 @@ class Engine:
                              {i: self.store.load_layer(sid, i, pad_to=S) for i in range(min(k, self.model_config.num_layers))})
         return True
 
-    # ---- one job: prefill and insert -----------------------------------------------------------------
+    # ---- one job: prefill (in chunks) and insert -----------------------------------------------------
     def _start(self, index: int, plan: TurnPlan, slot: int, arrival: float, t0: float) -> _Active:
-        ec, mc, store, pool = self.config, self.model_config, self.store, self.pool
-        need = pool.pages_for(plan.cached_len + len(plan.compute_ids) + plan.max_new + len(self._end) + 1)
-        if need > pool.free_pages():
-            raise PoolFull(f"the job needs {need} pages, {pool.free_pages()} are free or evictable")
+        """Prefill ``plan`` (every chunk at once) into its pages and insert it into ``slot``."""
+        s = self._begin(index, plan, slot, arrival, t0)
+        while True:
+            a = self._resume(s)
+            if a is not None:
+                return a
+
+    def _begin(self, index: int, plan: TurnPlan, slot: int, arrival: float, t0: float) -> _Starting:
+        """Reserve a job's pages (a device hit's own, then free ones) and apply its drops; no device work.
+        Raises PoolFull when the pool cannot hold the job yet."""
+        store, pool = self.store, self.pool
+        rows = plan.cached_len + len(plan.compute_ids)
+        total = pool.pages_for(rows + plan.max_new + len(self._end) + 1)
+        if total > pool.available():
+            raise PoolFull(f"the job needs {total} pages, {pool.available()} are free or evictable and not promised")
+        # Pages for the prompt and the first dispatch now; the rest of the reply budget promised.
+        need = min(total, pool.pages_for(rows + self.config.decode_steps))
         if plan.n_drop or plan.tail_drop:
             self.read_buffer.drop(plan.sid)
             if plan.n_drop:
@@ -185,47 +217,93 @@ class Engine:
             pool.release(pages[need:])
             pages = pages[:need]
         pages = pages + pool.alloc(need - len(pages), keep=plan.sid)
-        table = block_table(pages, self._width)
-        traced = sum(TRACE_COUNTS.values())
+        pool.promise(total - need)
+        return _Starting(index, plan, slot, arrival, t0, pages, block_table(pages, self._width), total - need)
+
+    def _give_back(self, s) -> None:
+        """A job's (``_Starting`` or ``_Active``) pages and promise go back to the pool."""
+        self.pool.release(s.pages)
+        self.pool.settle(s.promise)
+        s.pages, s.promise = [], 0
+
+    def _grow(self, a: _Active) -> None:
+        """Before a dispatch: pages for the rows it may write (``decode_steps`` past the slot's length),
+        from the slot's promise; its block table follows."""
+        k = min(self.pool.pages_for(a.length + self.config.decode_steps) - len(a.pages), a.promise)
+        if k <= 0:
+            return
+        a.pages = a.pages + self.pool.alloc(k, keep=a.plan.sid)
+        self.pool.settle(k)
+        a.promise -= k
+        a.table = block_table(a.pages, self._width)
+        self.state = SL.set_table(self.state, jnp.int32(a.slot), jnp.asarray(a.table))
+
+    def _chunk_size(self, plan: TurnPlan) -> int:
+        n = len(plan.compute_ids)
+        return min(n, self.config.prefill_budget) if self.config.chunked_prefill else n
+
+    def _resume(self, s: _Starting) -> _Active | None:
+        """Prefill the job's next chunk (``prefill_budget`` new tokens with ``chunked_prefill``) against the
+        history and the chunks before it; after the last one, sample its first token and insert it into
+        its slot. Returns the :class:`_Active` then, else None. On failure its pages go back."""
+        ec, mc, store, pool = self.config, self.model_config, self.store, self.pool
         try:
-            device_hist = None
-            if plan.source == "device":
-                device_hist = P.read_rows(pool.pages, jnp.asarray(table), jnp.int32(0), bucket_length(plan.cached_len))
-            try:
-                pf, S, T = prefill(self._ctx, plan, device_hist)
-            except KVLost:  # a checksum failure found while loading: recompute from the token ids
-                store.delete(plan.sid)
-                plan = dataclasses.replace(plan, source="recompute", compute_ids=np.concatenate([plan.hist_ids, plan.new_ids]),
-                                           cached_len=0, save_from=0, turn=None, num_tokens=0, kv_valid=False)
-                pf, S, T = prefill(self._ctx, plan, None)
-            n_comp = len(plan.compute_ids)
-            pool.pages = P.write_pages(pool.pages, pf.hists, pf.news, jnp.asarray(table), jnp.int32(plan.cached_len),
-                                       jnp.int32(n_comp), write_hist=plan.source != "device", config=mc,
-                                       rotate=ec.rope_mode != "naive")
-            prompt_logits = None
+            plan, lo = s.plan, s.done
+            traced = sum(TRACE_COUNTS.values())
+            t_chunk = time.perf_counter()
+            while True:
+                n_all = len(plan.compute_ids)
+                hi = min(n_all, lo + self._chunk_size(plan))
+                base = plan.cached_len + lo  # rows before this chunk (history and earlier chunks)
+                part = plan if (lo, hi) == (0, n_all) else dataclasses.replace(
+                    plan, compute_ids=plan.compute_ids[lo:hi], cached_len=base, save_from=max(plan.save_from, base),
+                    source=plan.source if lo == 0 else "device")
+                device_hist = None
+                if part.source == "device":
+                    device_hist = P.read_rows(pool.pages, jnp.asarray(s.table), jnp.int32(0), bucket_length(base))
+                try:
+                    pf, _, _ = prefill(self._ctx, part, device_hist)
+                    break
+                except KVLost:  # a checksum failure found while loading: recompute from the token ids
+                    store.delete(plan.sid)
+                    plan = s.plan = dataclasses.replace(
+                        plan, source="recompute", compute_ids=np.concatenate([plan.hist_ids, plan.new_ids]),
+                        cached_len=0, save_from=0, turn=None, num_tokens=0, kv_valid=False)
+                    lo = s.done = 0
+            n = hi - lo
+            pool.pages = P.write_pages(pool.pages, pf.hists, pf.news, jnp.asarray(s.table), jnp.int32(base), jnp.int32(n),
+                                       write_hist=part.source != "device", config=mc, rotate=ec.rope_mode != "naive")
             if ec.return_logits:
-                prompt_logits = np.asarray(P.all_logits(self.params, mc, pf.x)[n_comp - len(plan.new_ids) : n_comp])
-            logits = P.logits_at(self.params, mc, pf.x, jnp.int32(n_comp - 1))
+                s.logits.append(np.asarray(P.all_logits(self.params, mc, pf.x)[:n]))
+            if s.first is None:  # how the history came (the device arrays are not kept through decode)
+                s.first = dataclasses.replace(pf, x=None, hists=(), news=())
+            s.done, s.chunks = hi, s.chunks + 1
+            if hi < n_all:
+                return None
+            n_comp = n_all
+            prompt_logits = np.concatenate(s.logits)[n_comp - len(plan.new_ids):] if ec.return_logits else None
+            logits = P.logits_at(self.params, mc, pf.x, jnp.int32(n - 1))
             chat = plan.chat and bool(self._end)
             end = np.zeros(max(1, len(self._end)), np.int32)
             end[: len(self._end)] = self._end
             key = jax.random.fold_in(jax.random.fold_in(jax.random.key(ec.seed), zlib.crc32((plan.sample_name or plan.sid).encode())),
                                      plan.turn or 0)
             self.state, first = SL.insert(
-                self.state, jnp.int32(slot), jnp.asarray(table), jnp.int32(plan.cached_len + n_comp), logits, key,
+                self.state, jnp.int32(s.slot), jnp.asarray(s.table), jnp.int32(plan.cached_len + n_comp), logits, key,
                 jnp.int32(plan.max_new), jnp.asarray(end), jnp.int32(len(self._end) if chat else 0),
                 jnp.float32(ec.temperature), jnp.float32(ec.top_p), self._stop_ids)
             first = int(first)
         except BaseException:
-            pool.release(pages)
+            self._give_back(s)
             raise
-        ttft = time.perf_counter() - t0
-        if plan.source in ("new", "recompute", "device") and sum(TRACE_COUNTS.values()) == traced:
-            # No loads in the way and nothing compiled: a compute measurement.
-            self.read_ahead.observe_compute(len(plan.compute_ids), mc.num_layers, ttft)
+        ttft = time.perf_counter() - s.t0
+        if (s.chunks == 1 and plan.source in ("new", "recompute", "device")
+                and sum(TRACE_COUNTS.values()) == traced):
+            # One chunk, no loads in the way and nothing compiled: a compute measurement.
+            self.read_ahead.observe_compute(n_comp, mc.num_layers, time.perf_counter() - t_chunk)
         length = plan.cached_len + n_comp
-        return _Active(index, plan, pages, table, arrival, t0, ttft, [first], length, length, pf, prompt_logits,
-                       [np.asarray(logits)] if ec.return_logits else None)
+        return _Active(s.index, plan, s.pages, s.table, s.arrival, s.t0, ttft, [first], length, length, s.first,
+                       prompt_logits, [np.asarray(logits)] if ec.return_logits else None, s.slot, s.promise)
 
     # ---- saving and finishing ---------------------------------------------------------------------------
     def _save(self, a: _Active, hi: int) -> None:
@@ -258,10 +336,8 @@ class Engine:
             info = self.store.lookup(plan.sid)
             if self.config.keep_pages:
                 self.pool.retain(plan.sid, a.pages, info.turn, info.num_tokens)
-            else:
-                self.pool.release(a.pages)
-        else:
-            self.pool.release(a.pages)
+                a.pages = []
+        self._give_back(a)
         reply_ids = [t for t in gen if t not in self._stop_set]
         reply = self.tokenizer.decode(reply_ids, skip_special_tokens=True) if self.tokenizer is not None else ""
         pf = a.prefill
@@ -275,7 +351,7 @@ class Engine:
 
     def _abort(self, a: _Active) -> None:
         """A failed turn: its pages go back and its session returns to its last committed turn."""
-        self.pool.release(a.pages)
+        self._give_back(a)
         self._abort_session(a.plan.sid)
 
     def _abort_session(self, sid: str) -> None:

@@ -8,7 +8,10 @@ A slot's session owns the pages of its block table while it decodes. When its tu
 pages stay in the pool as that session's device copy (tagged with the turn and token count it
 holds); the next turn of the session finds them in place (a device hit: no copy). Under pressure
 the least recently used cached sessions give their pages back. Device memory therefore grows with
-the tokens held, not with slots x context.
+the tokens held, not with slots x context. A decoding slot holds the pages its rows fill (and those
+of the next dispatch); the rest of its reply budget is *promised* (``promise``), allocated page by
+page as the reply grows: a new job is admitted only if the pool holds its whole budget beside every
+promise, so a growing slot never finds the pool empty (it evicts cached sessions if it must).
 """
 
 from __future__ import annotations
@@ -51,6 +54,7 @@ class PagePool:
         self._free: list[int] = list(range(num_pages - 1, 0, -1))  # pop() hands out low ids first
         self._cached: collections.OrderedDict[str, CachedPages] = collections.OrderedDict()  # LRU first
         self.stats = collections.Counter()
+        self.promised = 0  # pages promised to decoding slots, handed out as their replies grow
 
     # ---- accounting ---------------------------------------------------------------------------
     @property
@@ -70,6 +74,20 @@ class PagePool:
 
     def free_pages(self, *, evictable: bool = True) -> int:
         return len(self._free) + (sum(len(c.pages) for c in self._cached.values()) if evictable else 0)
+
+    def available(self) -> int:
+        """Pages a new job may reserve: free or evictable, less those promised to decoding slots."""
+        return self.free_pages() - self.promised
+
+    def promise(self, n: int) -> None:
+        """Promise ``n`` pages to a decoding slot (allocated later, as its reply grows)."""
+        self.promised += n
+
+    def settle(self, n: int) -> None:
+        """``n`` promised pages were allocated, or are no longer needed."""
+        if not 0 <= n <= self.promised:
+            raise ValueError(f"settling {n} of {self.promised} promised pages")
+        self.promised -= n
 
     def pages_for(self, tokens: int) -> int:
         return -(-tokens // self.page_size)

@@ -181,7 +181,7 @@ class PerLayer:
             preloaded: int, rotated: bool = False):
         ec, store, L = c.engine_config, c.store, len(c.layers)
         loads = dict(ready)
-        hist_bytes = plan.cached_len * store.layout.bytes_per_token_layer
+        hist_bytes = plan.cached_len * store.layout.bytes_per_token_layer if store is not None else 0
         if self.upfront:
             ahead = L
         elif plan.source == "disk" and ec.read_ahead is None:

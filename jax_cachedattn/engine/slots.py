@@ -137,20 +137,44 @@ def insert(state: DecodeState, slot, table, length, first_logits, key, budget, e
     return _advance(st, sampled, gen, stop_ids), first
 
 
-@functools.partial(jax.jit, static_argnames=("config", "steps", "with_logits", "naive"),
+def decode_buckets(max_slots: int) -> tuple[int, ...]:
+    """The decode batch sizes compiled for ``max_slots`` slots: powers of two below it, then itself."""
+    return tuple(b for b in (1 << i for i in range(max_slots.bit_length())) if b < max_slots) + (max_slots,)
+
+
+def decode_bucket(busy: int, max_slots: int) -> int:
+    """The smallest decode batch (:func:`decode_buckets`) covering slots ``0 .. busy - 1``."""
+    return next(b for b in decode_buckets(max_slots) if b >= busy)
+
+
+@functools.partial(jax.jit, donate_argnames=("state",))
+def set_table(state: DecodeState, slot, table) -> DecodeState:
+    """A slot's block table ``[M]`` replaced (its reply grew onto a new page). DONATES ``state``."""
+    TRACE_COUNTS["slots_set_table"] += 1
+    return state.replace(tables=state.tables.at[slot].set(table))
+
+
+@functools.partial(jax.jit, static_argnames=("config", "steps", "with_logits", "naive", "active"),
                    donate_argnames=("state", "pool"))
 def generate(params, layers, config: ModelConfig, state: DecodeState, pool, stop_ids, steps: int,
-             with_logits: bool = False, naive: bool = False):
+             with_logits: bool = False, naive: bool = False, active: int | None = None):
     """``steps`` decode steps of every live slot (GEN or CLOSE). DONATES ``state`` and ``pool``.
+
+    ``active``: only slots ``0 .. active - 1`` are stepped (the rest must be idle): the step's
+    matmuls then have ``active`` rows, not ``max_slots`` (a bucket of :func:`decode_buckets`, so one
+    program per bucket). None: every slot.
 
     params: the non-layer params (embed, final_norm, lm_head); layers: per-layer params (a tuple,
     unrolled: slicing stacked weights inside a program copies them). Returns ``(state, pool,
-    emitted [steps, S], logits)``: emitted holds each step's sampled token, -1 where a slot did not
-    sample; logits ``[steps, S, V]`` (or None unless ``with_logits``). ``naive``: the store keeps
+    emitted [steps, S], logits)`` (S = ``active`` when given): emitted holds each step's sampled token,
+    -1 where a slot did not sample; logits ``[steps, S, V]`` (or None unless ``with_logits``). ``naive``: the store keeps
     post-RoPE keys too (``EngineConfig.rope_mode="naive"``): the saves read the pool, the ring is unused.
     ``state.raw_k`` has one ring per layer.
     """
     TRACE_COUNTS["slots_generate"] += 1
+    full = state
+    if active is not None and active < full.tables.shape[0]:
+        state = jax.tree.map(lambda a: a[:active], full)
     S, M = state.tables.shape
     B = pool[0].shape[2]
     if len(state.raw_k) != len(layers):
@@ -193,4 +217,6 @@ def generate(params, layers, config: ModelConfig, state: DecodeState, pool, stop
         return (st, tuple(new_pool)), (out, logits if with_logits else None)
 
     (state, pool), (emitted, logits) = jax.lax.scan(step, (state, tuple(pool)), None, length=steps)
+    if state is not full and S < full.tables.shape[0]:  # the stepped slots back into the whole state
+        state = jax.tree.map(lambda a, b: a.at[:S].set(b), full, state)
     return state, pool, emitted, logits

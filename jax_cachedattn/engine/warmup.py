@@ -1,7 +1,7 @@
 """Compile ahead: run the engine's programs once for the shapes a user's first turns will have.
 
 A turn compiles its prefill programs once per (prompt bucket, history bucket, source), and the
-decode step once per engine. Without a warm-up those compiles land on the first turns' TTFT (a
+decode step once per decode batch size (``slots.decode_buckets``). Without a warm-up those compiles land on the first turns' TTFT (a
 fresh process once took 4.2 s to the first token of a conversation's second turn from host memory,
 against 0.97 s for its first). :func:`warmup` runs real turns of scratch sessions through the
 engine's own loop, so exactly the programs a turn runs are compiled (and, with JAX's persistent
@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jax_cachedattn.engine import programs as P
+from jax_cachedattn.engine import slots as SL
 from jax_cachedattn.engine.prefill import prompt_bucket_length
 from jax_cachedattn.model import bucket_length
 from jax_cachedattn.store import TieredStore
@@ -98,6 +99,13 @@ def warmup(engine, prompt_lengths: Sequence[int], history_lengths: Sequence[int]
         table = np.zeros(engine.state.tables.shape[1], np.int32)
         for size in sorted({bucket_length(n, minimum=ec.save_every) for n in range(1, ec.save_every + ec.decode_steps + 1)}):
             P.read_rows(engine.pool.pages, jnp.asarray(table), jnp.int32(0), size)
+        # The decode step at every batch size the loop may run (engine/slots.py, decode_buckets); every
+        # slot is idle here, so the steps change nothing but the trash page.
+        engine.state = SL.set_table(engine.state, jnp.int32(0), jnp.asarray(np.asarray(engine.state.tables)[0]))
+        for b in SL.decode_buckets(ec.max_slots):
+            engine.state, engine.pool.pages, _, _ = SL.generate(
+                engine.params, engine.layers, mc, engine.state, engine.pool.pages, engine._stop_ids, ec.decode_steps,
+                ec.return_logits, ec.rope_mode == "naive", active=b)
         if scratch is not None:
             scratch.flush()
     finally:
