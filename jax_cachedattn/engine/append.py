@@ -8,21 +8,16 @@ commit. Nothing is sampled, no decode slot is taken.
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from collections.abc import Mapping
 
-import jax.numpy as jnp
 import numpy as np
 
 from jax_cachedattn.chat_template import ROLES, ChatTemplateError, plan_turn
-from jax_cachedattn.engine import programs as P
 from jax_cachedattn.engine.config import TurnResult
 from jax_cachedattn.engine.plan import make_plan
-from jax_cachedattn.engine.pool import PoolFull, block_table
-from jax_cachedattn.engine.prefill import prefill
-from jax_cachedattn.model import bucket_length, validate_tokens
-from jax_cachedattn.store import KVLost, validate_session_id
+from jax_cachedattn.model import validate_tokens
+from jax_cachedattn.store import validate_session_id
 
 
 def _messages(messages) -> list[dict]:
@@ -76,57 +71,27 @@ def append(engine, session_id: str, message, InputError: type[Exception] = Value
                      sink=ec.truncation_sink, keep=keep)
     t0 = time.perf_counter()
     store, pool = e.store, e.pool
-    n_comp = len(plan.compute_ids)
-    length = plan.cached_len + n_comp
-    need = pool.pages_for(length)
-    if need > pool.free_pages():
-        raise PoolFull(f"the append needs {need} pages, {pool.free_pages()} are free or evictable")
-    if plan.n_drop or plan.tail_drop:
-        e.read_buffer.drop(sid)
-        if plan.n_drop:
-            pool.drop(sid)
-        if plan.kv_valid:
-            if plan.tail_drop:
-                store.drop_range(sid, plan.num_tokens - plan.tail_drop, plan.num_tokens)
-            if plan.n_drop:
-                store.drop_range(sid, plan.cut.start, plan.cut.stop)
-    pages = pool.take(sid, plan.turn, plan.num_tokens) if plan.source == "device" else None
-    if pages is None:
-        pool.drop(sid)
-        pages = []
-    elif len(pages) > need:
-        pool.release(pages[need:])
-        pages = pages[:need]
-    pages = pages + pool.alloc(need - len(pages), keep=sid)
-    table = block_table(pages, e._width)
+    # The turn path's own reservation (promises of slots in flight respected) and chunked prefill, no slot.
+    s = e._begin(-1, plan, -1, t0, t0)
+    a = None
     try:
-        device_hist = None
-        if plan.source == "device":
-            device_hist = P.read_rows(pool.pages, jnp.asarray(table), jnp.int32(0), bucket_length(plan.cached_len))
-        try:
-            pf, _, _ = prefill(e._ctx, plan, device_hist)
-        except KVLost:  # a checksum failure found while loading: recompute from the token ids
-            store.delete(sid)
-            plan = dataclasses.replace(plan, source="recompute", compute_ids=np.concatenate([plan.hist_ids, plan.new_ids]),
-                                       cached_len=0, save_from=0, turn=None, num_tokens=0, kv_valid=False)
-            n_comp = len(plan.compute_ids)
-            pf, _, _ = prefill(e._ctx, plan, None)
-        if ec.keep_pages:  # the pages are kept for the next turn: they must hold the rows
-            pool.pages = P.write_pages(pool.pages, pf.hists, pf.news, jnp.asarray(table), jnp.int32(plan.cached_len),
-                                       jnp.int32(n_comp), write_hist=plan.source != "device", config=mc,
-                                       rotate=ec.rope_mode != "naive")
+        while a is None:
+            a = e._resume(s, insert=False)  # on failure it gives its pages back
+    except BaseException:
+        e._abort_session(sid)
+        raise
+    try:
         all_ids = np.concatenate([plan.hist_ids, plan.new_ids]).astype(np.int32)
         commit = store.commit_turn(sid, all_ids)
     except BaseException:
-        pool.release(pages)
-        e._abort_session(sid)
+        e._abort(a)
         raise
     info = store.lookup(sid)
     if ec.keep_pages:
-        pool.retain(sid, pages, info.turn, info.num_tokens)
-    else:
-        pool.release(pages)
-    dt = time.perf_counter() - t0
+        pool.retain(sid, a.pages, info.turn, info.num_tokens)
+        a.pages = []
+    e._give_back(a)
+    plan, pf, dt = a.plan, a.prefill, time.perf_counter() - t0
     return TurnResult(session=sid, reply="", reply_tokens=[], history_tokens=len(plan.hist_ids),
                       prompt_tokens=len(plan.new_ids), generated_tokens=0, truncated_tokens=plan.n_drop,
                       dropped_tokens=plan.tail_drop, ttft_s=dt, total_s=dt, source=plan.source,

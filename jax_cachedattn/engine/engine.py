@@ -242,10 +242,11 @@ class Engine:
         n = len(plan.compute_ids)
         return min(n, self.config.prefill_budget) if self.config.chunked_prefill else n
 
-    def _resume(self, s: _Starting) -> _Active | None:
+    def _resume(self, s: _Starting, insert: bool = True) -> _Active | None:
         """Prefill the job's next chunk (``prefill_budget`` new tokens with ``chunked_prefill``) against the
         history and the chunks before it; after the last one, sample its first token and insert it into
-        its slot. Returns the :class:`_Active` then, else None. On failure its pages go back."""
+        its slot (``insert=False``, Engine.append: no token sampled, no slot taken). Returns the
+        :class:`_Active` then, else None. On failure its pages go back."""
         ec, mc, store, pool = self.config, self.model_config, self.store, self.pool
         try:
             plan, lo = s.plan, s.done
@@ -282,6 +283,10 @@ class Engine:
                 return None
             n_comp = n_all
             prompt_logits = np.concatenate(s.logits)[n_comp - len(plan.new_ids):] if ec.return_logits else None
+            if not insert:
+                length = plan.cached_len + n_comp
+                return _Active(s.index, plan, s.pages, s.table, s.arrival, s.t0, time.perf_counter() - s.t0, [],
+                               length, length, s.first, prompt_logits, None, s.slot, s.promise)
             logits = P.logits_at(self.params, mc, pf.x, jnp.int32(n - 1))
             chat = plan.chat and bool(self._end)
             end = np.zeros(max(1, len(self._end)), np.int32)
