@@ -53,12 +53,15 @@ def _compare(rs: list[dict], tt: str, ca: str) -> dict:
     a, b = [r["nll"][ca] for r in rs], [r["nll"][tt] for r in rs]
     p_tt, p_ca = _ppl(b), _ppl(a)
     d = np.concatenate([np.asarray(x) - np.asarray(y) for x, y in zip(a, b)])
-    top = np.sort(np.abs(d))[::-1]
+    order = np.argsort(-np.abs(d), kind="stable")
+    top = np.abs(d)[order]
     return {"tt": p_tt, "ca": p_ca, "diff": p_ca / p_tt - 1, "ci": paired_ci(a, b, block=BLOCK),
             "ci_token": paired_ci(a, b), "tokens": int(d.size),
             "per_seq": [float(math.exp(np.mean(np.asarray(x) - np.asarray(y))) - 1) for x, y in zip(a, b)],
             # share of the summed |difference| carried by the 5 tokens with the largest ones
-            "top5_share": float(top[:5].sum() / max(top.sum(), 1e-12)), "mean_abs": float(np.abs(d).mean())}
+            "top5_share": float(top[:5].sum() / max(top.sum(), 1e-12)), "mean_abs": float(np.abs(d).mean()),
+            # the comparison without those 5 tokens: is the gap a few tokens or spread over all of them?
+            "diff_without_top5": float(math.exp(np.delete(d, order[:5]).mean()) - 1) if d.size > 5 else None}
 
 
 def position_profile(rs: list[dict], tt: str, ca: str, bin_size: int = BLOCK) -> dict:
