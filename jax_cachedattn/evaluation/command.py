@@ -40,8 +40,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="more sink sizes to compare, comma-separated (e.g. 1,16): TT+sinkK and CA+sinkK per cut")
     p.add_argument("--no-variants", action="store_true", help="skip the mid-turn and system-prompt cuts")
     p.add_argument("--seed", type=int, default=0, help="seed of text offsets, conversations and facts")
-    p.add_argument("--merge", default="", metavar="DIR,DIR",
-                   help="no new run: pool the rows and recall items of earlier runs' results.json into --out")
+    p.add_argument("--merge", default="", metavar="PATH,PATH",
+                   help="no new run: pool the rows and recall items of earlier runs (their folders or results "
+                        "files) into --out, with the sink sweep tables")
 
 
 def _ints(s: str, what: str) -> tuple:
@@ -78,15 +79,16 @@ def load(spec: str) -> tuple[Any, Any, Any, str, str]:
 
 
 def merge(dirs: list[Path], out: Path) -> dict[str, Path]:
-    """Pool earlier runs (their ``results.json``) into one report in ``out``: the rows and recall items of
-    every run, each row tagged with its run (``run``), the headers kept under ``merged_from``."""
+    """Pool earlier runs (a folder holding ``results.json``, or such a file) into one report in ``out``: the
+    rows and recall items of every run, each row tagged with its run (``run``), the headers kept under
+    ``merged_from``."""
     import json
 
     from jax_cachedattn.evaluation import report
 
     rows, recall, heads = [], [], []
     for d in dirs:
-        f = Path(d) / "results.json"
+        f = Path(d) / "results.json" if Path(d).is_dir() else Path(d)
         if not f.is_file():
             raise UsageError(f"--merge: {f} does not exist")
         body = json.loads(f.read_text())

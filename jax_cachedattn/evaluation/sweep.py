@@ -120,4 +120,15 @@ def markdown(s: dict) -> str:
         b = g["by_sink"]
         lines.append(f"| {g['source']} | {g['cuts']} | {g['rows']} | {b[str(ks[0])]['tokens']} | "
                      + " | ".join(_cell(b[str(k)]) for k in ks) + " |")
+    k = max(ks)
+    lines += ["", f"**Where the gap sits** (sink {k}): the share of the summed |nll difference| that the 5 tokens with "
+              "the largest differences carry, the comparison without them, and each sequence's own figure.", "",
+              "| source | W | cut | ratio | CA / TT - 1 | top-5 share | without the top 5 | per sequence |",
+              "|---|---|---|---|---|---|---|---|"]
+    for g in s["groups"]:
+        c = g["by_sink"][str(k)]
+        wo = "-" if c["diff_without_top5"] is None else f"{c['diff_without_top5'] * 100:+.1f} %"
+        lines.append(f"| {g['source']} | {g['W']} | {g['cut']} | {'-' if g['ratio'] is None else g['ratio']} | "
+                     f"{c['diff'] * 100:+.1f} % | {c['top5_share']:.0%} | {wo} | "
+                     + ", ".join(f"{x * 100:+.1f}" for x in c["per_seq"]) + " |")
     return "\n".join(lines) + "\n"
