@@ -92,11 +92,10 @@ def merge(dirs: list[Path], out: Path) -> dict[str, Path]:
         if not f.is_file():
             raise UsageError(f"--merge: {f} does not exist")
         body = json.loads(f.read_text())
-        if not body.get("complete"):
-            raise UsageError(f"--merge: {f} is from an unfinished run")
         rows += [{**r, "run": str(d)} for r in body["rows"]]
         recall += [{**r, "run": str(d)} for r in body["recall"]]
-        heads.append({k: body.get(k) for k in ("config", "wall_s", "generation_s", "machine")} | {"dir": str(d)})
+        # an unfinished run (stopped after some windows) counts with the windows it finished: "complete" says so
+        heads.append({k: body.get(k) for k in ("config", "complete", "wall_s", "generation_s", "machine")} | {"dir": str(d)})
         model = body["model"]
     if len({h["dir"] for h in heads}) != len(heads):
         raise UsageError("--merge: a folder is named twice")
