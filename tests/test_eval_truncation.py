@@ -172,3 +172,25 @@ def test_cli_bad_input_exits_2(capsys):
         assert main(["eval-truncation", *args, "--out", "/tmp/eval-truncation-bad"]) == 2, args
         err = capsys.readouterr().err
         assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+
+
+def test_merge_pools_stored_runs(tmp_path, capsys):
+    import json
+
+    from jax_cachedattn.cli import main
+
+    runs = [ROOT / "docs" / "results" / f"truncation_smollm2_engine_sink_W{w}.json" for w in (512, 1024)]
+    assert main(["eval-truncation", "--merge", ",".join(map(str, runs)), "--out", str(tmp_path / "m")]) == 0
+    body = json.loads((tmp_path / "m" / "results.json").read_text())
+    parts = [json.loads(p.read_text()) for p in runs]
+    assert len(body["rows"]) == sum(len(p["rows"]) for p in parts)
+    assert {r["run"] for r in body["rows"]} == {str(p) for p in runs}
+    sw = body["summary"]["sink_sweep"]
+    assert sw["sinks"] == [0, 4]
+    # the pooled chat comparison is the one over the rows of both runs
+    chat = next(g for g in sw["pooled"] if (g["source"], g["cuts"]) == ("chat", "all"))
+    assert chat["rows"] == sum(r["source"] == "chat" for p in parts for r in p["rows"])
+    assert "Sink sweep" in (tmp_path / "m" / "tables.md").read_text()
+    capsys.readouterr()
+    assert main(["eval-truncation", "--merge", str(tmp_path / "nothing"), "--out", str(tmp_path / "n")]) == 2
+    assert "does not exist" in capsys.readouterr().err
