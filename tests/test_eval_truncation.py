@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 
 from jax_cachedattn.engine.truncation import Cut
-from jax_cachedattn.evaluation import EvalConfig, Sequence, StoredKVMismatch, Truncator, cuts, run
+from jax_cachedattn.evaluation import EvalConfig, Sequence, StoredKVMismatch, Truncator, cuts, run, sweep
+from jax_cachedattn.evaluation.experiment import sink_cut
 from jax_cachedattn.evaluation.command import load
 from jax_cachedattn.evaluation.report import summarize
 from jax_cachedattn.evaluation.text import prose_sequences, pydoc_text
@@ -45,11 +46,22 @@ def truncator(tiny):
 
 
 def test_ca_close_to_tt_nkvt_worse_full_best(truncator, prose):
-    res = run(truncator, prose, EvalConfig(windows=(W,), ratios=(0.5,), continuation=C, prose=3, chats=0, recall=0, sink=4))
+    res = run(truncator, prose, EvalConfig(windows=(W,), ratios=(0.5,), continuation=C, prose=3, chats=0, recall=0,
+                                           sink=4, sweep=(1,)))
     (g,) = summarize(res)["perplexity"]
     p = g["ppl"]
-    assert g["kv_exact"] and all(r["kv_exact"] == {"CA": True, "NKVT": True, "CA+sink": True} for r in res["rows"])
+    assert g["kv_exact"] and all(r["kv_exact"] == {"CA": True, "NKVT": True, "CA+sink": True, "CA+sink1": True}
+                                 for r in res["rows"])
     assert all(r["sink_cut"] == [4, r["n_drop"]] for r in res["rows"])  # prose: the same amount, after the sink
+    assert all(r["sweep_cuts"] == {"1": [1, r["n_drop"]]} for r in res["rows"])  # the sweep's sink of 1
+    sw = sweep.summarize(res["rows"])
+    assert sw["sinks"] == [0, 1, 4]
+    (sg,) = sw["groups"]
+    for k, (tt, ca) in {"0": ("TT", "CA"), "1": ("TT+sink1", "CA+sink1"), "4": ("TT+sink", "CA+sink")}.items():
+        assert sg["by_sink"][k]["diff"] == pytest.approx(p[ca] / p[tt] - 1), k
+        lo, hi = sg["by_sink"][k]["ci"]
+        assert lo <= sg["by_sink"][k]["diff"] <= hi
+    assert abs(p["CA+sink1"] / p["TT+sink1"] - 1) < 0.05, p
     assert abs(p["CA+sink"] / p["TT+sink"] - 1) < 0.05, p
     assert abs(p["CA"] / p["TT"] - 1) < 0.05, p  # CA within 5 % of TT
     assert p["NKVT"] > 1.3 * p["TT"], p  # the positions baked into the keys break the model
@@ -113,6 +125,25 @@ def test_cuts_whole_turns_inside_a_turn_and_the_system_prompt():
     assert sink[("turn", 0.25)] == (4, 86) and sink[("turn", 0.5)] == (4, 146)
     assert sink[("mid", 0.25)] == (4, 60) and sink[("system", None)] == (4, 16)
     assert [k for *_, k in cuts(prose, 256, 32, (0.5,), True, sink=4)] == [(4, 128)]
+    # a sink of 16: the engine's whole-turn cut from 16; the system cut keeps only its end (20)
+    assert sink_cut(seq, 256, 32, "turn", 0.25, 90, 16) == (16, 74)
+    assert sink_cut(seq, 256, 32, "system", None, 20, 16) == (16, 4)
+    assert sink_cut(seq, 256, 32, "mid", 0.5, 128, 0) == (0, 128)
+
+
+def test_block_bootstrap_interval():
+    rng = np.random.default_rng(0)
+    b = [rng.normal(2.0, 1.0, 128) for _ in range(3)]
+    same = sweep.paired_ci(b, b, block=16)
+    assert same == (0.0, 0.0)
+    shifted = sweep.paired_ci([x + 0.01 for x in b], b, block=16)  # every token 0.01 nats worse: exactly +1 %
+    assert shifted == pytest.approx((np.expm1(0.01), np.expm1(0.01)))
+    # differences that come in runs of 16 tokens: resampling single tokens understates the spread
+    runs = [np.repeat(rng.normal(0, 0.05, 8), 16) for _ in range(3)]
+    a = [x + y for x, y in zip(b, runs)]
+    lo1, hi1 = sweep.paired_ci(a, b, block=1)
+    lo16, hi16 = sweep.paired_ci(a, b, block=16)
+    assert hi16 - lo16 > 2 * (hi1 - lo1)
 
 
 def test_train_tiny_is_seeded_and_learns():
@@ -141,3 +172,25 @@ def test_cli_bad_input_exits_2(capsys):
         assert main(["eval-truncation", *args, "--out", "/tmp/eval-truncation-bad"]) == 2, args
         err = capsys.readouterr().err
         assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+
+
+def test_merge_pools_stored_runs(tmp_path, capsys):
+    import json
+
+    from jax_cachedattn.cli import main
+
+    runs = [ROOT / "docs" / "results" / f"truncation_smollm2_engine_sink_W{w}.json" for w in (512, 1024)]
+    assert main(["eval-truncation", "--merge", ",".join(map(str, runs)), "--out", str(tmp_path / "m")]) == 0
+    body = json.loads((tmp_path / "m" / "results.json").read_text())
+    parts = [json.loads(p.read_text()) for p in runs]
+    assert len(body["rows"]) == sum(len(p["rows"]) for p in parts)
+    assert {r["run"] for r in body["rows"]} == {str(p) for p in runs}
+    sw = body["summary"]["sink_sweep"]
+    assert sw["sinks"] == [0, 4]
+    # the pooled chat comparison is the one over the rows of both runs
+    chat = next(g for g in sw["pooled"] if (g["source"], g["cuts"]) == ("chat", "all"))
+    assert chat["rows"] == sum(r["source"] == "chat" for p in parts for r in p["rows"])
+    assert "Sink sweep" in (tmp_path / "m" / "tables.md").read_text()
+    capsys.readouterr()
+    assert main(["eval-truncation", "--merge", str(tmp_path / "nothing"), "--out", str(tmp_path / "n")]) == 2
+    assert "does not exist" in capsys.readouterr().err

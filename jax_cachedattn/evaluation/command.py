@@ -36,8 +36,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sink", type=int, default=4,
                    help="also run TT+sink and CA+sink, which keep the first SINK tokens as the engine does "
                         "(EngineConfig.truncation_sink, default 4; 0: off)")
+    p.add_argument("--sweep", default="",
+                   help="more sink sizes to compare, comma-separated (e.g. 1,16): TT+sinkK and CA+sinkK per cut")
     p.add_argument("--no-variants", action="store_true", help="skip the mid-turn and system-prompt cuts")
     p.add_argument("--seed", type=int, default=0, help="seed of text offsets, conversations and facts")
+    p.add_argument("--merge", default="", metavar="PATH,PATH",
+                   help="no new run: pool the rows and recall items of earlier runs (their folders or results "
+                        "files) into --out, with the sink sweep tables")
 
 
 def _ints(s: str, what: str) -> tuple:
@@ -73,7 +78,35 @@ def load(spec: str) -> tuple[Any, Any, Any, str, str]:
     return config, params, None, params_fingerprint(config, params), config.name
 
 
+def merge(dirs: list[Path], out: Path) -> dict[str, Path]:
+    """Pool earlier runs (a folder holding ``results.json``, or such a file) into one report in ``out``: the
+    rows and recall items of every run, each row tagged with its run (``run``), the headers kept under
+    ``merged_from``."""
+    import json
+
+    from jax_cachedattn.evaluation import report
+
+    rows, recall, heads = [], [], []
+    for d in dirs:
+        f = Path(d) / "results.json" if Path(d).is_dir() else Path(d)
+        if not f.is_file():
+            raise UsageError(f"--merge: {f} does not exist")
+        body = json.loads(f.read_text())
+        rows += [{**r, "run": str(d)} for r in body["rows"]]
+        recall += [{**r, "run": str(d)} for r in body["recall"]]
+        # an unfinished run (stopped after some windows) counts with the windows it finished: "complete" says so
+        heads.append({k: body.get(k) for k in ("config", "complete", "wall_s", "generation_s", "machine")} | {"dir": str(d)})
+        model = body["model"]
+    if len({h["dir"] for h in heads}) != len(heads):
+        raise UsageError("--merge: a folder is named twice")
+    return report.write({"rows": rows, "recall": recall}, out, {"model": model, "merged_from": heads, "complete": True})
+
+
 def main(args: argparse.Namespace) -> int:
+    if args.merge:
+        files = merge([Path(d) for d in args.merge.split(",") if d.strip()], Path(args.out))
+        print(Path(files["tables"]).read_text())
+        return 0
     import jax
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -86,7 +119,8 @@ def main(args: argparse.Namespace) -> int:
     try:  # the flags' values are the user's input: a value the config rejects is bad input
         cfg = experiment.EvalConfig(windows=_ints(args.windows, "windows"), ratios=_floats(args.ratios, "ratios"),
                                     continuation=args.continuation, prose=args.prose, chats=args.chats,
-                                    recall=args.recall, variants=not args.no_variants, sink=args.sink, seed=args.seed)
+                                    recall=args.recall, variants=not args.no_variants, sink=args.sink,
+                                    sweep=_ints(args.sweep, "sweep"), seed=args.seed)
     except ValueError as e:
         raise UsageError(str(e).splitlines()[0]) from None
     t0 = time.perf_counter()
@@ -115,8 +149,8 @@ def main(args: argparse.Namespace) -> int:
                                                         on_done=lambda s: prog.advance(task))
         gen_s = time.perf_counter() - g0
         boundary = tok.token_to_id("<|im_start|>")
-        seqs += [experiment.Sequence("chat", i, np.asarray(c["ids"], np.int32), np.asarray(c["turn_starts"]), boundary)
-                 for i, c in enumerate(convs[: cfg.chats])]
+        seqs += [experiment.Sequence("chat", c["seed"], np.asarray(c["ids"], np.int32), np.asarray(c["turn_starts"]), boundary)
+                 for c in convs[: cfg.chats]]
     n_recall = {W: len(experiment.recall_items(convs, tok, W, cfg)) for W in cfg.windows} if convs and cfg.recall else {}
     truncator = Truncator(params, config)
 

@@ -31,6 +31,8 @@ class EvalConfig:
     tokens (the attention sink) and drop the tokens after them, cut where the engine with
     ``truncation_sink=sink`` cuts (for prose the same number of tokens as the plain cut, moved back by
     ``sink``; for chats from ``sink`` to the turn start the engine picks, usually the plain cut's end).
+    sweep: more sink sizes, each scored as ``TT+sink{k}`` / ``CA+sink{k}`` with the engine's cut for
+    ``truncation_sink=k`` (the sink sweep; ``sink`` stays the one named plainly ``TT+sink``/``CA+sink``).
     seed: text offsets, conversations and facts."""
 
     windows: tuple[int, ...] = (512, 1024, 2048)
@@ -41,6 +43,7 @@ class EvalConfig:
     recall: int = 4
     variants: bool = True
     sink: int = 0
+    sweep: tuple[int, ...] = ()
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -55,6 +58,8 @@ class EvalConfig:
         for f in ("prose", "chats", "recall", "sink"):
             if getattr(self, f) < 0:
                 raise ValueError(f"{f} must be >= 0")
+        if any(int(k) < 1 for k in self.sweep):
+            raise ValueError(f"sweep sink sizes must be >= 1 (0 is TT/CA), got {self.sweep}")
 
 
 @dataclasses.dataclass
@@ -68,6 +73,17 @@ class Sequence:
     boundary_id: int | None = None
 
 
+def sink_cut(seq: Sequence, W: int, C: int, cut: str, ratio: float | None, n_drop: int, sink: int) -> Cut:
+    """What the engine with ``truncation_sink=sink`` drops for the plain cut ``(cut, ratio, n_drop)``:
+    ``turn``/``exact`` its own plan; ``mid`` and ``system`` the same end as the plain cut, the sink spared."""
+    if not sink:
+        return Cut(0, n_drop)
+    if cut in ("turn", "exact"):
+        return plan_truncation(seq.ids[:W], C, 0, W, ratio, seq.boundary_id, sink)
+    s = min(sink, n_drop)
+    return Cut(s, n_drop - s)
+
+
 def cuts(seq: Sequence, W: int, C: int, ratios, variants: bool, sink: int = 0) -> list[tuple[str, float | None, int, Cut]]:
     """``(cut, ratio, n_drop, sink_cut)`` for the history ``seq.ids[:W]`` followed by ``C`` new tokens.
 
@@ -75,24 +91,21 @@ def cuts(seq: Sequence, W: int, C: int, ratios, variants: bool, sink: int = 0) -
     turns when the text has turns). ``mid``: the same amount cut exactly there, inside a turn.
     ``system``: only the system block goes (the window is then exceeded by the rest of the overflow).
     ``n_drop`` is what TT/CA/NKVT drop from the front; ``sink_cut`` what the engine with
-    ``truncation_sink=sink`` drops (``turn``/``exact``: its own plan; ``mid``: the same end as the plain
-    cut, inside a turn; ``system``: the system block after the sink).
+    ``truncation_sink=sink`` drops (:func:`sink_cut`).
     """
     hist = seq.ids[:W]
     out = []
     for r in ratios:
         n = plan_truncation(hist, C, 0, W, r, seq.boundary_id).n
-        out.append(("turn" if seq.boundary_id is not None else "exact", r, n,
-                    plan_truncation(hist, C, 0, W, r, seq.boundary_id, sink) if sink else Cut(0, n)))
+        out.append(("turn" if seq.boundary_id is not None else "exact", r, n))
         if variants and seq.boundary_id is not None:
             m = plan_truncation(hist, C, 0, W, r, None).n
             while m < W - 1 and hist[m] == seq.boundary_id:
                 m += 1
-            out.append(("mid", r, m, Cut(min(sink, m), m - min(sink, m))))
+            out.append(("mid", r, m))
     if variants and seq.turn_starts is not None and len(seq.turn_starts) > 1:
-        n = int(seq.turn_starts[1])
-        out.append(("system", None, n, Cut(min(sink, n), n - min(sink, n))))
-    return [(c, r, n, k) for c, r, n, k in out if 0 < n < W]
+        out.append(("system", None, int(seq.turn_starts[1])))
+    return [(c, r, n, sink_cut(seq, W, C, c, r, n, sink)) for c, r, n in out if 0 < n < W]
 
 
 def run(truncator: Truncator, sequences: list[Sequence], cfg: EvalConfig, *, conversations: list[dict] | None = None,
@@ -113,23 +126,30 @@ def run(truncator: Truncator, sequences: list[Sequence], cfg: EvalConfig, *, con
             cont = seq.ids[W : W + C]
             targets = cont[1:]
             full = truncator.full(hist, cont, targets)
-            for cut, ratio, n_drop, sink_cut in cuts(seq, W, C, cfg.ratios, cfg.variants, cfg.sink):
+            for cut, ratio, n_drop, scut in cuts(seq, W, C, cfg.ratios, cfg.variants, cfg.sink):
                 t0 = time.perf_counter()
                 res = {"Full": full}
                 for m in ("TT", "CA", "NKVT") + (SINK_METHODS if cfg.sink else ()):
-                    res[m] = truncator.run(m, hist, n_drop, cont, targets, cut=sink_cut)
+                    res[m] = truncator.run(m, hist, n_drop, cont, targets, cut=scut)
+                sweep_cuts = {}
+                for k in cfg.sweep:
+                    sweep_cuts[k] = kc = sink_cut(seq, W, C, cut, ratio, n_drop, k)
+                    res[f"TT+sink{k}"] = truncator.tt_sink(hist, kc, cont, targets)
+                    res[f"CA+sink{k}"] = truncator.ca_sink(hist, kc, cont, targets)
                 tt = res["TT"].top1
                 row = {
                     "source": seq.source, "seq": seq.index, "W": W, "cut": cut, "ratio": ratio, "n_drop": n_drop,
                     "kept": W - n_drop, "C": C, "wall_s": round(time.perf_counter() - t0, 3),
-                    "kv_exact": {m: res[m].kv_exact for m in ("CA", "NKVT") + (("CA+sink",) if cfg.sink else ())},
+                    "kv_exact": {m: r.kv_exact for m, r in res.items() if r.kv_exact is not None},
                     "nll": {m: [round(float(x), 5) for x in r.nll] for m, r in res.items()},
                     # the sink methods agree with TT+sink (the recompute of the same kept tokens)
-                    "agree_tt": {m: float(np.mean(r.top1 == (res["TT+sink"].top1 if m in SINK_METHODS else tt)))
+                    "agree_tt": {m: float(np.mean(r.top1 == (res[m.replace("CA", "TT")].top1 if "+sink" in m else tt)))
                                  for m, r in res.items()},
                 }
                 if cfg.sink:
-                    row["sink_cut"] = [sink_cut.start, sink_cut.n]
+                    row["sink"], row["sink_cut"] = cfg.sink, [scut.start, scut.n]
+                if cfg.sweep:
+                    row["sweep_cuts"] = {str(k): [c.start, c.n] for k, c in sweep_cuts.items()}
                 rows.append(row)
                 tick(f"{seq.source} W={W} {cut} {ratio}", 1)
         if conversations and tokenizer is not None and cfg.recall:

@@ -15,25 +15,21 @@ from typing import Any
 
 import numpy as np
 
+from jax_cachedattn.evaluation import sweep
 from jax_cachedattn.evaluation.methods import METHODS, SINK_METHODS
+from jax_cachedattn.evaluation.sweep import BLOCK, paired_ci
 
 
 def _methods(rows) -> tuple[str, ...]:
-    have = set(rows[0]) if rows else set()
-    return METHODS + tuple(m for m in SINK_METHODS if m in have)
+    """The methods every row has: the four, the engine's sink pair, then the sweep's pairs by sink size."""
+    have = set.intersection(*(set(r) for r in rows)) if rows else set()
+    sweep = sorted((m for m in have if m[:7] in ("TT+sink", "CA+sink") and m[7:].isdigit()),
+                   key=lambda m: (int(m[7:]), m[:2] == "CA"))
+    return METHODS + tuple(m for m in SINK_METHODS if m in have) + tuple(sweep)
 
 
 def _ppl(nlls: list[list[float]]) -> float:
     return float(math.exp(np.mean(np.concatenate([np.asarray(x, np.float64) for x in nlls]))))
-
-
-def paired_ci(a: list[list[float]], b: list[list[float]], n_boot: int = 2000, seed: int = 0) -> tuple[float, float]:
-    """95 % interval of ``ppl(a) / ppl(b) - 1`` from a paired bootstrap over the scored tokens (the same
-    tokens under two methods: resampling their nll differences)."""
-    d = np.concatenate([np.asarray(x, np.float64) - np.asarray(y, np.float64) for x, y in zip(a, b)])
-    idx = np.random.default_rng(seed).integers(0, d.size, (n_boot, d.size))
-    lo, hi = np.percentile(np.exp(d[idx].mean(axis=1)) - 1, [2.5, 97.5])
-    return float(lo), float(hi)
 
 
 def summarize(results: dict) -> dict:
@@ -53,7 +49,7 @@ def summarize(results: dict) -> dict:
         row["ca_over_tt"] = row["ppl"]["CA"] / row["ppl"]["TT"]
         if all("sink_cut" in r for r in rs):
             row["sink_drop_mean"] = float(np.mean([r["sink_cut"][1] for r in rs]))
-            row["sink_ci"] = paired_ci([r["nll"]["CA+sink"] for r in rs], [r["nll"]["TT+sink"] for r in rs])
+            row["sink_ci"] = paired_ci([r["nll"]["CA+sink"] for r in rs], [r["nll"]["TT+sink"] for r in rs], block=BLOCK)
         ppl.append(row)
     rec_groups: dict[tuple, list[dict]] = collections.defaultdict(list)
     for r in results.get("recall", []):
@@ -143,7 +139,7 @@ def plot(results: dict, path: Path, ratio: float = 0.5, bin_size: int = 16) -> P
             if not cur:
                 ax.set_visible(False)
                 continue
-            for m in [k for k in cur if k != "x"]:
+            for m in [k for k in cur if k in styles]:  # the sweep's pairs are in the sweep table, not here
                 c, ls = styles[m]
                 ax.plot(cur["x"], cur[m], color=c, linestyle=ls, label=m)
             ax.set_yscale("log")
@@ -164,9 +160,13 @@ def write(results: dict, out_dir: Path, header: dict[str, Any]) -> dict[str, Pat
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     summary = summarize(results)
+    tables = markdown(summary, header.get("model", {}).get("name", "model"))
+    if results["rows"] and any("sweep_cuts" in r or "sink_cut" in r for r in results["rows"]):
+        summary["sink_sweep"] = sweep.summarize(results["rows"])
+        tables += "\n" + sweep.markdown(summary["sink_sweep"])
     body = {**header, "summary": summary, **results}
     (out_dir / "results.json").write_text(json.dumps(body, indent=1))
-    (out_dir / "tables.md").write_text(markdown(summary, header.get("model", {}).get("name", "model")))
+    (out_dir / "tables.md").write_text(tables)
     files = {"results": out_dir / "results.json", "tables": out_dir / "tables.md"}
     for ratio in sorted({r["ratio"] for r in results["rows"] if r["ratio"] is not None}):
         p = plot(results, out_dir / f"ppl_vs_position_r{ratio:g}.png", ratio=ratio)

@@ -101,9 +101,9 @@ class _Generator:
         self.length = 0
 
     def feed(self, ids: list[int]) -> jax.Array:
-        """Append ``ids`` (prefill, padded to a multiple of 32); returns the logits after the last one."""
+        """Append ``ids`` (prefill, padded to a bucket: few compiled shapes); returns the logits after the last one."""
         n = len(ids)
-        T = -(-n // 32) * 32
+        T = bucket_length(n, minimum=32)
         padded = np.zeros(T, np.int32)
         padded[:n] = ids
         logits, new_kv = prefill(self.params, self.config, jnp.asarray(padded), self.cache, jnp.int32(self.length))
@@ -130,7 +130,8 @@ class _Generator:
 def generate_conversation(params: Any, config: ModelConfig, tokenizer: Any, min_tokens: int, seed: int, *,
                           reply_tokens: int = 128, temperature: float = 0.7, top_p: float = 0.9,
                           paste_prob: float = 0.6, passage_words: int = 120,
-                          on_turn: Callable[[int], None] | None = None) -> dict:
+                          on_turn: Callable[[int], None] | None = None,
+                          on_partial: Callable[[dict], None] | None = None) -> dict:
     """One ChatML conversation of at least ``min_tokens`` tokens, written by the model itself.
 
     The user side is a seeded opening question, then seeded follow-ups; with probability
@@ -138,6 +139,7 @@ def generate_conversation(params: Any, config: ModelConfig, tokenizer: Any, min_
     asks about it, as users paste documents into chats (it also halves the tokens to generate on a CPU).
     Every assistant reply is sampled from the model. Returns ``{"seed", "ids", "turn_starts", "messages"}``: ``turn_starts``
     are the token offsets where each ``<|im_start|>`` block begins (the system block is the first).
+    ``on_partial`` gets that dict after every turn (a long generation that is stopped leaves whole turns).
     """
     rng = np.random.default_rng(seed)
     gen = _Generator(params, config, bucket_length(min_tokens + 2 * reply_tokens + 128), jax.random.key(seed))
@@ -159,15 +161,20 @@ def generate_conversation(params: Any, config: ModelConfig, tokenizer: Any, min_
         messages += [{"role": "user", "content": user}, {"role": "assistant", "content": text}]
         if on_turn is not None:
             on_turn(len(ids))
+        if on_partial is not None:
+            on_partial(_conversation(seed, ids, messages, tokenizer))
         if rng.random() < paste_prob:
             start = int(rng.integers(len(words) - passage_words))
             passage = " ".join(words[start : start + passage_words])
             user = PASTE_QUESTIONS[int(rng.integers(len(PASTE_QUESTIONS)))].format(passage=passage)
         else:
             user = FOLLOW_UPS[int(rng.integers(len(FOLLOW_UPS)))]
-    ids_arr = np.asarray(ids, np.int32)
-    starts = np.flatnonzero(ids_arr == tokenizer.token_to_id("<|im_start|>")).tolist()
-    return {"seed": seed, "ids": ids, "turn_starts": starts, "messages": messages}
+    return _conversation(seed, ids, messages, tokenizer)
+
+
+def _conversation(seed: int, ids: list[int], messages: list[dict], tokenizer: Any) -> dict:
+    starts = np.flatnonzero(np.asarray(ids, np.int32) == tokenizer.token_to_id("<|im_start|>")).tolist()
+    return {"seed": seed, "ids": list(ids), "turn_starts": starts, "messages": list(messages)}
 
 
 def load_or_generate_conversations(params: Any, config: ModelConfig, tokenizer: Any, n: int, min_tokens: int,
