@@ -206,11 +206,12 @@ def from_conversations(
 
 
 def with_token_ids(workload: Workload, vocab_size: int, seed: int = 0, low: int = 16) -> Workload:
-    """The same workload with random prompt token ids (for a real run of a synthetic trace)."""
+    """The same workload with random prompt (and reply) token ids (for a real run of a synthetic trace)."""
     rng = np.random.default_rng(seed)
     out = []
     for s in workload.sessions:
-        turns = tuple(dataclasses.replace(t, prompt_ids=tuple(int(x) for x in rng.integers(low, vocab_size, t.user_tokens)))
+        turns = tuple(dataclasses.replace(t, prompt_ids=tuple(int(x) for x in rng.integers(low, vocab_size, t.user_tokens)),
+                                          reply_ids=tuple(int(x) for x in rng.integers(low, vocab_size, t.reply_tokens)))
                       for t in s.turns)
         out.append(dataclasses.replace(s, turns=turns))
     return Workload(workload.name, out)

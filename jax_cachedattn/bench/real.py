@@ -59,8 +59,6 @@ class RealBench:
         # feed_replies: (sid, turn) -> the recorded reply's ids, appended after the turn's few decoded tokens
         self.replies = ({(s.sid, k): t.reply_ids for s in self.workload.sessions for k, t in enumerate(s.turns)
                          if t.reply_ids} if self.feed else {})
-        if self.feed and self.model.tokenizer is None:
-            self.replies = {}
         self.gen_tokens = int(cfg["engine"].get("max_new_tokens", 64)) if self.feed else None
         self._peer = None
         self._compiled: set[tuple] = set()  # program families whose compile pass ran
