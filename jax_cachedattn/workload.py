@@ -36,12 +36,15 @@ PRESETS = ("sharegpt", "paper", "long")
 class Turn:
     """One user turn: ``user_tokens`` new prompt tokens, a reply of ``reply_tokens`` (the output
     budget), submitted ``think_s`` (trace seconds, compression applied) after the previous reply;
-    ``prompt_ids``: real token ids when the workload was tokenised (None for synthetic lengths)."""
+    ``prompt_ids``: real token ids when the workload was tokenised (None for synthetic lengths);
+    ``reply_ids``: the recorded reply's token ids where the trace has them (a benchmark that feeds
+    recorded replies into the history instead of decoding them reads these)."""
 
     user_tokens: int
     reply_tokens: int
     think_s: float = 0.0
     prompt_ids: tuple[int, ...] | None = None
+    reply_ids: tuple[int, ...] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -161,7 +164,8 @@ def from_conversations(
 
     Each user message (with the system or leading assistant turns before it folded in as history
     text) becomes a turn whose ``prompt_ids`` are the chat template's rendering of it; the recorded
-    assistant reply's token count is the turn's output budget (the model writes its own reply).
+    assistant reply's token count is the turn's output budget and its token ids the turn's ``reply_ids``
+    (a benchmark may feed them into the history instead of decoding a reply).
     Arrivals and think times are drawn as in :func:`generate`.
     """
     rng = np.random.default_rng(seed)
@@ -181,9 +185,13 @@ def from_conversations(
                 if max_prompt_tokens is not None:
                     ids = ids[-max_prompt_tokens:]
                 nxt = conv.messages[i + 1] if i + 1 < len(conv.messages) else None
-                reply = len(tokenizer.encode(nxt.content)) if nxt is not None and nxt.role == "assistant" else 64
+                rids = None
+                if nxt is not None and nxt.role == "assistant" and nxt.content:
+                    rids = tuple(int(x) for x in tokenizer.encode(nxt.content)[:max_reply_tokens])
+                reply = len(rids) if rids else 64
                 think = 0.0 if not turns else float(rng.lognormal(math.log(think_scale), think_sigma)) / time_compression
-                turns.append(Turn(len(ids), max(1, min(reply, max_reply_tokens)), think, tuple(int(x) for x in ids)))
+                turns.append(Turn(len(ids), max(1, min(reply, max_reply_tokens)), think, tuple(int(x) for x in ids),
+                                  rids or None))
             elif not turns or m.role == "system":
                 pending.append(m.content)
         if not turns:
@@ -198,19 +206,22 @@ def from_conversations(
 
 
 def with_token_ids(workload: Workload, vocab_size: int, seed: int = 0, low: int = 16) -> Workload:
-    """The same workload with random prompt token ids (for a real run of a synthetic trace)."""
+    """The same workload with random prompt (and reply) token ids (for a real run of a synthetic trace)."""
     rng = np.random.default_rng(seed)
     out = []
     for s in workload.sessions:
-        turns = tuple(dataclasses.replace(t, prompt_ids=tuple(int(x) for x in rng.integers(low, vocab_size, t.user_tokens)))
+        turns = tuple(dataclasses.replace(t, prompt_ids=tuple(int(x) for x in rng.integers(low, vocab_size, t.user_tokens)),
+                                          reply_ids=tuple(int(x) for x in rng.integers(low, vocab_size, t.reply_tokens)))
                       for t in s.turns)
         out.append(dataclasses.replace(s, turns=turns))
     return Workload(workload.name, out)
 
 
-def truncate_sessions(workload: Workload, max_turns: int | None = None, max_sessions: int | None = None) -> Workload:
-    """The first ``max_sessions`` sessions, each cut to ``max_turns`` turns."""
-    sess = workload.sessions[:max_sessions] if max_sessions else workload.sessions
+def truncate_sessions(workload: Workload, max_turns: int | None = None, max_sessions: int | None = None,
+                      min_turns: int | None = None) -> Workload:
+    """The first ``max_sessions`` sessions of at least ``min_turns`` turns, each cut to ``max_turns`` turns."""
+    sess = [s for s in workload.sessions if len(s.turns) >= (min_turns or 1)]
+    sess = sess[:max_sessions] if max_sessions else sess
     if max_turns:
         sess = [dataclasses.replace(s, turns=s.turns[:max_turns]) for s in sess]
     return Workload(workload.name, list(sess))

@@ -87,5 +87,23 @@ def test_loader_on_a_small_sharegpt_file(tmp_path):
     assert a.turns[0].user_tokens == 2 + 4 and a.turns[0].reply_tokens == 3
     assert a.turns[1].user_tokens == 2 + 4 and a.turns[1].reply_tokens == 4  # non-ASCII words kept
     assert a.turns[0].think_s == 0 and a.turns[1].think_s > 0
+    # the recorded replies' ids (fed into the history by a benchmark that does not decode them)
+    assert a.turns[1].reply_ids == tuple(_WordTokenizer().encode("oui très bien merci"))
+    assert b.turns[0].reply_ids is None  # no reply recorded: a budget of 64 to decode
     assert b.turns[0].user_tokens == 2 + 3  # "welcome back" kept as history with "thanks"
     assert b.start_s > a.start_s
+
+
+def test_min_turns_keeps_the_first_long_enough_sessions_and_reply_ids():
+    from jax_cachedattn.bench.trace import build_workload
+    from jax_cachedattn.workload import truncate_sessions
+
+    w = generate("sharegpt", 200, seed=1)
+    kept = truncate_sessions(w, max_turns=4, min_turns=5, max_sessions=3)
+    want = [s for s in w.sessions if len(s.turns) >= 5][:3]
+    assert [s.sid for s in kept.sessions] == [s.sid for s in want]
+    assert all(len(s.turns) == 4 for s in kept.sessions)
+    cfg = {"seed": 1, "workload": {"kind": "synthetic", "preset": "sharegpt", "sessions": 4, "min_turns": 5}}
+    assert len(build_workload(cfg).sessions) == 4 and all(len(s.turns) >= 5 for s in build_workload(cfg).sessions)
+    ids = with_token_ids(kept, vocab_size=50)
+    assert all(len(t.reply_ids) == t.reply_tokens and max(t.reply_ids) < 50 for s in ids.sessions for t in s.turns)

@@ -3,7 +3,10 @@
 Sections (every key optional unless marked): ``mode`` (``simulate`` | ``real``), ``seed``,
 ``systems`` (list), ``warmup_turns``; ``workload``: ``kind`` (``synthetic`` | ``sharegpt``), ``preset``,
 ``path``, ``sessions``, ``rate_per_s``, ``think_median_s``, ``think_sigma``, ``time_compression``,
-``length_scale``, ``max_turns``, ``max_user_tokens``, ``max_reply_tokens``; ``model``: ``name``
+``length_scale``, ``max_turns``, ``min_turns`` (keep sessions with at least this many turns),
+``max_user_tokens``, ``max_reply_tokens``, ``feed_replies`` (real mode: each turn decodes only
+``engine.max_new_tokens`` tokens, then the recorded reply's tokens go into the history with
+``Engine.append``, prefilled, not decoded); ``model``: ``name``
 (``smollm2`` or a ``configs/model`` preset), ``dtype``, ``max_context``, ``random_weights``;
 ``store``: ``token_block``, ``device_mib``, ``host_mib``, ``disk_mib`` (null: unlimited), or the same
 in ``_gb``; ``scheduler``: `SchedulerConfig` fields; ``engine``: ``slots``; ``cost_model``: see
@@ -20,7 +23,8 @@ import yaml
 _TOP = {"mode", "seed", "systems", "warmup_turns", "workload", "model", "store", "scheduler", "engine",
         "cost_model", "prices", "sweep", "name", "peer"}
 _WORKLOAD = {"kind", "preset", "path", "sessions", "rate_per_s", "think_median_s", "think_sigma", "time_compression",
-             "length_scale", "max_turns", "max_user_tokens", "max_reply_tokens", "max_prompt_tokens"}
+             "length_scale", "max_turns", "max_user_tokens", "max_reply_tokens", "max_prompt_tokens",
+             "min_turns", "feed_replies"}
 
 
 class ConfigError(ValueError):

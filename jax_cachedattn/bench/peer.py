@@ -4,6 +4,11 @@
 in-memory ``DynamicCache`` across turns (no budget, no tiers: what transformers offers). Greedy
 decoding of the turn's output budget, stopping at the tokenizer's stop ids like the engine.
 Used only when torch and transformers are installed (the ``test`` extra).
+
+With ``workload.feed_replies`` the peer does what the engine does (bench/real_exec.py): it decodes
+``gen_tokens`` tokens, then runs the recorded reply's tokens through the model as one more forward
+pass (into its cache for ``hf-reuse``; into the token history for both), counted in the job's
+service time, not its TTFT.
 """
 
 from __future__ import annotations
@@ -18,8 +23,9 @@ from .metrics import summarize
 
 
 class PeerExecutor:
-    def __init__(self, model, stop_ids, reuse: bool):
+    def __init__(self, model, stop_ids, reuse: bool, replies: dict | None = None, gen_tokens: int | None = None):
         self.model, self.stop_ids, self.reuse = model, set(stop_ids), reuse
+        self.replies, self.gen_tokens = replies or {}, gen_tokens
         self.ids: dict[str, list[int]] = {}
         self.cache: dict[str, object] = {}
 
@@ -28,6 +34,8 @@ class PeerExecutor:
 
         hist = self.ids.get(job.sid, [])
         prompt = list(job.prompt_ids)
+        reply = list(self.replies.get((job.sid, job.turn)) or [])
+        max_new = min(job.max_new_tokens, self.gen_tokens) if reply and self.gen_tokens else job.max_new_tokens
         t0 = time.perf_counter()
         with torch.inference_mode():
             if self.reuse and job.sid in self.cache:
@@ -40,14 +48,15 @@ class PeerExecutor:
             tok = int(torch.argmax(out.logits[0, -1]))
             ttft = time.perf_counter() - t0
             cache, gen = out.past_key_values, [tok]
-            while len(gen) < job.max_new_tokens and tok not in self.stop_ids:
+            while len(gen) < max_new and tok not in self.stop_ids:
                 out = self.model(torch.tensor([[tok]]), past_key_values=cache, use_cache=True)
                 cache = out.past_key_values
                 tok = int(torch.argmax(out.logits[0, -1]))
                 gen.append(tok)
-            out = self.model(torch.tensor([[tok]]), past_key_values=cache, use_cache=True)  # feed the last token
+            if self.reuse:  # feed the last token (and the recorded reply) into the kept cache
+                out = self.model(torch.tensor([[tok] + reply]), past_key_values=cache, use_cache=True)
         total = time.perf_counter() - t0
-        self.ids[job.sid] = hist + prompt + gen
+        self.ids[job.sid] = hist + prompt + gen + reply
         if self.reuse:
             self.cache[job.sid] = out.past_key_values
         return Outcome(ttft, total, source, reused, len(hist), len(prompt), len(gen), 0, len(self.ids[job.sid]))
@@ -74,7 +83,8 @@ def run_peer(system, bench, on_job=None) -> dict:
     gguf = smollm2_gguf_path()
     model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
     model.eval()
-    ex = PeerExecutor(model, bench.model.tokenizer.stop_ids, reuse=system.reuse)
+    ex = PeerExecutor(model, bench.model.tokenizer.stop_ids, reuse=system.reuse,
+                      replies=getattr(bench, "replies", None), gen_tokens=getattr(bench, "gen_tokens", None))
     with torch.inference_mode():
         model(torch.arange(16, 80)[None])  # warm-up
     sched = Scheduler(NoStore(), make_policy("lru"), SchedulerConfig(prefetch=False))

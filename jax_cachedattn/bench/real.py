@@ -47,13 +47,19 @@ class RealBench:
         from .textcorpus import with_text_ids
 
         self.cfg, self.out = cfg, Path(out)
+        self.feed = bool(cfg["workload"].get("feed_replies"))
         self.model = load_bench_model(cfg)
         mc = self.model.config
         wl = build_workload(cfg, tokenizer=self.model.tokenizer)
         if wl.sessions and wl.sessions[0].turns[0].prompt_ids is None:
-            wl = (with_text_ids(wl, self.model.tokenizer, seed=cfg["seed"]) if self.model.tokenizer is not None
+            wl = (with_text_ids(wl, self.model.tokenizer, seed=cfg["seed"], replies=self.feed)
+                  if self.model.tokenizer is not None
                   else with_token_ids(wl, mc.vocab_size, seed=cfg["seed"]))
         self.workload = _fit_context(wl, mc.max_context)
+        # feed_replies: (sid, turn) -> the recorded reply's ids, appended after the turn's few decoded tokens
+        self.replies = ({(s.sid, k): t.reply_ids for s in self.workload.sessions for k, t in enumerate(s.turns)
+                         if t.reply_ids} if self.feed else {})
+        self.gen_tokens = int(cfg["engine"].get("max_new_tokens", 64)) if self.feed else None
         self._peer = None
         self._compiled: set[tuple] = set()  # program families whose compile pass ran
 
@@ -77,9 +83,9 @@ class RealBench:
         root = self.out / "stores" / system.name
         shutil.rmtree(root, ignore_errors=True)
         engine, rengine, store = open_system(system, self.cfg, self.model, root, policy)
-        adapter = StoreAdapter(store)
+        adapter = StoreAdapter(store, engine)
         sched = Scheduler(adapter, store.policy, scfg)
-        ex = RealExecutor(system, engine, rengine, adapter, cost=cost)
+        ex = RealExecutor(system, engine, rengine, adapter, cost=cost, replies=self.replies, gen_tokens=self.gen_tokens)
         self._warm_compile(engine, rengine)
         drv = Driver(self.workload, sched, ex, warmup_turns=self.cfg["warmup_turns"],
                      slots=1, on_job=on_job)
@@ -92,8 +98,11 @@ class RealBench:
         st = store.stats.as_dict()
         res = summarize(recs, wall_s=wall, prices=self.cfg.get("prices"), host_bytes=store.budget["host"] or 0,
                         disk_bytes=store.usage()["disk"])
+        # prefetches: the scheduler's disk -> host reads and how many had landed when their job started
+        # (counted by the adapter: the store's own counters also count the promotions a load starts itself)
         res.update(mode="real", evictions=st["evictions"], bytes_read=st["bytes_read"], bytes_written=st["bytes_written"],
-                   prefetches_issued=st["prefetches_issued"], prefetches_in_time=st["prefetches_in_time"])
+                   prefetches_issued=adapter.issued, prefetches_in_time=adapter.in_time, prefetches_late=adapter.late,
+                   disk_promotions=st["prefetches_issued"], replies_fed=self.feed)
         res["decisions"] = len(sched.decisions)
         self.last_scheduler = sched
         self.last_records = recs
@@ -108,9 +117,10 @@ class RealBench:
         root = self.out / "stores" / f"{system.name}.compile-pass"
         shutil.rmtree(root, ignore_errors=True)
         engine, rengine, store = open_system(system, self.cfg, self.model, root, policy)
-        adapter = StoreAdapter(store)
+        adapter = StoreAdapter(store, engine)
         drv = Driver(self.workload, Scheduler(adapter, store.policy, scfg),
-                     RealExecutor(system, engine, rengine, adapter), slots=1)
+                     RealExecutor(system, engine, rengine, adapter, replies=self.replies, gen_tokens=self.gen_tokens),
+                     slots=1)
         if system.policy == "belady":
             policy.next_use = drv.next_use
         drv.run()
@@ -159,6 +169,16 @@ def open_system(system: System, cfg: dict, model, root: Path, policy):
         raise C.ConfigError(f"{system.name}: the host budget ({host} bytes) must hold one full-context session "
                             f"({need} bytes)")
     kvstore = {"driver": "memory"} if st.get("kvstore") == "memory" else None
+    # The device tier of a store-backed system is the engine's page pool (keep_pages): room for the
+    # running job's context plus the device budget for finished sessions' pages. The engine's prefill
+    # moves host blocks to the device inside its programs and never fills the store's device tier
+    # (TieredStore.layer_blocks), so the store gets no device budget. device-prefix and the oracle keep
+    # their KV in the store's first tier (relabelled device, real_exec.py).
+    keep = bool(dev) and not system.device_only
+    pool_tokens = None
+    if keep:
+        pool_tokens = model.config.max_context + dev // (need // model.config.max_context)
+        dev = 0
     scfg = StoreConfig(root=str(root), kvstore=kvstore, device_bytes=dev, host_bytes=host, disk_bytes=disk,
                        token_block=st.get("token_block", 256))
     root.mkdir(parents=True, exist_ok=True)
@@ -166,7 +186,7 @@ def open_system(system: System, cfg: dict, model, root: Path, policy):
     ec = EngineConfig(max_new_tokens=cfg["engine"].get("max_new_tokens", 64),
                       prompt_bucket=cfg["engine"].get("prompt_bucket", 16),
                       preload="upfront" if not system.overlap else "auto",
-                      keep_pages=False)  # the store's device tier is the device tier the scheduler sees
+                      keep_pages=keep, pool_tokens=pool_tokens)
     engine = Engine(model.config, model.params, store, model.tokenizer, ec)
     rengine = engine if system.reuse else Engine(model.config, model.params, store, model.tokenizer,
                                                  ec.replace(use_cache=False))
@@ -210,6 +230,7 @@ def _fit_context(wl: Workload, max_context: int) -> Workload:
         for t in s.turns:
             gen = min(t.reply_tokens, max_context // 4)
             ids = t.prompt_ids[: max(1, max_context - gen - 2 - 16)]
-            turns.append(dataclasses.replace(t, prompt_ids=ids, user_tokens=len(ids), reply_tokens=gen))
+            rids = t.reply_ids[:gen] if t.reply_ids else t.reply_ids
+            turns.append(dataclasses.replace(t, prompt_ids=ids, user_tokens=len(ids), reply_tokens=gen, reply_ids=rids))
         out.append(dataclasses.replace(s, turns=tuple(turns)))
     return Workload(wl.name, out)

@@ -8,6 +8,13 @@ out of it is recomputed from its token ids: its store entry is dropped and the w
 again); ``naive-truncation`` does the same when the context overflows (post-RoPE keys cannot be
 truncated). ``cost``: replace the measured times by a cost model's (tests use it to compare the two
 modes' decisions).
+
+``replies`` (the config's ``workload.feed_replies``): a turn decodes only ``gen_tokens`` tokens (its
+TTFT is what is measured), then the turn's recorded reply goes into the history with `Engine.append`
+(prefill + save + commit, no decode) on the caching engine, in every system alike (recompute's own
+turns still recompute everything): the history the next turn meets is prompt + decoded tokens +
+recorded reply, as a live server's would be after decoding that reply. The append's time is added to
+the job's service time (it stands for the reply's decode, which it undercuts), never to its TTFT.
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ from __future__ import annotations
 import math
 import time
 
+import jax
 import numpy as np
 
 from jax_cachedattn.model import TRACE_COUNTS
@@ -25,12 +33,19 @@ from .systems import System
 
 
 class StoreAdapter:
-    """The scheduler's `StoreView` over a real `TieredStore`."""
+    """The scheduler's `StoreView` over a real `TieredStore`; with ``engine``, the engine's page pool
+    (``EngineConfig.keep_pages``: a finished turn's pages kept as the session's device copy) is the
+    device tier: the engine's prefill reads host blocks inside its programs (``in_program``), a path
+    that never fills the store's own device tier, so a store device budget would hold nothing."""
 
-    def __init__(self, store):
+    def __init__(self, store, engine=None):
         self.store = store
+        self.pool = engine.pool if engine is not None and engine.config.keep_pages else None
         self.running: set[str] = set()
         self.inflight: dict[str, object] = {}  # sid -> the future of a prefetch issued by the scheduler
+        # the scheduler's prefetches: issued; landed before their session's job started; not yet landed then
+        self.issued = self.in_time = self.late = 0
+        self._pending: dict[str, object] = {}  # sid -> the future of its latest prefetch, until its job starts
         lay = store.layout
         self._L, self._B, self._bb = lay.num_layers, store.cfg.token_block, store.block_bytes
 
@@ -42,16 +57,24 @@ class StoreAdapter:
 
     def tier_of(self, sid):
         info = self._info(sid)
-        return None if info is None or info.num_tokens == 0 else info.tier
+        if info is None or info.num_tokens == 0:
+            return None
+        if self.pool is not None and self.pool.holds(sid, info.turn, info.num_tokens):
+            return "device"
+        return info.tier
 
     def kv_bytes(self, sid):
         info = self._info(sid)
         return 0 if info is None else self._L * -(-info.num_tokens // self._B) * self._bb
 
     def capacity(self, tier):
+        if tier == "device" and self.pool is not None:
+            return self.pool.capacity_bytes
         return self.store.budget[tier]
 
     def used(self, tier):
+        if tier == "device" and self.pool is not None:
+            return self.pool.used_bytes()
         return self.store.usage()[tier]
 
     def sessions_in(self, tier):
@@ -65,9 +88,24 @@ class StoreAdapter:
 
     def prefetch(self, sid):
         self.inflight = {s: f for s, f in self.inflight.items() if not f.done()}
-        self.inflight[sid] = self.store.prefetch(sid)
+        fut = self.store.prefetch(sid)
+        self.inflight[sid] = fut
+        if sid not in self._pending:
+            self.issued += 1
+        self._pending[sid] = fut
+
+    def job_starts(self, sid) -> None:
+        """A job of ``sid`` starts: count its session's pending prefetch as in time or late."""
+        fut = self._pending.pop(sid, None)
+        if fut is not None:
+            if fut.done():
+                self.in_time += 1
+            else:
+                self.late += 1
 
     def evict(self, sid, tier):
+        if self.pool is not None and tier in ("device", "disk"):
+            self.pool.drop(sid)
         self.store.evict(sid, tier)
 
     def busy(self, sid):
@@ -83,10 +121,13 @@ class StoreAdapter:
 
 
 class RealExecutor:
-    def __init__(self, system: System, engine, recompute_engine, adapter: StoreAdapter, *, cost=None):
+    def __init__(self, system: System, engine, recompute_engine, adapter: StoreAdapter, *, cost=None,
+                 replies: dict | None = None, gen_tokens: int | None = None):
         self.system, self.engine, self.recompute_engine = system, engine, recompute_engine
         self.adapter, self.store = adapter, engine.store
         self.cost = cost  # clock="model": times from the cost model instead of the measurement
+        self.replies = replies or {}  # (sid, turn) -> recorded reply ids (see the module docstring)
+        self.gen_tokens = gen_tokens
 
     def _fresh_context(self, sid: str, job: Job) -> np.ndarray | None:
         """device-prefix / naive-truncation: the context to recompute as a new session, or None."""
@@ -109,15 +150,26 @@ class RealExecutor:
 
     def start(self, job: Job, now: float) -> Outcome:
         sid = job.sid
+        self.adapter.job_starts(sid)
         self.adapter.running.add(sid)
+        reply = self.replies.get((sid, job.turn))
+        max_new = job.max_new_tokens if reply is None or self.gen_tokens is None else min(job.max_new_tokens,
+                                                                                            self.gen_tokens)
         prompt = np.asarray(job.prompt_ids, np.int32)
         fresh = self._fresh_context(sid, job) if (self.system.device_only or self.system.naive_truncation) else None
         msg = prompt if fresh is None else np.concatenate([fresh, prompt])
         engine = self.engine if self.system.reuse else self.recompute_engine
         traced = sum(TRACE_COUNTS.values())
-        r = engine.turn(sid, msg, max_new_tokens=job.max_new_tokens)
-        compiled = sum(TRACE_COUNTS.values()) != traced
+        r = engine.turn(sid, msg, max_new_tokens=max_new)
         service = r.total_s
+        if reply is not None:
+            t0 = time.perf_counter()
+            self.engine.append(sid, np.asarray(reply, np.int32))
+            # the append's page writes are dispatched, not waited for: wait here, or the next turn's
+            # TTFT would pay for them
+            jax.block_until_ready(self.engine.pool.pages)
+            service += time.perf_counter() - t0
+        compiled = sum(TRACE_COUNTS.values()) != traced
         if self.system.sync_save:
             t0 = time.perf_counter()
             self.store.flush()
@@ -135,6 +187,8 @@ class RealExecutor:
             ttft = (self.cost.ttft_s(len(prompt), reused, tier, reused * self.cost.bytes_per_token) if tier
                     else self.cost.prefill_s(hist + len(prompt), 0))
             service = ttft + self.cost.decode_s(r.generated_tokens)
+            if reply is not None:
+                service += self.cost.prefill_s(len(reply), 0)
         return Outcome(ttft, service, source, reused, hist, len(prompt), r.generated_tokens, r.truncated_tokens, after,
                        reused * self.store.layout.bytes_per_token, compiled=compiled and self.cost is None)
 

@@ -32,8 +32,9 @@ def corpus_text() -> str:
     return "\n\n".join(parts)
 
 
-def with_text_ids(workload: Workload, tokenizer, seed: int = 0) -> Workload:
-    """The workload with each turn's prompt ids a window of real tokenised text of its length."""
+def with_text_ids(workload: Workload, tokenizer, seed: int = 0, replies: bool = False) -> Workload:
+    """The workload with each turn's prompt ids a window of real tokenised text of its length (and,
+    with ``replies``, its ``reply_ids`` another window, of the reply's length)."""
     ids = np.asarray(tokenizer.encode(corpus_text()), np.int32)
     rng = np.random.default_rng(seed)
     out = []
@@ -42,6 +43,11 @@ def with_text_ids(workload: Workload, tokenizer, seed: int = 0) -> Workload:
         for t in s.turns:
             n = min(t.user_tokens, len(ids) - 1)
             off = int(rng.integers(0, len(ids) - n))
-            turns.append(dataclasses.replace(t, prompt_ids=tuple(int(x) for x in ids[off : off + n])))
+            rep = None
+            if replies:
+                m = min(t.reply_tokens, len(ids) - 1)
+                roff = int(rng.integers(0, len(ids) - m))
+                rep = tuple(int(x) for x in ids[roff : roff + m])
+            turns.append(dataclasses.replace(t, prompt_ids=tuple(int(x) for x in ids[off : off + n]), reply_ids=rep))
         out.append(dataclasses.replace(s, turns=tuple(turns)))
     return Workload(workload.name, out)

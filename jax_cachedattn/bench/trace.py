@@ -30,10 +30,14 @@ def build_workload(cfg: dict, tokenizer=None) -> Workload:
                                 think_sigma=w.get("think_sigma", 0.8), max_reply_tokens=w.get("max_reply_tokens", 2048),
                                 max_prompt_tokens=w.get("max_prompt_tokens"), name=Path(w["path"]).name, **common)
     else:
-        wl = generate(w["preset"], int(w["sessions"]), think_sigma=w.get("think_sigma", 0.8),
+        # min_turns: draw more conversations and keep the first ``sessions`` that have that many turns
+        # (their arrival times as drawn: the kept sessions arrive more sparsely than rate_per_s)
+        n = int(w["sessions"]) * (16 if w.get("min_turns") else 1)
+        wl = generate(w["preset"], n, think_sigma=w.get("think_sigma", 0.8),
                       length_scale=w.get("length_scale", 1.0), max_user_tokens=w.get("max_user_tokens", 4096),
                       max_reply_tokens=w.get("max_reply_tokens", 2048), **common)
-    return truncate_sessions(wl, max_turns=w.get("max_turns"))
+    return truncate_sessions(wl, max_turns=w.get("max_turns"), min_turns=w.get("min_turns"),
+                             max_sessions=int(w["sessions"]) if w.get("min_turns") else None)
 
 
 def _packaged_sharegpt() -> Path:
