@@ -159,3 +159,13 @@ def byom_folder(folder: Path, family: str, kind: str, attn: str = "gqa", seed: i
     """A complete Hugging Face folder: tiny model + trained tokenizer + chat template."""
     vocab = write_tokenizer(folder, kind)
     return save_tiny_model(folder, family, attn, vocab_size=vocab, seed=seed)
+
+
+def load_byom(folder: Path, family: str, kind: str, seed: int):
+    """``byom_folder`` written and loaded back: ``(folder, config, params, tokenizer)``."""
+    from jax_cachedattn.checkpoint import load_hf
+    from jax_cachedattn.tokenizer import Tokenizer
+
+    byom_folder(folder, family, kind, seed=seed)
+    cfg, params = load_hf(folder)
+    return folder, cfg, params, Tokenizer.from_hf_folder(folder)

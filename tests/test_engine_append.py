@@ -8,13 +8,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from byom_fixtures import byom_folder
-from jax_cachedattn.checkpoint import load_hf
+from byom_fixtures import load_byom
 from jax_cachedattn.engine import Engine, EngineConfig, InputError
 from jax_cachedattn.model import forward
 from jax_cachedattn.model import prefill as model_prefill
 from jax_cachedattn.store import KVLayout, StoreConfig, TieredStore
-from jax_cachedattn.tokenizer import Tokenizer
 
 TOL = 1e-4
 U1 = {"role": "user", "content": "What is the capital of France?"}
@@ -27,15 +25,9 @@ def _no_xla_cache(monkeypatch):
     monkeypatch.setenv("CACHEDATTN_NO_XLA_CACHE", "1")
 
 
-def _model(folder, family, kind, seed):
-    byom_folder(folder, family, kind, seed=seed)
-    cfg, params = load_hf(folder)
-    return folder, cfg, params, Tokenizer.from_hf_folder(folder)
-
-
 @pytest.fixture(scope="module")
 def chatml(tmp_path_factory):
-    return _model(tmp_path_factory.mktemp("chatml"), "qwen2", "chatml", 11)
+    return load_byom(tmp_path_factory.mktemp("chatml"), "qwen2", "chatml", 11)
 
 
 def _engine(m, store=True, **kw):

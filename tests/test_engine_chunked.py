@@ -4,14 +4,14 @@ between decode steps of the other slots, and gives the logits of the unchunked p
 Tiny random model (fp32), ``prefill_budget`` 64, prompts of 150-200 tokens (3-4 chunks).
 """
 
-import jax
 import numpy as np
 import pytest
 
+from _tiny_engine import random_ids, tiny_model
 from jax_cachedattn.engine import Engine, EngineConfig
 from jax_cachedattn.engine import programs as P
 from jax_cachedattn.engine import slots as SL
-from jax_cachedattn.model import ModelConfig, forward, init_params
+from jax_cachedattn.model import forward
 from jax_cachedattn.store import KVLayout, StoreConfig, TieredStore
 
 TOL = 1e-5
@@ -19,12 +19,10 @@ TOL = 1e-5
 
 @pytest.fixture(scope="module")
 def model():
-    cfg = ModelConfig.preset("tiny", max_context=1024, rope_theta=30000.0)
-    return cfg, init_params(cfg, jax.random.key(5), norm_noise=0.3)
+    return tiny_model(5)
 
 
-def _ids(cfg, n, seed):
-    return np.random.RandomState(seed).randint(0, cfg.vocab_size, n).astype(np.int32)
+_ids = random_ids
 
 
 def _engine(cfg, params, root, chunked: bool, max_slots: int = 2):

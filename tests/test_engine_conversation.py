@@ -9,14 +9,12 @@ import json
 import numpy as np
 import pytest
 
-from byom_fixtures import byom_folder
+from byom_fixtures import load_byom
 from jax_cachedattn import cli
 from jax_cachedattn.chat_template import plan_turn
-from jax_cachedattn.checkpoint import load_hf
 from jax_cachedattn.engine import Engine, EngineConfig, InputError
 from jax_cachedattn.model import forward
 from jax_cachedattn.store import KVLayout, StoreConfig, TieredStore
-from jax_cachedattn.tokenizer import Tokenizer
 
 TOL = 1e-4
 SYS = {"role": "system", "content": "You are a helpful assistant. Answer briefly."}
@@ -30,20 +28,14 @@ def _no_xla_cache(monkeypatch):
     monkeypatch.setenv("CACHEDATTN_NO_XLA_CACHE", "1")
 
 
-def _model(folder, family, kind, seed):
-    byom_folder(folder, family, kind, seed=seed)
-    cfg, params = load_hf(folder)
-    return folder, cfg, params, Tokenizer.from_hf_folder(folder)
-
-
 @pytest.fixture(scope="module")
 def mistral(tmp_path_factory):  # the system prompt goes into the LAST user turn: earlier turns re-render
-    return _model(tmp_path_factory.mktemp("mistral"), "mistral", "mistral", 5)
+    return load_byom(tmp_path_factory.mktemp("mistral"), "mistral", "mistral", 5)
 
 
 @pytest.fixture(scope="module")
 def chatml(tmp_path_factory):  # every turn renders on its own: a stable template
-    return _model(tmp_path_factory.mktemp("chatml"), "qwen2", "chatml", 11)
+    return load_byom(tmp_path_factory.mktemp("chatml"), "qwen2", "chatml", 11)
 
 
 def _engine(m, max_new=5, max_context=None, **kw):

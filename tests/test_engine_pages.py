@@ -2,13 +2,12 @@
 of its reply budget promised by the pool; a job is admitted only when its whole budget fits beside
 every promise, so growing slots never find the pool empty. Tiny random model (fp32)."""
 
-import jax
 import numpy as np
 import pytest
 
+from _tiny_engine import random_ids, tiny_model
 from jax_cachedattn.engine import Engine, EngineConfig
 from jax_cachedattn.engine import slots as SL
-from jax_cachedattn.model import ModelConfig, init_params
 from jax_cachedattn.store import KVLayout, StoreConfig, TieredStore
 
 TOL = 1e-5
@@ -16,12 +15,10 @@ TOL = 1e-5
 
 @pytest.fixture(scope="module")
 def model():
-    cfg = ModelConfig.preset("tiny", max_context=1024, rope_theta=30000.0)
-    return cfg, init_params(cfg, jax.random.key(3), norm_noise=0.3)
+    return tiny_model(3)
 
 
-def _ids(cfg, n, seed):
-    return np.random.RandomState(seed).randint(0, cfg.vocab_size, n).astype(np.int32)
+_ids = random_ids
 
 
 def _engine(cfg, params, root, pool_tokens):
