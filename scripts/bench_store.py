@@ -360,21 +360,18 @@ def main(argv=None) -> int:
                          "4000,4,2052 (4 attention-sink tokens kept); STOP may be HIST (a tail drop)")
     args = ap.parse_args(argv)
     kw = {k: v for k, v in (("token_block", args.token_block), ("disk_chunk", args.disk_chunk)) if v is not None}
+    probe = None
     if args.conversation:
         turns, seed, every = (int(v) for v in args.conversation.split(","))
-        folder = tempfile.mkdtemp(prefix=".bench_store_", dir=args.dir or os.getcwd())
-        try:
-            for model in args.models.split(","):
-                print(json.dumps(conversation_amplification(folder, model, turns, seed, every, kw)), flush=True)
-        finally:
-            shutil.rmtree(folder, ignore_errors=True)
-        return 0
-    if args.drop:
+        probe = lambda folder, model: conversation_amplification(folder, model, turns, seed, every, kw)  # noqa: E731
+    elif args.drop:
         hist, start, stop = (int(v) for v in args.drop.split(","))
+        probe = lambda folder, model: drop_bytes(folder, model, hist, start, stop, kw)  # noqa: E731
+    if probe is not None:  # one JSON line per model, from a scratch folder
         folder = tempfile.mkdtemp(prefix=".bench_store_", dir=args.dir or os.getcwd())
         try:
             for model in args.models.split(","):
-                print(json.dumps(drop_bytes(folder, model, hist, start, stop, kw)), flush=True)
+                print(json.dumps(probe(folder, model)), flush=True)
         finally:
             shutil.rmtree(folder, ignore_errors=True)
         return 0
