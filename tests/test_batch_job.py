@@ -354,7 +354,6 @@ def test_cli_exit_status(tmp_path, monkeypatch):
     from jax_cachedattn import cli
 
     monkeypatch.setattr(cli, "_open", lambda args: tiny_engine(args.store))
-    monkeypatch.setattr(cli, "_enable_compilation_cache", lambda: None)
     inp = _jsonl(tmp_path / "in.jsonl", [_chat("a", ("user", "hi"))])
     base = ["batch", "--output", str(tmp_path / "o.jsonl"), "--store", str(tmp_path / "s"), "--no-progress"]
     assert cli.main(base + ["--input", str(inp), "--max-new-tokens", "4"]) == 0

@@ -217,6 +217,7 @@ open_engine(None, model=m).close(); seen.append(jax.config.jax_compilation_cache
 jax.jit(lambda x: x + 41)(jnp.arange(5)).block_until_ready()
 jax.config.update("jax_compilation_cache_dir", sys.argv[1])
 open_engine(None, model=m).close(); seen.append(jax.config.jax_compilation_cache_dir)
+seen.append(jax.config.jax_compilation_cache_max_size)
 print(json.dumps(seen))
 '''
     env = {**os.environ, "CACHEDATTN_CACHE": str(tmp_path / "cache"), "JAX_PLATFORMS": "cpu"}
@@ -225,5 +226,6 @@ print(json.dumps(seen))
                          text=True, timeout=600)
     assert out.returncode == 0, out.stderr
     seen = json.loads(out.stdout.strip().splitlines()[-1])
-    assert seen == [None, None, str(tmp_path / "cache" / "xla"), str(tmp_path / "mine")]
-    assert any((tmp_path / "cache" / "xla").iterdir())  # the compile after open_engine was persisted
+    assert seen == [None, None, str(tmp_path / "cache" / "xla"), str(tmp_path / "mine"), 4 << 30]
+    assert any((tmp_path / "cache" / "xla").glob("*-cache"))  # the compile after open_engine was persisted
+    assert (tmp_path / "cache" / "xla" / ".lockfile").exists()  # ... under the lock other processes take

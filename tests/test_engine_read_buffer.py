@@ -98,6 +98,11 @@ def test_in_program_read_buffer_grows_when_loads_are_slow(tiny, monkeypatch):
     assert (first.source, first.preload) == ("host", "in_program")
     eng.turn("s", ids(18))  # history 326: another block count, the same program: a load measurement
     assert eng.read_ahead.load_s_per_byte is not None
+    # From here the rates are pinned, so a loaded machine cannot tip either decision: compute at
+    # 10 us per token and layer (it is measured no more), loads as fast as they can be until the
+    # slow ones below are measured.
+    monkeypatch.setattr(eng.read_ahead, "observe_compute", lambda *a, **k: None)
+    eng.read_ahead.comp_s_per_token, eng.read_ahead.load_s_per_byte = 1e-5, 1e-15
     assert eng.preload("t") and eng.read_buffer.held_layers("t") < cfg.num_layers
     eng.read_buffer.drop("t")
     real = store.layer_blocks
@@ -108,5 +113,6 @@ def test_in_program_read_buffer_grows_when_loads_are_slow(tiny, monkeypatch):
 
     monkeypatch.setattr(store, "layer_blocks", slow_blocks)
     assert eng.turn("s", ids(25)).source == "host"  # measures the slow loads
+    assert eng.read_ahead.load_s_per_byte > 1e-15
     assert eng.preload("t") and eng.read_buffer.held_layers("t") == cfg.num_layers
     eng.close()

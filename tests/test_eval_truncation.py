@@ -25,16 +25,6 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "tests" / "data" / "tiny_bytes"
 W, C = 192, 64  # W + C = the 256 bytes the model was trained on: Full stays inside its trained positions
 
-@pytest.fixture(autouse=True)
-def _no_persistent_compilation_cache(monkeypatch):
-    """``main`` turns on jax's persistent compilation cache for the rest of the process; in the test process
-    that made later tests (test_model.py) write every program to it, and XLA:CPU crashed serialising one."""
-    from jax_cachedattn import cli
-
-    monkeypatch.setattr(cli, "_enable_compilation_cache", lambda: None)
-
-
-
 @pytest.fixture(scope="module")
 def tiny():
     config, params, _, _, _ = load(str(TINY))
