@@ -149,7 +149,8 @@ def main(args: argparse.Namespace) -> int:
                                                         on_done=lambda s: prog.advance(task))
         gen_s = time.perf_counter() - g0
         boundary = tok.token_to_id("<|im_start|>")
-        seqs += [experiment.Sequence("chat", c["seed"], np.asarray(c["ids"], np.int32), np.asarray(c["turn_starts"]), boundary)
+        seqs += [experiment.Sequence("chat", c["seed"], np.asarray(c["ids"], np.int32), np.asarray(c["turn_starts"]), boundary,
+                                     text.token_roles(c, tok))
                  for c in convs[: cfg.chats]]
     n_recall = {W: len(experiment.recall_items(convs, tok, W, cfg)) for W in cfg.windows} if convs and cfg.recall else {}
     truncator = Truncator(params, config)
