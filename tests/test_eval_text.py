@@ -39,15 +39,15 @@ def test_a_stored_conversation_is_continued_from_its_own_tokens(chat):
     # is the argmax of a full recompute over everything before it (so the prefix was prefilled, not skipped)
     ids = np.asarray(longer["ids"], np.int32)
     logits = np.asarray(forward(params, cfg, ids))
-    roles = token_roles(longer, tok)
+    roles = token_roles(longer, tok, reply_tokens=kw["reply_tokens"])
     reply = [i for i in range(n, len(ids)) if roles[i] == "a"]
     assert len(reply) >= 8
     assert all(int(np.argmax(logits[i - 1])) == ids[i] for i in reply)
 
 
 def test_token_roles(chat):
-    _, _, tok, _, _, longer = chat
-    ids, roles = longer["ids"], token_roles(longer, tok)
+    _, _, tok, kw, _, longer = chat
+    ids, roles = longer["ids"], token_roles(longer, tok, reply_tokens=kw["reply_tokens"])
     assert len(roles) == len(ids)
     start, end = tok.token_to_id("<|im_start|>"), tok.token_to_id("<|im_end|>")
     assert all(roles[i] == "t" for i, t in enumerate(ids) if t == start)
