@@ -43,6 +43,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--merge", default="", metavar="PATH,PATH",
                    help="no new run: pool the rows and recall items of earlier runs (their folders or results "
                         "files) into --out, with the sink sweep tables")
+    p.add_argument("--conversations", default="", metavar="PATH,PATH",
+                   help="with --merge: conversation files (conversations.json) of chat rows stored without their "
+                        "tokens' roles (runs before roles were kept): the roles are added for the by-role table")
 
 
 def _ints(s: str, what: str) -> tuple:
@@ -78,20 +81,37 @@ def load(spec: str) -> tuple[Any, Any, Any, str, str]:
     return config, params, None, params_fingerprint(config, params), config.name
 
 
-def merge(dirs: list[Path], out: Path) -> dict[str, Path]:
+def merge(dirs: list[Path], out: Path, conversations: list[Path] = ()) -> dict[str, Path]:
     """Pool earlier runs (a folder holding ``results.json``, or such a file) into one report in ``out``: the
     rows and recall items of every run, each row tagged with its run (``run``), the headers kept under
-    ``merged_from``."""
+    ``merged_from``. ``conversations``: files of the chats the rows scored; a chat row stored without its
+    tokens' roles gets them from its conversation (the longest stored with its seed)."""
     import json
 
     from jax_cachedattn.evaluation import report
 
+    roles: dict[int, str] = {}
+    if conversations:
+        from jax_cachedattn.evaluation.text import token_roles
+
+        convs: dict[int, dict] = {}
+        for f in conversations:
+            if not Path(f).is_file():
+                raise UsageError(f"--conversations: {f} does not exist")
+            for c in json.loads(Path(f).read_text())["conversations"]:
+                if len(c["ids"]) > len(convs.get(c["seed"], {"ids": ()})["ids"]):
+                    convs[c["seed"]] = c
+        tok = load("smollm2")[2]
+        roles = {s: token_roles(c, tok) for s, c in convs.items()}
     rows, recall, heads = [], [], []
     for d in dirs:
         f = Path(d) / "results.json" if Path(d).is_dir() else Path(d)
         if not f.is_file():
             raise UsageError(f"--merge: {f} does not exist")
         body = json.loads(f.read_text())
+        for r in body["rows"]:
+            if r["source"] == "chat" and "roles" not in r and r["seq"] in roles:
+                r["roles"] = roles[r["seq"]][r["W"] + 1 : r["W"] + r["C"]]
         rows += [{**r, "run": str(d)} for r in body["rows"]]
         recall += [{**r, "run": str(d)} for r in body["recall"]]
         # an unfinished run (stopped after some windows) counts with the windows it finished: "complete" says so
@@ -104,7 +124,8 @@ def merge(dirs: list[Path], out: Path) -> dict[str, Path]:
 
 def main(args: argparse.Namespace) -> int:
     if args.merge:
-        files = merge([Path(d) for d in args.merge.split(",") if d.strip()], Path(args.out))
+        files = merge([Path(d) for d in args.merge.split(",") if d.strip()], Path(args.out),
+                      [Path(f) for f in args.conversations.split(",") if f.strip()])
         print(Path(files["tables"]).read_text())
         return 0
     import jax
@@ -149,7 +170,8 @@ def main(args: argparse.Namespace) -> int:
                                                         on_done=lambda s: prog.advance(task))
         gen_s = time.perf_counter() - g0
         boundary = tok.token_to_id("<|im_start|>")
-        seqs += [experiment.Sequence("chat", c["seed"], np.asarray(c["ids"], np.int32), np.asarray(c["turn_starts"]), boundary)
+        seqs += [experiment.Sequence("chat", c["seed"], np.asarray(c["ids"], np.int32), np.asarray(c["turn_starts"]), boundary,
+                                     text.token_roles(c, tok))
                  for c in convs[: cfg.chats]]
     n_recall = {W: len(experiment.recall_items(convs, tok, W, cfg)) for W in cfg.windows} if convs and cfg.recall else {}
     truncator = Truncator(params, config)

@@ -64,13 +64,15 @@ class EvalConfig:
 
 @dataclasses.dataclass
 class Sequence:
-    """One text: token ids, where turns start (None for prose) and the id that starts a turn."""
+    """One text: token ids, where turns start (None for prose), the id that starts a turn, and for chats
+    each token's role (:func:`.text.token_roles`), kept per scored token in the rows."""
 
     source: str
     index: int
     ids: np.ndarray
     turn_starts: np.ndarray | None = None
     boundary_id: int | None = None
+    roles: str | None = None
 
 
 def sink_cut(seq: Sequence, W: int, C: int, cut: str, ratio: float | None, n_drop: int, sink: int) -> Cut:
@@ -146,6 +148,8 @@ def run(truncator: Truncator, sequences: list[Sequence], cfg: EvalConfig, *, con
                     "agree_tt": {m: float(np.mean(r.top1 == (res[m.replace("CA", "TT")].top1 if "+sink" in m else tt)))
                                  for m, r in res.items()},
                 }
+                if seq.roles is not None:  # the role of each scored target (ids[W+1 .. W+C-1])
+                    row["roles"] = seq.roles[W + 1 : W + C]
                 if cfg.sink:
                     row["sink"], row["sink_cut"] = cfg.sink, [scut.start, scut.n]
                 if cfg.sweep:

@@ -61,7 +61,44 @@ def _compare(rs: list[dict], tt: str, ca: str) -> dict:
             # share of the summed |difference| carried by the 5 tokens with the largest ones
             "top5_share": float(top[:5].sum() / max(top.sum(), 1e-12)), "mean_abs": float(np.abs(d).mean()),
             # the comparison without those 5 tokens: is the gap a few tokens or spread over all of them?
-            "diff_without_top5": float(math.exp(np.delete(d, order[:5]).mean()) - 1) if d.size > 5 else None}
+            "diff_without_top5": float(math.exp(np.delete(d, order[:5]).mean()) - 1) if d.size > 5 else None,
+            # does CA move the way the untruncated context does? corr. of (CA - TT) with (Full - TT), per token
+            "corr_full": _corr(d, np.concatenate([np.asarray(r["nll"]["Full"]) - np.asarray(r["nll"][tt]) for r in rs]))
+            if all("Full" in r["nll"] for r in rs) else None,
+            "by_role": by_role(rs, tt, ca)}
+
+
+def _corr(x: np.ndarray, y: np.ndarray) -> float | None:
+    return float(np.corrcoef(x, y)[0, 1]) if x.size > 2 and x.std() > 0 and y.std() > 0 else None
+
+
+def by_role(rs: list[dict], tt: str, ca: str) -> dict | None:
+    """Chats: the nll difference (CA - TT) per role of the scored token (``text.token_roles``: ``a``
+    assistant, ``u`` user, ``s`` system, ``t`` template, ``f`` forced end of a capped reply): tokens,
+    summed and mean difference in nats. None when a row has no roles (prose, or runs before roles were kept)."""
+    if not rs or not all("roles" in r for r in rs):
+        return None
+    d = np.concatenate([np.asarray(r["nll"][ca]) - np.asarray(r["nll"][tt]) for r in rs])
+    roles = np.asarray(list("".join(r["roles"] for r in rs)))
+    return {k: {"tokens": int((roles == k).sum()), "sum": float(d[roles == k].sum()), "mean": float(d[roles == k].mean())}
+            for k in sorted(set(roles.tolist()))}
+
+
+def recompute_spread(rs: list[dict]) -> dict | None:
+    """How far two recomputes of nearly the same kept tokens are apart (the sinks' TTs, >= 1 token: they keep
+    the same tail and differ by a few tokens at the front): the pair furthest apart, its ``TT_j / TT_k - 1``
+    and mean |nll difference| per token. The scale against which a CA - TT difference is noise or not."""
+    tts = [p[0] for k, p in sorted(pairs(rs[0]).items()) if k >= 1]
+    if len(tts) < 2:
+        return None
+    best = None
+    for i, a in enumerate(tts):
+        for b in tts[i + 1:]:
+            d = np.concatenate([np.asarray(r["nll"][a]) - np.asarray(r["nll"][b]) for r in rs])
+            c = {"pair": f"{a}/{b}", "diff": float(math.exp(d.mean()) - 1), "mean_abs": float(np.abs(d).mean())}
+            if best is None or abs(c["diff"]) > abs(best["diff"]):
+                best = c
+    return best
 
 
 def position_profile(rs: list[dict], tt: str, ca: str, bin_size: int = BLOCK) -> dict:
@@ -79,10 +116,14 @@ def summarize(rows: list[dict]) -> dict:
         groups[(r["source"], r["W"], r["cut"], r["ratio"])].append(r)
     key = lambda kv: (kv[0][0], kv[0][1], kv[0][2], kv[0][3] if kv[0][3] is not None else -1)
     sinks = sorted(set.intersection(*(set(pairs(r)) for r in rows)))
-    out = {"sinks": sinks, "block": BLOCK, "groups": [], "pooled": []}
+    run_sinks = {int(r["sink"]) for r in rows if r.get("sink")}
+    # the engine's sink (the runs' --sink) is the one the per-token tables look at; else the largest swept
+    out = {"sinks": sinks, "block": BLOCK, "groups": [], "pooled": [],
+           "detail_sink": min(run_sinks) if len(run_sinks) == 1 and min(run_sinks) in sinks else max(sinks)}
     for (src, W, cut, ratio), rs in sorted(groups.items(), key=key):
         out["groups"].append({"source": src, "W": W, "cut": cut, "ratio": ratio, "sequences": len(rs),
-                              "by_sink": {str(k): _compare(rs, *pairs(rs[0])[k]) for k in sinks}})
+                              "by_sink": {str(k): _compare(rs, *pairs(rs[0])[k]) for k in sinks},
+                              "recompute_spread": recompute_spread(rs)})
     pooled: dict[tuple, list[dict]] = collections.defaultdict(list)
     for r in rows:
         kind = "engine" if r["cut"] in ("turn", "exact") else r["cut"]
@@ -120,15 +161,29 @@ def markdown(s: dict) -> str:
         b = g["by_sink"]
         lines.append(f"| {g['source']} | {g['cuts']} | {g['rows']} | {b[str(ks[0])]['tokens']} | "
                      + " | ".join(_cell(b[str(k)]) for k in ks) + " |")
-    k = max(ks)
+    k = s.get("detail_sink", max(ks))
     lines += ["", f"**Where the gap sits** (sink {k}): the share of the summed |nll difference| that the 5 tokens with "
-              "the largest differences carry, the comparison without them, and each sequence's own figure.", "",
-              "| source | W | cut | ratio | CA / TT - 1 | top-5 share | without the top 5 | per sequence |",
-              "|---|---|---|---|---|---|---|---|"]
+              "the largest differences carry, the comparison without them, each sequence's own figure, the mean "
+              "|nll difference| per token, the two recomputes (sink sizes >= 1) furthest apart on the same tokens, and "
+              "the per-token correlation of CA - TT with Full - TT (> 0: CA moves the way the dropped context does).", "",
+              "| source | W | cut | ratio | CA / TT - 1 | top-5 share | without the top 5 | per sequence | mean abs | "
+              "recompute vs recompute: ratio, mean abs | corr. with Full - TT |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for g in s["groups"]:
         c = g["by_sink"][str(k)]
         wo = "-" if c["diff_without_top5"] is None else f"{c['diff_without_top5'] * 100:+.1f} %"
+        sp = g.get("recompute_spread")
+        spc = "-" if not sp else f"{sp['pair']} {sp['diff'] * 100:+.1f} %, {sp['mean_abs']:.3f}"
+        cf = "-" if c.get("corr_full") is None else f"{c['corr_full']:+.2f}"
         lines.append(f"| {g['source']} | {g['W']} | {g['cut']} | {'-' if g['ratio'] is None else g['ratio']} | "
                      f"{c['diff'] * 100:+.1f} % | {c['top5_share']:.0%} | {wo} | "
-                     + ", ".join(f"{x * 100:+.1f}" for x in c["per_seq"]) + " |")
+                     + ", ".join(f"{x * 100:+.1f}" for x in c["per_seq"]) + f" | {c['mean_abs']:.3f} | {spc} | {cf} |")
+    roles = [g for g in s["pooled"] if g["by_sink"][str(k)].get("by_role")]
+    if roles:
+        names = {"a": "assistant", "u": "user", "s": "system", "t": "template", "f": "forced end"}
+        lines += ["", f"**By role of the scored token** (sink {k}, pooled): tokens, summed CA - TT nll difference "
+                  "(nats) and its mean per token.", "", "| source | cuts | role | tokens | sum | mean |", "|---|---|---|---|---|---|"]
+        for g in roles:
+            for r, v in g["by_sink"][str(k)]["by_role"].items():
+                lines.append(f"| {g['source']} | {g['cuts']} | {names.get(r, r)} | {v['tokens']} | {v['sum']:+.2f} | {v['mean']:+.4f} |")
     return "\n".join(lines) + "\n"

@@ -131,7 +131,7 @@ def generate_conversation(params: Any, config: ModelConfig, tokenizer: Any, min_
                           reply_tokens: int = 128, temperature: float = 0.7, top_p: float = 0.9,
                           paste_prob: float = 0.6, passage_words: int = 120,
                           on_turn: Callable[[int], None] | None = None,
-                          on_partial: Callable[[dict], None] | None = None) -> dict:
+                          on_partial: Callable[[dict], None] | None = None, prefix: dict | None = None) -> dict:
     """One ChatML conversation of at least ``min_tokens`` tokens, written by the model itself.
 
     The user side is a seeded opening question, then seeded follow-ups; with probability
@@ -140,15 +140,23 @@ def generate_conversation(params: Any, config: ModelConfig, tokenizer: Any, min_
     Every assistant reply is sampled from the model. Returns ``{"seed", "ids", "turn_starts", "messages"}``: ``turn_starts``
     are the token offsets where each ``<|im_start|>`` block begins (the system block is the first).
     ``on_partial`` gets that dict after every turn (a long generation that is stopped leaves whole turns).
+    ``prefix``: an earlier conversation of this function (its ``ids`` and ``messages``) to continue
+    rather than start anew: its tokens are prefilled, the follow-ups are drawn from a generator seeded by
+    ``(seed, len(prefix ids))`` (a longer conversation without regenerating the stored turns).
     """
-    rng = np.random.default_rng(seed)
-    gen = _Generator(params, config, bucket_length(min_tokens + 2 * reply_tokens + 128), jax.random.key(seed))
+    n0 = len(prefix["ids"]) if prefix else 0
+    rng = np.random.default_rng((seed, n0) if prefix else seed)
+    key = jax.random.fold_in(jax.random.key(seed), n0) if prefix else jax.random.key(seed)
+    gen = _Generator(params, config, bucket_length(max(min_tokens, n0) + 2 * reply_tokens + 128), key)
     end = list(tokenizer.assistant_end())
     words = pydoc_text().split()
-    ids: list[int] = []
-    messages: list[dict] = []
-    user = OPENING_QUESTIONS[int(rng.integers(len(OPENING_QUESTIONS)))]
-    first = True
+    ids: list[int] = [int(t) for t in prefix["ids"]] if prefix else []
+    messages: list[dict] = list(prefix["messages"]) if prefix else []
+    if ids:
+        gen.feed(ids)
+    user = _next_user(rng, words, paste_prob, passage_words) if prefix else \
+        OPENING_QUESTIONS[int(rng.integers(len(OPENING_QUESTIONS)))]
+    first = not ids
     while len(ids) < min_tokens:
         prompt = list(tokenizer.chat_turn(user, first_turn=first))
         first = False
@@ -163,18 +171,42 @@ def generate_conversation(params: Any, config: ModelConfig, tokenizer: Any, min_
             on_turn(len(ids))
         if on_partial is not None:
             on_partial(_conversation(seed, ids, messages, tokenizer))
-        if rng.random() < paste_prob:
-            start = int(rng.integers(len(words) - passage_words))
-            passage = " ".join(words[start : start + passage_words])
-            user = PASTE_QUESTIONS[int(rng.integers(len(PASTE_QUESTIONS)))].format(passage=passage)
-        else:
-            user = FOLLOW_UPS[int(rng.integers(len(FOLLOW_UPS)))]
+        user = _next_user(rng, words, paste_prob, passage_words)
     return _conversation(seed, ids, messages, tokenizer)
+
+
+def _next_user(rng: np.random.Generator, words: list[str], paste_prob: float, passage_words: int) -> str:
+    """A seeded follow-up: a pasted pydoc passage with a question about it, or a short follow-up."""
+    if rng.random() < paste_prob:
+        start = int(rng.integers(len(words) - passage_words))
+        passage = " ".join(words[start : start + passage_words])
+        return PASTE_QUESTIONS[int(rng.integers(len(PASTE_QUESTIONS)))].format(passage=passage)
+    return FOLLOW_UPS[int(rng.integers(len(FOLLOW_UPS)))]
 
 
 def _conversation(seed: int, ids: list[int], messages: list[dict], tokenizer: Any) -> dict:
     starts = np.flatnonzero(np.asarray(ids, np.int32) == tokenizer.token_to_id("<|im_start|>")).tolist()
     return {"seed": seed, "ids": list(ids), "turn_starts": starts, "messages": list(messages)}
+
+
+def token_roles(conversation: dict, tokenizer: Any, reply_tokens: int = 128) -> str:
+    """One letter per token of a conversation: ``s``/``u``/``a`` the content of a system, user or assistant
+    message, ``t`` the template (``<|im_start|>role\\n`` and ``<|im_end|>\\n``), ``f`` the ``<|im_end|>`` that
+    closes a reply cut off at ``reply_tokens`` (a forced end of turn: the model did not choose to stop there)."""
+    ids = np.asarray(conversation["ids"])
+    starts = [int(s) for s in conversation["turn_starts"]] + [len(ids)]
+    heads = {r[0]: [int(t) for t in tokenizer.encode(f"<|im_start|>{r}\n")] for r in ("system", "user", "assistant")}
+    close = [int(t) for t in tokenizer.encode("<|im_end|>\n")]
+    out = ["t"] * starts[0]
+    for s, e in zip(starts[:-1], starts[1:]):
+        r, h = next(((r, len(h)) for r, h in heads.items() if ids[s : s + len(h)].tolist() == h), ("?", 1))
+        c = len(close) if e - s >= h + len(close) and ids[e - len(close) : e].tolist() == close else 0
+        body = e - s - h - c
+        tail = ["t"] * c
+        if c and r == "a" and body >= reply_tokens:
+            tail[0] = "f"
+        out += (["t"] * h + [r] * max(body, 0) + tail)[: e - s]
+    return "".join(out)
 
 
 def load_or_generate_conversations(params: Any, config: ModelConfig, tokenizer: Any, n: int, min_tokens: int,
