@@ -38,6 +38,15 @@ means the reply is in the store, and its line is rebuilt from the stored tokens 
 true``) instead of being computed again. So every turn is written exactly once and no finished turn
 is recomputed. A finished conversation's sessions are deleted (``keep_sessions`` keeps them).
 
+Warm-up. Before the first turn the job compiles every program its turns may run (``warmup``,
+on by default): the input gives each turn's prompt length and a range for its history (the replies
+before it are 1 to ``max_new_tokens`` tokens), so the prefill programs (prompt bucket, history
+bucket, from the device pool or host memory, chunks) are known up front (``batch_plan.turn_shapes``,
+``engine.warmup.programs_for``) and run once each on scratch sessions, with the decode step and the
+saves. A resumed run does the same for the turns it still has to run, so it compiles nothing mid-job
+either. Not covered (counted in the summary's ``turns_not_warmed``): turns from the first one that may
+overflow the context window, and conversations on the messages route (above).
+
 Sampling keys are derived by the engine from its seed (``EngineConfig.seed``), the conversation id
 and the user turn's index (``sample_name``), so a resumed or re-sharded run samples the same replies.
 """

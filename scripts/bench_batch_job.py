@@ -268,15 +268,6 @@ def main(argv: list[str] | None = None) -> int:
         sysres["cachedattn"]["turns"] = _turn_stats(work / "cached.jsonl")
         sysres["cachedattn"]["phases"] = _phases(work / "cached.jsonl", sysres["cachedattn"]["summary"]["wall_s"])
         say("cachedattn")
-    if "recompute" in systems:
-        sysres["recompute"] = run_cli(inp, work / "recompute.jsonl", work / "store-recompute", args.max_new_tokens,
-                                      ["--no-cache"] + flags)
-        sysres["recompute"]["turns"] = _turn_stats(work / "recompute.jsonl")
-        sysres["recompute"]["phases"] = _phases(work / "recompute.jsonl", sysres["recompute"]["summary"]["wall_s"])
-        say("recompute")
-    if "transformers" in systems:
-        sysres["transformers"] = run_transformers(inp, args.max_new_tokens, args.threads, args.hf_conversations)
-        say("transformers")
     if "kill" in systems:
         out, store = work / "killed.jsonl", work / "store-killed"
         # Past half the turns, inside a conversation (its earlier turns are in the store).
@@ -304,6 +295,15 @@ def main(argv: list[str] | None = None) -> int:
             "history_tokens_loaded_on_resume": _loaded_on_resume(lines, s2["turns_done_before"]),
         }
         say("kill")
+    if "recompute" in systems:
+        sysres["recompute"] = run_cli(inp, work / "recompute.jsonl", work / "store-recompute", args.max_new_tokens,
+                                      ["--no-cache"] + flags)
+        sysres["recompute"]["turns"] = _turn_stats(work / "recompute.jsonl")
+        sysres["recompute"]["phases"] = _phases(work / "recompute.jsonl", sysres["recompute"]["summary"]["wall_s"])
+        say("recompute")
+    if "transformers" in systems:
+        sysres["transformers"] = run_transformers(inp, args.max_new_tokens, args.threads, args.hf_conversations)
+        say("transformers")
     c = sysres.get("cachedattn", {}).get("summary")
     if c:
         res["ratios"] = {}

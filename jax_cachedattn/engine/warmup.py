@@ -9,7 +9,10 @@ before it, ``kind`` how they came:
 
 * ``new``: no history (a first turn, a recompute, the first chunk of either);
 * ``host``: a history in the host tier (the in-program prefill that moves ``pinned_host`` blocks to
-  the device);
+  the device); its first layers may already be on the device (the read buffer: ``Engine.preload``
+  of the queue's next job), another program per count of them: the warm-up runs none, the
+  read-ahead's default and every layer (what it picks unless loads are measured only a little slower
+  than compute; a count in between compiles mid-run);
 * ``device``: a history in the device pool (a device hit), and every chunk after a job's first
   (its rows are in the job's pages);
 * ``disk``: a history read from the disk tier (the prefill split into several programs).
@@ -146,13 +149,20 @@ def warmup_programs(engine, programs: Iterable[Program]) -> dict:
     # Every turn generates enough tokens for a save during decode and a last, shorter one at the end.
     new = min(ec.save_every + ec.decode_steps + 1, ec.max_new_tokens)
     budget = ec.prefill_budget if ec.chunked_prefill else None
+    # A history in host memory may have its first layers in the read buffer already (Engine.preload, the
+    # queue's next job): those layers enter the in-program prefill as device arrays, another program per
+    # count. The counts the read-ahead picks: none, its default, every layer (loads slower than compute).
+    ra = engine.read_ahead
+    preloads = (sorted({0, mc.num_layers, min(mc.num_layers, ra.fixed if ra.fixed is not None else ra.default)})
+                if ec.preload in ("auto", "in_program") else [0])
     engine._swap_store(scratch)
     # The scratch turns place their histories themselves (the programs do not depend on use_cache).
     engine.config = engine._ctx.engine_config = ec.replace(use_cache=True)
     try:
-        for kind, S, T in progs:
+        runs = [(kind, S, T, k) for kind, S, T in progs for k in (preloads if kind == "host" else (0,))]
+        for kind, S, T, k in runs:
             n = T if budget is None else min(T, budget)   # one chunk, of bucket T
-            sid = f"warmup-{tag}-{kind}-{S}-{T}"
+            sid = f"warmup-{tag}-{kind}-{S}-{T}-{k}"
             if kind != "new":
                 if scratch is None:
                     skipped += 1
@@ -170,10 +180,13 @@ def warmup_programs(engine, programs: Iterable[Program]) -> dict:
                 elif kind == "device":   # its pages in the pool, as a finished turn leaves them
                     info = scratch.lookup(sid)
                     engine.pool.retain(sid, engine.pool.alloc(engine.pool.pages_for(h)), info.turn, info.num_tokens)
+                elif k:
+                    engine.preload(sid, layers=k)
             sids.append(sid)
             res = engine.turn(sid, np.ones(n, np.int32), max_new_tokens=new)
-            if res.source != kind:
-                raise AssertionError(f"warm-up turn for {(kind, S, T)} ran from {res.source}")
+            if res.source != kind or res.preloaded_layers != k:
+                raise AssertionError(f"warm-up turn for {(kind, S, T)} with {k} layers preloaded ran from "
+                                     f"{res.source} with {res.preloaded_layers}")
             turns += 1
             engine.pool.drop(sid)
         # The saves' row reads: every size a save during decode or at a turn's end may ask for.
