@@ -38,6 +38,15 @@ means the reply is in the store, and its line is rebuilt from the stored tokens 
 true``) instead of being computed again. So every turn is written exactly once and no finished turn
 is recomputed. A finished conversation's sessions are deleted (``keep_sessions`` keeps them).
 
+Warm-up. Before the first turn the job compiles every program its turns may run (``warmup``,
+on by default): the input gives each turn's prompt length and a range for its history (the replies
+before it are 1 to ``max_new_tokens`` tokens), so the prefill programs (prompt bucket, history
+bucket, from the device pool or host memory, chunks) are known up front (``batch_plan.turn_shapes``,
+``engine.warmup.programs_for``) and run once each on scratch sessions, with the decode step and the
+saves. A resumed run does the same for the turns it still has to run, so it compiles nothing mid-job
+either. Not covered (counted in the summary's ``turns_not_warmed``): turns from the first one that may
+overflow the context window, and conversations on the messages route (above).
+
 Sampling keys are derived by the engine from its seed (``EngineConfig.seed``), the conversation id
 and the user turn's index (``sample_name``), so a resumed or re-sharded run samples the same replies.
 """
@@ -51,10 +60,11 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from jax_cachedattn.batch_io import BatchSummary, JobOutput, OutputFileError, progress_bar
-from jax_cachedattn.batch_plan import Unit, plan_units, session_ids, turn_tokens
+from jax_cachedattn.batch_plan import Unit, plan_units, session_ids, turn_shapes, turn_tokens
 from jax_cachedattn.batch_runner import Runner
 from jax_cachedattn.conversations import BadRecord, Conversation, read_conversations
 from jax_cachedattn.engine import Engine, InputError
+from jax_cachedattn.engine.warmup import programs_for, warmup_programs
 
 __all__ = ["BatchOptions", "BatchSummary", "OutputFileError", "StrictStop", "Unit", "plan_units", "run_batch_job",
            "session_ids", "turn_tokens"]
@@ -73,7 +83,9 @@ class BatchOptions:
     max_new_tokens: reply budget per turn.
     strict: stop at the first bad input record instead of skipping it.
     keep_sessions: keep each finished conversation's KV in the store (default: delete it).
-    window: jobs queued in the engine beyond its decode slots (``Engine.serve``'s look-ahead)."""
+    window: jobs queued in the engine beyond its decode slots (``Engine.serve``'s look-ahead).
+    warmup: before the first turn, compile every program the job's turns may run (their lengths are
+      known from the input: ``batch_plan.turn_shapes``), so no turn compiles mid-job."""
 
     history: str = "generated"
     reply_all: bool = False
@@ -81,6 +93,7 @@ class BatchOptions:
     strict: bool = False
     keep_sessions: bool = False
     window: int = 4
+    warmup: bool = True
 
     def __post_init__(self) -> None:
         if self.history not in ("generated", "given"):
@@ -101,7 +114,8 @@ def run_batch_job(engine: Engine, input_path: str | Path, output_path: str | Pat
 
     ``report`` receives one line per skipped record or conversation (default: stderr). ``on_event``
     receives ``{"event": "compute"|"written"|"recovered", "conversation", "turn"}`` as turns go
-    ("written" also has ``result``, the engine's TurnResult).
+    ("written" also has ``result``, the engine's TurnResult), and ``{"event": "warmed", "programs",
+    "turns", "seconds", "uncovered"}`` once the warm-up (``options.warmup``) is done.
     Raises `StrictStop` (strict and a bad record), `OutputFileError`, and the store's `DiskFull`.
     """
     if engine.tokenizer is None or engine.store is None:
@@ -115,6 +129,10 @@ def run_batch_job(engine: Engine, input_path: str | Path, output_path: str | Pat
         say(f"output: dropped a torn last line of {output_path}")
     summary.turns_total = total
     summary.turns_done_before = sum(len(v) for v in out.done.values())
+    if options.warmup:
+        w = _warmup(engine, plans(), out.done, options)
+        summary.warmup_s, summary.warmup_programs, summary.turns_not_warmed = w["seconds"], w["programs"], w["uncovered"]
+        (on_event or (lambda e: None))({"event": "warmed", **w})
     t0 = time.perf_counter()
     runner = Runner(engine, out, options, summary, on_event or (lambda e: None), say)
     with progress_bar(progress, total, summary.turns_done_before) as advance:
@@ -125,6 +143,21 @@ def run_batch_job(engine: Engine, input_path: str | Path, output_path: str | Pat
     out.write_summary(summary.to_json())
     out.close()
     return summary
+
+
+def _warmup(engine: Engine, plans, done: dict, o: BatchOptions) -> dict:
+    """Compile what the turns still to run may need (engine/warmup.py): the prefill programs of their
+    lengths, from the device pool or host memory (a resumed conversation's history is read back to
+    host memory as it opens), the decode step, the saves."""
+    shapes, uncovered = set(), 0
+    for conv, units in plans:
+        got, n = turn_shapes(engine.tokenizer, units, o.max_new_tokens, engine.model_config.max_context,
+                             frozenset(done.get(conv.id, ())))
+        shapes.update(got)
+        uncovered += n
+    progs = programs_for(engine, shapes, ("host", "device"))
+    w = warmup_programs(engine, progs)
+    return {"programs": len(progs), "turns": w["turns"], "seconds": round(w["seconds"], 3), "uncovered": uncovered}
 
 
 def _stderr(line: str) -> None:

@@ -44,6 +44,9 @@ class BatchSummary:
     fresh_prefill_s: float = 0.0    # ttft of turns with nothing cached: the recompute estimate's rate
     fresh_prefill_tokens: int = 0
     wall_s: float = 0.0
+    warmup_s: float = 0.0           # compiling ahead, before the first turn (not in wall_s)
+    warmup_programs: int = 0
+    turns_not_warmed: int = 0       # turns whose lengths the warm-up could not know (truncation, re-rendering)
 
     @property
     def skipped(self) -> bool:
@@ -64,6 +67,8 @@ class BatchSummary:
             "recomputed_history_tokens": self.history_tokens - self.reused_tokens,
             "prompt_tokens": self.prompt_tokens, "generated_tokens": self.generated_tokens,
             "time_saved_estimate_s": round(self.reused_tokens / rate, 3) if rate else None,
+            "warmup_s": round(self.warmup_s, 3), "warmup_programs": self.warmup_programs,
+            "turns_not_warmed": self.turns_not_warmed,
         }}
 
 

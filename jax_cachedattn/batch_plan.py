@@ -10,8 +10,9 @@ import re
 
 from jax_cachedattn.chat_template import ChatTemplateError, render_turn
 from jax_cachedattn.conversations import Conversation, Message
+from jax_cachedattn.engine.warmup import TurnShape
 
-__all__ = ["Unit", "plan_units", "rerenders", "session_ids", "turn_tokens"]
+__all__ = ["Unit", "plan_units", "rerenders", "session_ids", "turn_shapes", "turn_tokens"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,3 +100,34 @@ def rerenders(tok, units: list[Unit]) -> bool:
         if not u.scratch:
             hist += new + [{"role": "assistant", "content": "OK."}]
     return False
+
+
+def turn_shapes(tok, units: list[Unit], max_new: int, max_context: int, skip=frozenset()) -> tuple[list[TurnShape], int]:
+    """The lengths of the turns a conversation's ``units`` will run (``skip``: user turns already
+    written), for the engine's warm-up: ``(shapes, turns not covered)``. A prompt's length is known
+    from the input (what the template adds, after the 0-2 tokens that close the reply before it); a
+    history grows by each main turn's prompt and its reply of 1 to ``max_new`` tokens. Not covered:
+    turns from the first one that may overflow ``max_context`` (the truncation's cut depends on the
+    replies) and conversations the template re-renders (the messages route)."""
+    end = len(tok.assistant_end())
+    hist: list[dict] = []
+    lo = hi = 0
+    out: list[TurnShape] = []
+    for k, u in enumerate(units):
+        new = dicts(u.before + (u.user,))
+        try:
+            if not hist:
+                p = (len(tok.chat(new)),) * 2
+            else:
+                n = len(turn_tokens(tok, hist, new, -1)[1])
+                p = (n + max(0, end - 1), n + end)
+        except ChatTemplateError:   # the messages route: not covered
+            return out, len([x for x in units[k:] if x.turn not in skip])
+        if hi + p[1] + max_new + 2 > max_context:   # a truncation may cut: later lengths unknown
+            return out, len([x for x in units[k:] if x.turn not in skip])
+        if u.turn not in skip:
+            out.append(TurnShape((lo, hi), p))
+        if not u.scratch:
+            hist += new + [{"role": "assistant", "content": "OK."}]
+            lo, hi = lo + p[0] + 1, hi + p[1] + max_new
+    return out, 0

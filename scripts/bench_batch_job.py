@@ -119,6 +119,21 @@ def _turn_stats(out: Path) -> dict:
     return {k: {n: round(v, 3) if isinstance(v, float) else v for n, v in b.items()} for k, b in sorted(by.items())}
 
 
+def _phases(out: Path, wall: float) -> dict:
+    """What caching can shorten and what it cannot, from a run's lines (the engine's loop is one host
+    thread: a round prefills, then dispatches one decode step of every busy slot, so the job's wall is
+    about the sum of its prefills plus its decode rounds and commits). ``prefill_s``: the turns' time
+    to first token summed (one chunk each on this file's shape, so it is their prefill);
+    ``later_prefill_s``: the same for the turns that had a history (what caching removes);
+    ``rest_s``: the job's wall less ``prefill_s`` (decode rounds, commits, the feed), which caching
+    does not shorten."""
+    lines = [json.loads(x) for x in out.read_text(encoding="utf-8").splitlines()[1:-1]]
+    pre = sum(r["ttft_s"] or 0.0 for r in lines)
+    later = sum(r["ttft_s"] or 0.0 for r in lines if r["history_tokens"])
+    return {"prefill_s": round(pre, 3), "later_prefill_s": round(later, 3), "first_prefill_s": round(pre - later, 3),
+            "rest_s": round(wall - pre, 3), "rest_share": round((wall - pre) / wall, 4)}
+
+
 def _loaded_on_resume(lines: list[dict], done_before: int) -> dict:
     """For each conversation cut by the kill, the history its first resumed turn read from the store."""
     started = {r["conversation"] for r in lines[:done_before]}
@@ -131,8 +146,10 @@ def _loaded_on_resume(lines: list[dict], done_before: int) -> dict:
             "sources": sorted({str(r["source"]) for r in first.values()})}
 
 
-def run_transformers(inp: Path, max_new: int, threads: int) -> dict:
-    """A loop over the same conversations and token ids: transformers, in-memory cache per conversation."""
+def run_transformers(inp: Path, max_new: int, threads: int, limit: int | None = None) -> dict:
+    """A loop over the same conversations and token ids: transformers, in-memory cache per conversation
+    (the first ``limit`` conversations only: every conversation of the file has the same token counts,
+    so its turns/min is the whole file's)."""
     import torch
     from transformers import AutoModelForCausalLM, DynamicCache
 
@@ -146,7 +163,7 @@ def run_transformers(inp: Path, max_new: int, threads: int) -> dict:
     tok = Tokenizer.from_gguf(gguf)
     model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32).eval()
     stop, end = tok.stop_ids, tok.assistant_end()
-    convs = [c for c in read_conversations(inp) if isinstance(c, Conversation)]
+    convs = [c for c in read_conversations(inp) if isinstance(c, Conversation)][:limit]
     turns = generated = prefilled = 0
     with torch.inference_mode():
         model(torch.tensor([end]))   # warm-up
@@ -174,8 +191,8 @@ def run_transformers(inp: Path, max_new: int, threads: int) -> dict:
                                 "content": tok.decode([t for t in reply if t not in stop], skip_special_tokens=True)}]
                 turns += 1
     wall = time.perf_counter() - t0
-    return {"wall_s": wall, "turns": turns, "turns_per_min": 60 * turns / wall, "generated_tokens": generated,
-            "prefilled_tokens": prefilled, "threads": threads}
+    return {"wall_s": wall, "conversations": len(convs), "turns": turns, "turns_per_min": 60 * turns / wall,
+            "generated_tokens": generated, "prefilled_tokens": prefilled, "threads": threads}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -186,6 +203,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--follow-words", type=int, default=20, help="words of each later user turn")
     p.add_argument("--max-new-tokens", type=int, default=16, help="reply budget per turn")
     p.add_argument("--threads", type=int, default=2, help="torch threads for the transformers loop")
+    p.add_argument("--hf-conversations", type=int, default=None, help="run the transformers loop on the first "
+                   "this many conversations only (its turns/min holds for the file: every conversation has the "
+                   "same token counts)")
+    p.add_argument("--extrapolate", type=int, default=200, help="also give each system's minutes for a file of "
+                   "this many conversations, from its measured turns/min")
     p.add_argument("--systems", default="cachedattn,recompute,transformers,kill",
                    help="comma-separated subset of cachedattn,recompute,transformers,kill")
     p.add_argument("--seed", type=int, default=0)
@@ -218,6 +240,9 @@ def main(argv: list[str] | None = None) -> int:
 
     def say(name):
         print(f"{name}: {json.dumps(sysres[name])}", file=sys.stderr, flush=True)
+        if args.out:   # what is measured so far survives a run cut by its time limit
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(json.dumps(res, indent=1))
 
     if args.warmup:
         # Fill the persistent compile cache (~/.cache/jax_cachedattn/xla) with this file's shapes, so
@@ -241,15 +266,8 @@ def main(argv: list[str] | None = None) -> int:
     elif "cachedattn" in systems or "kill" in systems:
         sysres["cachedattn"] = run_cli(inp, work / "cached.jsonl", work / "store-cached", args.max_new_tokens, flags)
         sysres["cachedattn"]["turns"] = _turn_stats(work / "cached.jsonl")
+        sysres["cachedattn"]["phases"] = _phases(work / "cached.jsonl", sysres["cachedattn"]["summary"]["wall_s"])
         say("cachedattn")
-    if "recompute" in systems:
-        sysres["recompute"] = run_cli(inp, work / "recompute.jsonl", work / "store-recompute", args.max_new_tokens,
-                                      ["--no-cache"] + flags)
-        sysres["recompute"]["turns"] = _turn_stats(work / "recompute.jsonl")
-        say("recompute")
-    if "transformers" in systems:
-        sysres["transformers"] = run_transformers(inp, args.max_new_tokens, args.threads)
-        say("transformers")
     if "kill" in systems:
         out, store = work / "killed.jsonl", work / "store-killed"
         # Past half the turns, inside a conversation (its earlier turns are in the store).
@@ -277,14 +295,34 @@ def main(argv: list[str] | None = None) -> int:
             "history_tokens_loaded_on_resume": _loaded_on_resume(lines, s2["turns_done_before"]),
         }
         say("kill")
+    if "recompute" in systems:
+        sysres["recompute"] = run_cli(inp, work / "recompute.jsonl", work / "store-recompute", args.max_new_tokens,
+                                      ["--no-cache"] + flags)
+        sysres["recompute"]["turns"] = _turn_stats(work / "recompute.jsonl")
+        sysres["recompute"]["phases"] = _phases(work / "recompute.jsonl", sysres["recompute"]["summary"]["wall_s"])
+        say("recompute")
+    if "transformers" in systems:
+        sysres["transformers"] = run_transformers(inp, args.max_new_tokens, args.threads, args.hf_conversations)
+        say("transformers")
     c = sysres.get("cachedattn", {}).get("summary")
     if c:
         res["ratios"] = {}
         if "recompute" in sysres:
             res["ratios"]["turns_per_min_vs_recompute"] = c["turns_per_min"] / sysres["recompute"]["summary"]["turns_per_min"]
             res["ratios"]["process_wall_vs_recompute"] = sysres["recompute"]["wall_s"] / sysres["cachedattn"]["wall_s"]
+            # Caching removes the later turns' prefill and nothing else: the most it can give on this file
+            # (cached later turns free) and what it gives at the cached run's later-turn prefill.
+            rp, cp = sysres["recompute"]["phases"], sysres["cachedattn"]["phases"]
+            rw = sysres["recompute"]["summary"]["wall_s"]
+            res["ratios"]["bound_if_later_prefill_free"] = rw / (rw - rp["later_prefill_s"])
+            res["ratios"]["model_with_cached_later_prefill"] = rw / (rw - rp["later_prefill_s"] + cp["later_prefill_s"])
         if "transformers" in sysres:
             res["ratios"]["turns_per_min_vs_transformers"] = c["turns_per_min"] / sysres["transformers"]["turns_per_min"]
+    res["extrapolated_minutes"] = {"conversations": args.extrapolate, "turns": args.extrapolate * args.turns, **{
+        k: round(args.extrapolate * args.turns / r, 2) for k, r in (
+            ("cachedattn", c and c["turns_per_min"]),
+            ("recompute", sysres.get("recompute", {}).get("summary", {}).get("turns_per_min")),
+            ("transformers", sysres.get("transformers", {}).get("turns_per_min"))) if r}}
     res["machine"]["load_avg_at_end"] = os.getloadavg()
     print(json.dumps(res, indent=1))
     if args.out:

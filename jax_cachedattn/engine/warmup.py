@@ -1,18 +1,28 @@
-"""Compile ahead: run the engine's programs once for the shapes a user's first turns will have.
+"""Compile ahead: run the engine's programs once for the shapes the coming turns will have.
 
 A turn compiles its prefill programs once per (prompt bucket, history bucket, source), and the
 decode step once per decode batch size (``slots.decode_buckets``). Without a warm-up those compiles land on the first turns' TTFT (a
 fresh process once took 4.2 s to the first token of a conversation's second turn from host memory,
-against 0.97 s for its first). :func:`warmup` runs real turns of scratch sessions through the
-engine's own loop, so exactly the programs a turn runs are compiled (and, with JAX's persistent
-compilation cache on, written to disk for the next process):
+against 0.97 s for its first). The prefill programs are named here as :data:`Program` triples
+``(kind, S, T)``: ``T`` the bucket of the new tokens of one chunk, ``S`` the bucket of the rows
+before it, ``kind`` how they came:
 
-* ``new``: a first turn of each prompt length (the prefill without history, insert, the decode step,
-  the saves of its new rows);
-* ``host``: for each history length, a turn whose history is in the host tier (the in-program
-  prefill that moves ``pinned_host`` blocks to the device), for each prompt length;
-* ``device``: the next turn of the same session, its history in the device pool (a device hit);
-* ``disk`` (only when asked): the same from the disk tier (the prefill split into several programs).
+* ``new``: no history (a first turn, a recompute, the first chunk of either);
+* ``host``: a history in the host tier (the in-program prefill that moves ``pinned_host`` blocks to
+  the device); its first layers may already be on the device (the read buffer: ``Engine.preload``
+  of the queue's next job), another program per count of them: the warm-up runs none, the
+  read-ahead's default and every layer (what it picks unless loads are measured only a little slower
+  than compute; a count in between compiles mid-run);
+* ``device``: a history in the device pool (a device hit), and every chunk after a job's first
+  (its rows are in the job's pages);
+* ``disk``: a history read from the disk tier (the prefill split into several programs).
+
+:func:`programs_for` lists the programs that turns of known lengths may run (a batch job knows every
+conversation's turns up front: ``batch_plan.turn_shapes``); :func:`warmup_programs` runs one real turn of a
+scratch session per program through the engine's own loop, so exactly the programs a turn runs are
+compiled (and, with JAX's persistent compilation cache on, written to disk for the next process),
+with the decode step at every batch size and the saves' row reads. :func:`warmup` is
+``Engine.warmup``: every prompt bucket against every history bucket.
 
 The scratch sessions live in a temporary in-memory store with the real store's layout and
 settings, swapped in for the warm-up only; their pages go back to the pool afterwards. The read
@@ -24,7 +34,7 @@ from __future__ import annotations
 import dataclasses
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import jax.numpy as jnp
 import numpy as np
@@ -36,6 +46,60 @@ from jax_cachedattn.model import bucket_length
 from jax_cachedattn.store import TieredStore
 
 SOURCES = ("new", "host", "device", "disk")
+Program = tuple[str, int, int]   # (kind, history bucket S, prompt bucket T); see the module docstring
+
+
+@dataclasses.dataclass(frozen=True)
+class TurnShape:
+    """A turn to come: its history holds between ``history[0]`` and ``history[1]`` tokens (a generated
+    reply's length is known only as a range), its new tokens between ``prompt[0]`` and ``prompt[1]``."""
+
+    history: tuple[int, int]
+    prompt: tuple[int, int]
+
+
+def _buckets(lo: int, hi: int) -> set[int]:
+    """The history buckets of every length in ``[lo, hi]``."""
+    out, n = set(), lo
+    while n <= hi:
+        s = bucket_length(n)
+        out.add(s)
+        n = s + 1
+    return out
+
+
+def _chunks(n: int, budget: int | None) -> list[tuple[int, int]]:
+    """``(offset, size)`` of the chunks a prefill of ``n`` tokens runs in (engine._resume)."""
+    step = n if budget is None else budget
+    return [(lo, min(step, n - lo)) for lo in range(0, n, max(1, step))]
+
+
+def programs_for(engine, shapes: Iterable[TurnShape], sources: Sequence[str] = ("host", "device")) -> set[Program]:
+    """The prefill programs turns of these shapes may run on ``engine`` (its prompt buckets, chunking,
+    cache setting). A cached history's first chunk may come from any of ``sources`` (a batch job's:
+    the device pool, or host memory once the pool evicted it or a resumed job read it back);
+    ``device`` only where the engine keeps finished turns' pages."""
+    ec = engine.config
+    budget = ec.prefill_budget if ec.chunked_prefill else None
+    first = [s for s in sources if s != "device" or ec.keep_pages]
+    out: set[Program] = set()
+    for sh in set(shapes):
+        (hlo, hhi), (plo, phi) = sh.history, sh.prompt
+        if ec.use_cache:   # the history's KV reused: the prompt computed against it
+            cases = [(n, hlo, hhi) for n in range(plo, phi + 1)]
+        else:              # the whole history recomputed with the prompt
+            cases = [(n, 0, 0) for n in range(hlo + plo, hhi + phi + 1)]
+        for n, lo, hi in cases:
+            for off, size in _chunks(n, budget):
+                T = prompt_bucket_length(size, ec.prompt_bucket)
+                for S in _buckets(lo + off, hi + off):
+                    if S == 0:
+                        out.add(("new", 0, T))
+                    elif off:
+                        out.add(("device", S, T))
+                    else:
+                        out.update((k, S, T) for k in first)
+    return out
 
 
 def _history(store, sid: str, n: int, num_layers: int, kv_heads: int, head_dim: int, dtype) -> None:
@@ -47,58 +111,91 @@ def _history(store, sid: str, n: int, num_layers: int, kv_heads: int, head_dim: 
 
 
 def warmup(engine, prompt_lengths: Sequence[int], history_lengths: Sequence[int], sources: Sequence[str]) -> dict:
-    """See the module docstring and :meth:`Engine.warmup`. Returns ``{"turns", "seconds"}``."""
+    """See :meth:`Engine.warmup`: every prompt bucket of ``prompt_lengths`` new, and against every history
+    bucket of ``history_lengths`` from each of ``sources``. Returns ``{"turns", "seconds", "skipped"}``."""
     bad = sorted(set(sources) - set(SOURCES))
     if bad:
         raise ValueError(f"unknown warm-up sources {bad}; known: {', '.join(SOURCES)}")
-    mc, ec = engine.model_config, engine.config
     if any(int(n) < 1 for n in prompt_lengths) or any(int(n) < 1 for n in history_lengths):
         raise ValueError("warm-up lengths must be >= 1")
+    progs: set[Program] = set()
+    if "new" in sources or engine.store is None:
+        progs |= programs_for(engine, [TurnShape((0, 0), (int(n), int(n))) for n in prompt_lengths])
+    kinds = [k for k in ("host", "device", "disk") if k in sources]
+    if kinds and engine.store is not None:
+        progs |= programs_for(engine, [TurnShape((int(h), int(h)), (int(n), int(n)))
+                                       for h in history_lengths for n in prompt_lengths], kinds)
+    return warmup_programs(engine, progs)
+
+
+def warmup_programs(engine, programs: Iterable[Program]) -> dict:
+    """Compile ``programs`` (see the module docstring): one scratch turn each, its history (zeros)
+    placed where the program reads it from, then the decode step at every batch size and the saves'
+    row reads. Returns ``{"turns", "seconds", "skipped"}`` (``skipped``: programs no turn can run
+    within the context window)."""
+    progs = set(programs)
+    bad = sorted({p[0] for p in progs} - set(SOURCES))
+    if bad:
+        raise ValueError(f"unknown warm-up sources {bad}; known: {', '.join(SOURCES)}")
+    progs = sorted(progs, key=lambda p: (SOURCES.index(p[0]), p[1], p[2]))
+    mc, ec = engine.model_config, engine.config
     real = engine.store
     scratch = None
     if real is not None:
         cfg = dataclasses.replace(real.cfg, root=None, kvstore={"driver": "memory"}, disk_bytes=None)
         scratch = TieredStore(cfg, real.layout)
-    t0, turns, sids = time.perf_counter(), 0, []
+    t0, turns, skipped, sids = time.perf_counter(), 0, 0, []
     tag = uuid.uuid4().hex[:12]  # never the id of a session of the engine's pool
     # Every turn generates enough tokens for a save during decode and a last, shorter one at the end.
     new = min(ec.save_every + ec.decode_steps + 1, ec.max_new_tokens)
+    budget = ec.prefill_budget if ec.chunked_prefill else None
+    # A history in host memory may have its first layers in the read buffer already (Engine.preload, the
+    # queue's next job): those layers enter the in-program prefill as device arrays, another program per
+    # count. The counts the read-ahead picks: none, its default, every layer (loads slower than compute).
+    ra = engine.read_ahead
+    preloads = (sorted({0, mc.num_layers, min(mc.num_layers, ra.fixed if ra.fixed is not None else ra.default)})
+                if ec.preload in ("auto", "in_program") else [0])
     engine._swap_store(scratch)
+    # The scratch turns place their histories themselves (the programs do not depend on use_cache).
+    engine.config = engine._ctx.engine_config = ec.replace(use_cache=True)
     try:
-        prompts = sorted({prompt_bucket_length(int(n), ec.prompt_bucket) for n in prompt_lengths})
-        if "new" in sources or scratch is None:
-            for T in prompts:
-                sid = f"warmup-{tag}-new-{T}"
+        runs = [(kind, S, T, k) for kind, S, T in progs for k in (preloads if kind == "host" else (0,))]
+        for kind, S, T, k in runs:
+            n = T if budget is None else min(T, budget)   # one chunk, of bucket T
+            sid = f"warmup-{tag}-{kind}-{S}-{T}-{k}"
+            if kind != "new":
+                if scratch is None:
+                    skipped += 1
+                    continue
+                h = min(S, mc.max_context - n - new - 2)   # no truncation: the history stays in bucket S
+                if h < 1 or bucket_length(h) != S:
+                    skipped += 1
+                    continue
                 sids.append(sid)
-                engine.turn(sid, np.ones(T, np.int32), max_new_tokens=new)
-                turns += 1
-        if scratch is not None and {"host", "device", "disk"} & set(sources):
-            for S in sorted({bucket_length(int(n)) for n in history_lengths}):
-                for T in prompts:
-                    # Room in the bucket for the host turn's prompt and reply, so the device turn's
-                    # history (grown by them) is still in bucket S.
-                    h = max(1, S - 2 * (T + new + 1))
-                    h = h if bucket_length(h) == S else S
-                    sid = f"warmup-{tag}-{S}-{T}"
-                    sids.append(sid)
-                    _history(scratch, sid, h, mc.num_layers, mc.num_kv_heads, mc.head_dim, mc.dtype)
-                    if "disk" in sources:
-                        scratch.flush()
-                        engine.evict(sid, "host")
-                        engine.turn(sid, np.ones(T, np.int32), max_new_tokens=new)
-                        turns += 1
-                    if "host" in sources or "device" in sources:
-                        engine.evict(sid, "device")
-                        engine.turn(sid, np.ones(T, np.int32), max_new_tokens=new)
-                        turns += 1
-                    if "device" in sources and ec.keep_pages and bucket_length(h + T + new) == S:
-                        engine.turn(sid, np.ones(T, np.int32), max_new_tokens=new)
-                        turns += 1
-                    engine.pool.drop(sid)
+                _history(scratch, sid, h, mc.num_layers, mc.num_kv_heads, mc.head_dim, mc.dtype)
+                engine.evict(sid, "device")
+                if kind == "disk":
+                    scratch.flush()
+                    engine.evict(sid, "host")
+                elif kind == "device":   # its pages in the pool, as a finished turn leaves them
+                    info = scratch.lookup(sid)
+                    engine.pool.retain(sid, engine.pool.alloc(engine.pool.pages_for(h)), info.turn, info.num_tokens)
+                elif k:
+                    engine.preload(sid, layers=k)
+            sids.append(sid)
+            res = engine.turn(sid, np.ones(n, np.int32), max_new_tokens=new)
+            if res.source != kind or res.preloaded_layers != k:
+                raise AssertionError(f"warm-up turn for {(kind, S, T)} with {k} layers preloaded ran from "
+                                     f"{res.source} with {res.preloaded_layers}")
+            turns += 1
+            engine.pool.drop(sid)
         # The saves' row reads: every size a save during decode or at a turn's end may ask for.
-        table = np.zeros(engine.state.tables.shape[1], np.int32)
+        table = jnp.asarray(np.zeros(engine.state.tables.shape[1], np.int32))
         for size in sorted({bucket_length(n, minimum=ec.save_every) for n in range(1, ec.save_every + ec.decode_steps + 1)}):
-            P.read_rows(engine.pool.pages, jnp.asarray(table), jnp.int32(0), size)
+            if ec.rope_mode == "naive":
+                P.read_rows(engine.pool.pages, table, jnp.int32(0), size)
+            else:
+                P.read_decoded(engine.pool.pages, engine.state.raw_k, table, jnp.int32(0), jnp.int32(0), size)
         # The decode step at every batch size the loop may run (engine/slots.py, decode_buckets); every
         # slot is idle here, so the steps change nothing but the trash page.
         engine.state = SL.set_table(engine.state, jnp.int32(0), jnp.asarray(np.asarray(engine.state.tables)[0]))
@@ -109,10 +206,11 @@ def warmup(engine, prompt_lengths: Sequence[int], history_lengths: Sequence[int]
         if scratch is not None:
             scratch.flush()
     finally:
+        engine.config = engine._ctx.engine_config = ec
         for sid in sids:
             engine.pool.drop(sid)
             engine.read_buffer.drop(sid)
         engine._swap_store(real)
         if scratch is not None:
             scratch.close()
-    return {"turns": turns, "seconds": time.perf_counter() - t0}
+    return {"turns": turns, "seconds": time.perf_counter() - t0, "skipped": skipped}

@@ -1,0 +1,148 @@
+"""A batch job's warm-up compiles every program its turns run: neither an uninterrupted nor a resumed run
+compiles anything after it (tiny model)."""
+
+import logging
+import re
+import sys
+from pathlib import Path
+
+import jax
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _batch_model import byte_tokenizer, tiny_engine  # noqa: E402
+from test_batch_job import _kill_input, _lines, _run  # noqa: E402
+
+from jax_cachedattn import batch_io  # noqa: E402
+from jax_cachedattn.batch import BatchOptions  # noqa: E402
+from jax_cachedattn.batch_plan import plan_units, turn_shapes  # noqa: E402
+from jax_cachedattn.conversations import Conversation, read_conversations  # noqa: E402
+from jax_cachedattn.engine.warmup import TurnShape, programs_for  # noqa: E402
+
+
+class _Compiles(logging.Handler):
+    """Counts XLA compilations (jax.log_compiles), and the count when the job's warm-up ended."""
+
+    def __init__(self):
+        super().__init__()
+        self.n, self.at_warm = 0, None
+
+    def emit(self, record):
+        if re.search(r"Finished XLA compilation of jit\(", record.getMessage()):
+            self.n += 1
+
+    def event(self, e):
+        if e["event"] == "warmed":
+            self.at_warm = self.n
+
+
+def _counting(fn):
+    """Run ``fn(on_event)`` with every in-process compiled program forgotten, counting compiles."""
+    jax.clear_caches()
+    h = _Compiles()
+    log = logging.getLogger("jax")
+    old = log.level
+    log.addHandler(h)
+    log.setLevel(logging.DEBUG)
+    try:
+        with jax.log_compiles(True):
+            out = fn(h.event)
+    finally:
+        log.removeHandler(h)
+        log.setLevel(old)
+    return out, h
+
+
+def test_turn_shapes_bound_the_real_lengths(tmp_path):
+    """Every turn's history and prompt length as run lies in the range the warm-up planned for it."""
+    inp = _kill_input(tmp_path, n=4)
+    s, events = _run(tmp_path, inp, tmp_path / "out.jsonl", BatchOptions(max_new_tokens=6, warmup=False))
+    got = {(e["conversation"], e["turn"]): e["result"] for e in events if e["event"] == "written"}
+    tok = byte_tokenizer()
+    for conv in read_conversations(inp):
+        assert isinstance(conv, Conversation)
+        units = plan_units(conv, "generated")
+        shapes, uncovered = turn_shapes(tok, units, 6, 1024)
+        assert uncovered == 0 and len(shapes) == len(units) == 3
+        for u, sh in zip(units, shapes):
+            r = got[(conv.id, u.turn)]
+            assert sh.history[0] <= r.history_tokens <= sh.history[1], (u.turn, sh, r.history_tokens)
+            assert sh.prompt[0] <= r.prompt_tokens <= sh.prompt[1], (u.turn, sh, r.prompt_tokens)
+        # Written turns are left out; a context too small for the longest history stops the cover.
+        assert turn_shapes(tok, units, 6, 1024, frozenset({0}))[0] == shapes[1:]
+        short, n = turn_shapes(tok, units, 6, shapes[2].history[1] + shapes[2].prompt[1])
+        assert (short, n) == (shapes[:2], 1)
+
+
+def test_programs_for_chunks_and_sources(tmp_path):
+    eng = tiny_engine(str(tmp_path / "s"), prompt_bucket=16, prefill_budget=40)
+    try:
+        # A first turn of 100 tokens: chunks 40 + 40 + 20, the later ones against the rows before them.
+        assert programs_for(eng, [TurnShape((0, 0), (100, 100))]) == {
+            ("new", 0, 48), ("device", 64, 48), ("device", 128, 32)}
+        # A later turn: its history from the pool or host memory, in either bucket of its range.
+        assert programs_for(eng, [TurnShape((60, 70), (10, 11))]) == {
+            (k, S, 16) for k in ("host", "device") for S in (64, 128)}
+        assert programs_for(eng, [TurnShape((60, 70), (10, 11))], ("host",)) == {("host", 64, 16), ("host", 128, 16)}
+    finally:
+        eng.close()
+    rec = tiny_engine(str(tmp_path / "r"), prompt_bucket=16, prefill_budget=40, use_cache=False)
+    try:   # --no-cache: the history is prefilled again with the prompt, chunked as one
+        assert programs_for(rec, [TurnShape((60, 62), (10, 10))]) == {("new", 0, 48), ("device", 64, 32)}
+    finally:
+        rec.close()
+
+
+def test_no_compile_after_the_warmup_uninterrupted_or_resumed(tmp_path, monkeypatch):
+    """The job's first run (killed at its fourth line) and its resumed run each compile every program
+    in their warm-up (in-process caches cleared before each, so nothing is left from earlier) and
+    nothing after it, though the resumed run loads histories from host memory and starts new ones."""
+    inp = _kill_input(tmp_path, n=4)
+    real = batch_io.JobOutput.write_turn
+    calls = {"n": 0}
+
+    class Killed(BaseException):
+        pass
+
+    def dies_at_fourth_line(self, record):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise Killed()
+        return real(self, record)
+
+    monkeypatch.setattr(batch_io.JobOutput, "write_turn", dies_at_fourth_line)
+    opts = BatchOptions(max_new_tokens=6)
+
+    # The killed run: the hook is the event callback, so run it through run_batch_job directly.
+    from jax_cachedattn.batch import run_batch_job
+
+    def killed(on_event):
+        eng = tiny_engine(str(tmp_path / "store"), max_slots=2)
+        try:
+            with pytest.raises(Killed):
+                run_batch_job(eng, inp, tmp_path / "out.jsonl", opts, progress=False, on_event=on_event,
+                              report=lambda _: None)
+        finally:
+            eng.close()
+
+    _, h1 = _counting(killed)
+    assert h1.at_warm is not None and h1.at_warm > 0 and h1.n == h1.at_warm, (h1.at_warm, h1.n)
+    monkeypatch.setattr(batch_io.JobOutput, "write_turn", real)
+    events = []
+
+    def resumed(on_event):
+        eng = tiny_engine(str(tmp_path / "store"), max_slots=2)
+        try:
+            return run_batch_job(eng, inp, tmp_path / "out.jsonl", opts, progress=False,
+                                 on_event=lambda e: (events.append(e), on_event(e)), report=lambda _: None)
+        finally:
+            eng.close()
+
+    s, h2 = _counting(resumed)
+    assert h2.at_warm is not None and h2.at_warm > 0 and h2.n == h2.at_warm, (h2.at_warm, h2.n)
+    assert s.turns_done_before == 3 and s.turns_written + s.turns_recovered == 9 and not s.skipped
+    assert s.warmup_programs > 0 and s.turns_not_warmed == 0
+    results = [e["result"] for e in events if e["event"] == "written"]
+    assert any(r.source == "host" for r in results)          # histories read back from the store
+    _, lines, _ = _lines(tmp_path / "out.jsonl")
+    assert sorted((r["conversation"], r["turn"]) for r in lines) == [(f"k{c}", t) for c in range(4) for t in range(3)]
