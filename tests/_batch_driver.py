@@ -1,6 +1,6 @@
 """Runs a batch job on the tiny model in a process of its own (killed at random by test_batch_job).
 
-usage: _batch_driver.py STORE INPUT OUTPUT EVENTS XLA_CACHE [history] [reply_all 0|1] [temperature]
+usage: _batch_driver.py STORE INPUT OUTPUT EVENTS XLA_CACHE [history] [reply_all 0|1] [temperature] [warmup 0|1]
 Appends one line per job event to EVENTS: ``<pid> compute|written|recovered <conversation> <turn>``.
 """
 
@@ -22,6 +22,7 @@ def main() -> None:
     history = sys.argv[6] if len(sys.argv) > 6 else "generated"
     reply_all = len(sys.argv) > 7 and sys.argv[7] == "1"
     temperature = float(sys.argv[8]) if len(sys.argv) > 8 else 0.0
+    warmup = not (len(sys.argv) > 9 and sys.argv[9] == "0")
     jax.config.update("jax_compilation_cache_dir", xla)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
@@ -29,11 +30,13 @@ def main() -> None:
     pid = os.getpid()
 
     def on_event(e: dict) -> None:
-        log.write(f"{pid} {e['event']} {e['conversation']} {e['turn']}\n")
+        if "conversation" in e:   # turn events (the job's "warmed" event is not one)
+            log.write(f"{pid} {e['event']} {e['conversation']} {e['turn']}\n")
 
     engine = tiny_engine(store, temperature=temperature)
     try:
-        summary = run_batch_job(engine, inp, out, BatchOptions(history=history, reply_all=reply_all, max_new_tokens=6),
+        summary = run_batch_job(engine, inp, out, BatchOptions(history=history, reply_all=reply_all, max_new_tokens=6,
+                                                                   warmup=warmup),
                       progress=False, on_event=on_event, report=lambda line: None)
     finally:
         engine.close()

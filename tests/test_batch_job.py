@@ -382,14 +382,16 @@ def _done(path):
 def test_sigkill_at_random_points_then_resume(tmp_path):
     """>= 10 SIGKILLs at random moments of a running job (in a subprocess), each followed by a
     restart: the output ends equal to an uninterrupted run's, every turn exactly once, and no run
-    computes a turn that was already written when it started (counted from the job's events)."""
+    computes a turn that was already written when it started (counted from the job's events). Without the
+    job's warm-up, so each run spends its life on turns (after a warm-up the rest of the job ran so fast that
+    it finished before the tenth kill); a resumed run after a warm-up: test_batch_job_warmup.py."""
     inp = _kill_input(tmp_path)
     xla = tmp_path / "xla"
     driver = [sys.executable, str(Path(__file__).parent / "_batch_driver.py")]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")])}
 
     def start(store, out, events):
-        return subprocess.Popen(driver + [str(store), str(inp), str(out), str(events), str(xla), "generated", "0", "1.0"],
+        return subprocess.Popen(driver + [str(store), str(inp), str(out), str(events), str(xla), "generated", "0", "1.0", "0"],
                                 env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
     ref = start(tmp_path / "ref-store", tmp_path / "ref.jsonl", tmp_path / "ref-events")
