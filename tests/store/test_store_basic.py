@@ -172,7 +172,7 @@ def test_missing_or_short_chunk_is_never_read_as_zeros(tmp_path):
     save_turn(st, "short", full, 0, 3 * B).result()
     st.close()
     kv = tmp_path / "st" / "s"
-    (kv / "gone" / "kv" / "c.2.0.1.0.0").unlink()
+    (kv / "gone" / "kv" / "c.0.0.1.0.0").unlink()  # rows 8..15 of layers 0-2 (one chunk spans them)
     short = kv / "short" / "kv" / "c.0.0.2.0.0"
     short.write_bytes(short.read_bytes()[:-4])  # the crc32c trailer cut off
     assert cli.main(["store", "verify", "--store", str(tmp_path / "st")]) == 1
@@ -187,15 +187,15 @@ def test_missing_or_short_chunk_is_never_read_as_zeros(tmp_path):
 
 
 def test_store_of_another_format_is_refused_or_adopted(tmp_path):
-    """A folder written by an older on-disk format (store.json without format 2) is handled like another
-    model's: refused with a clear error, or adopted keeping the conversations' token ids only."""
+    """A folder written by an older on-disk format (store.json without format 2 or 3) is handled like
+    another model's: refused with a clear error, or adopted keeping the conversations' token ids only."""
     lay = layout()
     st = TieredStore(cfg(tmp_path), lay)
     save_turn(st, "old", rand(lay, 12, 12), 0, 12).result()
     st.close()
     meta_path = tmp_path / "st" / "store.json"
     meta = json.loads(meta_path.read_text())
-    assert meta["format"] == 2
+    assert meta["format"] == 3
     del meta["format"]  # what format 1 wrote
     meta_path.write_text(json.dumps(meta))
     with pytest.raises(FingerprintMismatch, match="format"):
@@ -372,7 +372,8 @@ def test_disk_chunk_default_config_and_older_stores(tmp_path):
     save(st, "a", x, 0)
     st.commit_turn("a", np.arange(11)).result()
     st.close()
-    assert sorted(os.listdir(old / "s" / "a" / "kv"))[:L] == [f"c.{la}.0.0.0.0" for la in range(L)]
+    one_layer_chunks = sorted(f"c.{la}.0.{c}.0.0" for la in range(L) for c in range(2)) + ["zarr.json"]
+    assert sorted(os.listdir(old / "s" / "a" / "kv")) == one_layer_chunks
     meta = json.loads((old / "store.json").read_text())
     meta["format"] = 2
     del meta["disk_chunk_layers"], meta["disk_chunk"]  # format 2 before disk chunks existed: chunk = block
@@ -384,7 +385,7 @@ def test_disk_chunk_default_config_and_older_stores(tmp_path):
     st.close()
     meta = json.loads((old / "store.json").read_text())
     assert (meta["format"], meta["disk_chunk"], "disk_chunk_layers" in meta) == (2, 8, False)  # recorded once
-    assert sorted(os.listdir(old / "s" / "a" / "kv"))[:L] == [f"c.{la}.0.0.0.0" for la in range(L)]
+    assert sorted(os.listdir(old / "s" / "a" / "kv")) == one_layer_chunks
     st = open_store(old, disk_chunk=None)
     check(st, "a", np.concatenate([x, rows(3, 4)], axis=2))
     st.close()
