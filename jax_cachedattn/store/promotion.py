@@ -6,8 +6,9 @@ aligned buffer ``[G, nb - f, 2, B, K, D]`` (TensorStore checks each chunk's crc3
 missing, short or damaged chunk raises), whose blocks go to ``pinned_host`` in one batched
 ``device_put`` (on the CPU the arrays alias the buffer). Reads are issued a bounded number of bytes
 ahead of their consumption and groups are published in order, so a load of layer 0 waits for its
-group only, not for layer L-1 (with chunks of all layers, for the whole session). The promotion reserves its host bytes first (a handle
-released on every path) and installs the table only if the session's state did not move meanwhile.
+group only, not for layer L-1 (with chunks of all layers, for the whole session). The promotion
+reserves its host bytes first (a handle released on every path) and installs the table only if the
+session's state did not move meanwhile.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from .errors import KVLost, StoreError
 from .memory import BlockTable, Memory
 from .session import Session
 
-READ_AHEAD_BYTES = 32 << 20  # disk reads in flight ahead of the layer being consumed (at least 2 layers)
+READ_AHEAD_BYTES = 32 << 20  # disk reads in flight ahead of the group being consumed (at least 2 groups)
 
 
 class Stale(StoreError):
