@@ -121,7 +121,8 @@ class StoreConfig:
       cache_bytes: TensorStore ``cache_pool`` limit (0: no chunk cache; the host tier is the cache).
       memory_kind: memory kind of the host tier (``"pinned_host"``; ``"unpinned_host"`` also works).
       verify_on_open: verify every chunk checksum when the store opens (slow for big stores; disk
-        reads are always verified when they happen).
+        reads are always verified when they happen). Holds one layer group of a session (the
+        layers a disk chunk spans) in the host budget at a time.
       wipe_on_mismatch: when the folder holds another model's KV, delete it instead of raising
         `FingerprintMismatch`.
       keep_tokens_on_mismatch: when the folder holds another model's KV, keep every session's token
