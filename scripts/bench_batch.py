@@ -26,7 +26,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
-def ours(cfg, params, hists, prompts, new: int, steps: int) -> dict:
+def ours(cfg, params, hists, prompts, new: int, steps: int, page: int | None = None) -> dict:
     from jax_cachedattn.engine import Engine, EngineConfig
     from jax_cachedattn.engine import slots as SL
     from jax_cachedattn.store import KVLayout, StoreConfig, TieredStore
@@ -35,8 +35,9 @@ def ours(cfg, params, hists, prompts, new: int, steps: int) -> dict:
     lay = KVLayout(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, cfg.dtype, "bench-batch")
     store = TieredStore(StoreConfig(kvstore={"driver": "memory"}, host_bytes=4 << 30, token_block=64), lay)
     held = sum(len(h) + len(p) + 2 * new + 8 for h, p in zip(hists, prompts))
+    paging = {} if page is None else {"page_size": page}  # default: the engine's
     eng = Engine(cfg, params, store, None, EngineConfig(max_new_tokens=new, max_slots=n, decode_steps=steps,
-                                                        pool_tokens=held + 64 * (2 * n + 1)))
+                                                        pool_tokens=held + 64 * (2 * n + 1), **paging))
     real = SL.generate
     acc = {"s": 0.0, "tokens": 0, "ratio": 0.0}
 
@@ -66,6 +67,95 @@ def ours(cfg, params, hists, prompts, new: int, steps: int) -> dict:
     return {"decode_tok_s": acc["tokens"] / acc["s"], "turns_per_min": 60 * n / wall, "wall_s": wall,
             "ttft_mean_s": float(np.mean([r.ttft_s for r in res])), "sources": sorted({r.source for r in res}),
             "device_kv_over_held": acc["ratio"]}
+
+
+def load_per_token(cfg, tokens: int, blocks: list[int], reps: int) -> dict:
+    """Host -> device load time per token of a ``tokens``-token history (every layer, ``load_layer``
+    from the host tier, waited for) with the store's ``token_block`` at each of ``blocks``: what a
+    host hit costs per token whatever the pool's page is (the pool takes the loaded rows row by row)."""
+    import jax
+
+    from jax_cachedattn.store import KVLayout, StoreConfig, TieredStore
+
+    r = np.random.RandomState(3)
+    lay = KVLayout(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, cfg.dtype, "bench-load")
+    kv = [r.randn(2, tokens, cfg.num_kv_heads, cfg.head_dim).astype(np.float32) for _ in range(cfg.num_layers)]
+    out = {}
+    for tb in blocks:
+        store = TieredStore(StoreConfig(kvstore={"driver": "memory"}, host_bytes=4 << 30, device_bytes=0, token_block=tb), lay)
+        for i, x in enumerate(kv):
+            store.save_layer("s", i, x, start=0)
+        store.commit_turn("s", np.zeros(tokens, np.int32)).result()
+        times = []
+        for rep in range(reps + 1):  # repetition 0 compiles
+            t = time.perf_counter()
+            jax.block_until_ready([store.load_layer("s", i, pad_to=tokens) for i in range(cfg.num_layers)])
+            if rep:
+                times.append(time.perf_counter() - t)
+        store.close()
+        out[tb] = {"s": float(np.median(times)), "us_per_token": 1e6 * float(np.median(times)) / tokens}
+    return {"tokens": tokens, "reps": reps, "by_token_block": out}
+
+
+def matmul_ceiling(cfg, params, rows: list[int], reps: int) -> dict:
+    """What bounds the decode step on this machine: the step's weight matmuls alone (every layer's
+    q/k/v/o and MLP, then the output projection; no attention, no sampling), jitted in plain ``jnp``,
+    and the same matmuls in numpy (the BLAS numpy links), at each batch of ``rows``. Tokens/s of
+    ``r`` rows over 1 row is the most a batched decode step can gain over one session here."""
+    import jax
+    import jax.numpy as jnp
+
+    from jax_cachedattn.model import unstack_layers
+
+    layers = tuple(unstack_layers(params))
+    names = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
+    ws = tuple(tuple(lp[k] for k in names) for lp in layers)
+    out_w = params["embed"] if cfg.tie_embeddings else params["lm_head"].T  # [V, D]
+
+    @jax.jit
+    def step(ws, out_w, x):
+        for wq, wk, wv, wo, wg, wu, wd in ws:  # activations normed as the model does (cheap beside the dots)
+            h = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + 1e-6)
+            q, k, v = h @ wq, h @ wk, h @ wv
+            x = x + q @ wo + 0 * (k.sum() + v.sum())
+            h = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + 1e-6)
+            x = x + (jax.nn.silu(h @ wg) * (h @ wu)) @ wd
+        return jnp.matmul(x, out_w.T)
+
+    np_ws = [[np.asarray(w) for w in t] for t in ws]
+    np_out = np.ascontiguousarray(np.asarray(out_w).T)
+
+    def np_step(x):
+        for wq, wk, wv, wo, wg, wu, wd in np_ws:
+            h = x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + 1e-6)
+            q, k, v = h @ wq, h @ wk, h @ wv
+            x = x + q @ wo
+            h = x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + 1e-6)
+            g = h @ wg
+            x = x + (g / (1 + np.exp(-g)) * (h @ wu)) @ wd
+        return x @ np_out
+
+    res = {}
+    r = np.random.RandomState(4)
+    for n in rows:
+        x = r.randn(n, cfg.d_model).astype(np.float32)
+        xj = jnp.asarray(x)
+        jax.block_until_ready(step(ws, out_w, xj))
+        np_step(x)
+        tj, tn = [], []
+        for _ in range(reps):  # interleaved, so both see the same load
+            t = time.perf_counter()
+            jax.block_until_ready(step(ws, out_w, xj))
+            tj.append(time.perf_counter() - t)
+            t = time.perf_counter()
+            np_step(x)
+            tn.append(time.perf_counter() - t)
+        res[n] = {"jnp_ms": 1e3 * float(np.median(tj)), "numpy_ms": 1e3 * float(np.median(tn))}
+    base = res[rows[0]]
+    for n, v in res.items():
+        v["jnp_tok_s_over_first"] = n * base["jnp_ms"] / (rows[0] * v["jnp_ms"])
+        v["numpy_tok_s_over_first"] = n * base["numpy_ms"] / (rows[0] * v["numpy_ms"])
+    return {"reps": reps, "by_rows": res}
 
 
 def ttft_beside_decode(cfg, params, hist: int, prompt: int, decode_new: int, reps: int, steps: int) -> dict:
@@ -192,6 +282,10 @@ def main() -> int:
                     help="new tokens of a prompt prefilled beside 8 decoding slots, with and without chunked prefill (0: skip)")
     ap.add_argument("--chunk-reps", type=int, default=1, help="timed repetitions of the chunked-prefill probe per mode")
     ap.add_argument("--prefill-budget", type=int, default=512, help="EngineConfig.prefill_budget (the chunk size)")
+    ap.add_argument("--page-size", type=int, default=None, help="EngineConfig.page_size (default: the engine's)")
+    ap.add_argument("--load-probe", default="", help="comma-separated store token_blocks to time a host->device load at (\"\": skip)")
+    ap.add_argument("--load-tokens", type=int, default=1024, help="history tokens of the load probe")
+    ap.add_argument("--ceiling", default="", help="comma-separated row counts to time the step's matmuls alone at (\"\": skip)")
     ap.add_argument("--out", default="runs/bench_batch.json", help="JSON result file")
     args = ap.parse_args()
 
@@ -205,7 +299,8 @@ def main() -> int:
         hists = [r.randint(0, m.config.vocab_size, int(x)).astype(np.int32)
                  for x in np.linspace(args.hist_min, args.hist_max, n).round()]
         prompts = [r.randint(0, m.config.vocab_size, args.prompt).astype(np.int32) for _ in range(n)]
-        row = {"sessions": n, "ours": ours(m.config, m.params, hists, prompts, args.new_tokens, args.decode_steps)}
+        row = {"sessions": n, "page_size": args.page_size, "ours": ours(m.config, m.params, hists, prompts, args.new_tokens, args.decode_steps,
+                                           args.page_size)}
         if not args.skip_hf and (args.hf_sessions is None or n in {int(x) for x in args.hf_sessions.split(",")}):
             # transformers sees the same conversation as one prompt per sequence (history + message).
             # Same lengths as our measured turn: history, reply, message, reply, then the new message.
@@ -214,6 +309,14 @@ def main() -> int:
             row["transformers"] = transformers_generate(smollm2_gguf_path(), hh, prompts, args.new_tokens, args.threads)
         rows.append(row)
         print(json.dumps(row), flush=True)
+    ceiling = None
+    if args.ceiling:
+        ceiling = matmul_ceiling(m.config, m.params, [int(x) for x in args.ceiling.split(",")], 5)
+        print(json.dumps(ceiling), flush=True)
+    load = None
+    if args.load_probe:
+        load = load_per_token(m.config, args.load_tokens, [int(x) for x in args.load_probe.split(",")], 3)
+        print(json.dumps(load), flush=True)
     ttft = None
     if args.ttft_history:
         try:
@@ -246,7 +349,7 @@ def main() -> int:
               f"{c['max_stall_s']:.2f} / {o['max_stall_s']:.2f} s; decode tok/s {c['decode_tok_s']:.1f} / {o['decode_tok_s']:.1f}")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
-                                          "args": vars(args), "rows": rows, "ttft": ttft,
+                                          "args": vars(args), "rows": rows, "ttft": ttft, "load": load, "ceiling": ceiling,
                                           "chunked_prefill": chunk}, indent=1))
     return 0
 

@@ -86,3 +86,44 @@ def test_growth_evicts_cached_sessions(model, tmp_path):
     ref.close()
     assert again.reply_tokens == want.reply_tokens
     np.testing.assert_allclose(again.prompt_logits, want.prompt_logits, atol=TOL, rtol=TOL)
+
+
+def test_pages_smaller_than_the_store_block(model, tmp_path):
+    """The pool's page need not be the store's block: with 64-token store blocks and 16-row pages
+    (the default), turns from new, device and host histories equal a pool of 64-row pages, and one
+    short session holds at most 1.25x its tokens' bytes at every dispatch (64-row pages: ~1.4x)."""
+    cfg, params = model
+    lay = KVLayout(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, cfg.dtype, "tiny-pages")
+
+    def run(root, page, ratios):
+        store = TieredStore(StoreConfig(root=str(root), host_bytes=1 << 26, token_block=64), lay)
+        eng = Engine(cfg, params, store, None, EngineConfig(
+            max_new_tokens=16, return_logits=True, max_slots=2, decode_steps=4, pool_tokens=2048,
+            **({} if page is None else {"page_size": page})))
+        real = SL.generate
+
+        def spy(*a, **k):
+            out = real(*a, **k)
+            held = sum(int(x) for x in np.asarray(out[0].lengths)) + eng.pool.cached_tokens()
+            ratios.append(eng.pool.used_bytes() / (held * cfg.kv_bytes_per_token))
+            return out
+
+        SL.generate = spy
+        try:
+            res = [eng.turn("a", _ids(cfg, 64, 20)), eng.turn("a", _ids(cfg, 24, 21))]  # new, then device
+            eng.evict("a", "device")
+            res.append(eng.turn("a", _ids(cfg, 24, 22)))  # from host
+        finally:
+            SL.generate = real
+        assert eng.pool.page_size == (page or 16)
+        eng.close()
+        return res
+
+    small, big = [], []
+    got, want = run(tmp_path / "p16", None, small), run(tmp_path / "p64", 64, big)
+    assert [r.source for r in got] == ["new", "device", "host"]
+    for g, w in zip(got, want):
+        assert g.reply_tokens == w.reply_tokens
+        np.testing.assert_allclose(g.prompt_logits, w.prompt_logits, atol=TOL, rtol=TOL)
+        np.testing.assert_allclose(np.stack(g.decode_logits), np.stack(w.decode_logits), atol=TOL, rtol=TOL)
+    assert max(small) <= 1.25 < max(big), (max(small), max(big))

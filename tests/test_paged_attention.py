@@ -1,6 +1,8 @@
 """Paged decode attention == the reference the jax wheel ships (ragged lengths, random block tables,
 MHA/GQA/MQA), with and without rotating pre-RoPE keys by position."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -37,12 +39,14 @@ def _reference(q, pool, tables, lengths):
 
 @pytest.mark.parametrize("H,K", [(4, 4), (8, 2), (6, 1)])  # MHA, GQA, MQA
 @pytest.mark.parametrize("B", [16, 64])
-def test_paged_equals_reference(H, K, B):
+@pytest.mark.parametrize("rows", [1, 64])  # one page per loop step; 64 rows: 4 pages of 16 (M=6 padded to 8)
+def test_paged_equals_reference(H, K, B, rows):
     S, Dh, M = 5, 32, 6
     lengths = [1, B - 1, B, 3 * B + 7, M * B]  # one token, partial and full pages, the whole table
     q, pool, tables, lens = _case(H * 100 + K + B, S, H, K, Dh, B, M, lengths)
     want = _reference(q, pool, tables, lens)
-    got = np.asarray(jax.jit(paged_decode_attention)(jnp.asarray(q), jnp.asarray(pool), jnp.asarray(tables), jnp.asarray(lens)))
+    attend = jax.jit(functools.partial(paged_decode_attention, rows_per_step=rows))
+    got = np.asarray(attend(jnp.asarray(q), jnp.asarray(pool), jnp.asarray(tables), jnp.asarray(lens)))
     np.testing.assert_allclose(got, want, atol=2e-6, rtol=1e-5)
     got2 = np.asarray(paged_decode_attention_gathered(jnp.asarray(q), jnp.asarray(pool), jnp.asarray(tables), jnp.asarray(lens)))
     np.testing.assert_allclose(got2, want, atol=2e-6, rtol=1e-5)

@@ -59,7 +59,13 @@ class EngineConfig:
       other slots decode, so its logits do not depend on the batch. False: one program per job.
     decode_steps: decode steps per dispatch of the batched step (one host sync per dispatch; a slot
       that finishes mid-dispatch waits for the dispatch to end before it is refilled).
-    pool_tokens: tokens the device KV pool holds (pages of the store's ``token_block``); None: room for
+    page_size: rows per page of the device KV pool; None: the store's ``token_block`` (64 without a
+      store). The pool's writes and reads go row by row through the block tables, so a page need not
+      be a store block: a smaller page holds a session's tokens more tightly (the last page's rounding
+      is at most ``page_size - 1`` rows), and the decode attention still reads 64 rows per loop step
+      (several small pages at once). The default 16 keeps one short session within 1.25x of its
+      tokens' bytes, where the store's 64-token block did not (docs/engine.md, "Page size").
+    pool_tokens: tokens the device KV pool holds (pages of ``page_size`` rows); None: room for
       ``max_slots`` turns of 2048 tokens or one of ``max_context``, whichever is more. Finished
       sessions' pages stay as the device cache until the pool needs them.
     keep_pages: keep a finished turn's pages in the pool as the session's device copy (the device
@@ -85,6 +91,7 @@ class EngineConfig:
     prefill_budget: int = 512
     chunked_prefill: bool = True
     decode_steps: int = 4
+    page_size: int | None = 16
     pool_tokens: int | None = None
     keep_pages: bool = True
 
@@ -117,6 +124,8 @@ class EngineConfig:
             raise ValueError(f"prefill_budget must be an int >= 1, got {self.prefill_budget!r}")
         if not isinstance(self.decode_steps, int) or self.decode_steps < 1:
             raise ValueError(f"decode_steps must be an int >= 1, got {self.decode_steps!r}")
+        if self.page_size is not None and (not isinstance(self.page_size, int) or self.page_size < 1):
+            raise ValueError(f"page_size must be None or an int >= 1, got {self.page_size!r}")
         if self.pool_tokens is not None and self.pool_tokens < 1:
             raise ValueError(f"pool_tokens must be None or >= 1, got {self.pool_tokens}")
         if self.save_every < 1:

@@ -106,7 +106,7 @@ class Engine:
         stops = sorted(tokenizer.stop_ids) if tokenizer is not None else []
         self._stop_set = set(stops)
         self._stop_ids = jax.device_put(jnp.asarray(stops or [-1], jnp.int32), jax.devices()[0])
-        page = store.cfg.token_block if store is not None else 64
+        page = ec.page_size or (store.cfg.token_block if store is not None else 64)
         self._width = -(-(mc.max_context + len(self._end) + 2) // page)  # pages per slot
         tokens = ec.pool_tokens or max(ec.max_slots * min(2048, mc.max_context), self._width * page)
         self.pool = PagePool(mc.num_layers, mc.num_kv_heads, mc.head_dim, mc.dtype, page, -(-tokens // page) + 1)

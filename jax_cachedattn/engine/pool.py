@@ -1,7 +1,8 @@
-"""The device KV pool: pages of the store's token block, an allocator, and the device cache.
+"""The device KV pool: pages of ``EngineConfig.page_size`` rows, an allocator, and the device cache.
 
-One array per layer, ``[2, P, B, K, Dh]`` (pre-RoPE keys at 0, values at 1; B = the store's
-``token_block``), so a page holds exactly what one store block holds. Page 0 is the trash page:
+One array per layer, ``[2, P, B, K, Dh]`` (keys at 0, values at 1; B = the page size). Rows go in
+and out through block tables one row at a time, so a page need not be a store block (the default
+page, 16 rows, is smaller than the store's 64-token block: a session's last page wastes less). Page 0 is the trash page:
 idle decode slots and padded rows write there, and it is never handed out.
 
 A slot's session owns the pages of its block table while it decodes. When its turn commits, the

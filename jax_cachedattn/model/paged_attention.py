@@ -27,6 +27,7 @@ from jax_cachedattn.model.layers import layer_rope_tables, mlp, project_qkv, rms
 from jax_cachedattn.model.rope import apply_rope
 
 _NEG = -1e30
+ROWS_PER_STEP = 64  # rows of each sequence one loop step of the pure-jnp path reads (see below)
 
 
 def decode_rope_tables(config: ModelConfig, pages: int, page_size: int, positions: jax.Array) -> tuple:
@@ -50,7 +51,7 @@ def _rotated_scores(qh, k, cos, sin):
             + jnp.einsum("skgd,sbkd->skgb", qh[..., half:], r2, preferred_element_type=f32))
 
 
-def paged_decode_attention(q, kv_pages, block_tables, lengths, rope_pages=None):
+def paged_decode_attention(q, kv_pages, block_tables, lengths, rope_pages=None, rows_per_step: int = ROWS_PER_STEP):
     """Attention of one query per sequence over its pages.
 
     q ``[S, H, Dh]``: queries, already rotated to their positions. kv_pages ``[2, P, B, K, Dh]``.
@@ -58,27 +59,35 @@ def paged_decode_attention(q, kv_pages, block_tables, lengths, rope_pages=None):
     sequence with length 0 gets zeros). rope_pages: ``(cos, sin)`` ``[>=M, B, Dh]`` to rotate the
     (pre-RoPE) keys by position, or None to use them as they are. Returns ``[S, H, Dh]`` in q's dtype.
 
-    The loop runs over ``max(ceil(lengths / B))`` pages only (a dynamic trip count): a batch of short
-    histories does not pay for the block table's width.
+    Each loop step reads ``c = max(1, rows_per_step // B)`` pages per sequence (a page of B rows, or
+    several small ones: the step's work stays about ``rows_per_step`` rows whatever the page size).
+    The loop runs over ``ceil(max(ceil(lengths / B)) / c)`` steps only (a dynamic trip count): a batch
+    of short histories does not pay for the block table's width.
     """
     S, H, Dh = q.shape
     _, P, B, K, _ = kv_pages.shape
     G = H // K
+    c = max(1, rows_per_step // B)
     f32 = jnp.float32
+    if rope_pages is not None:
+        c = 1  # the per-page RoPE tables are indexed by page
+    M = block_tables.shape[1]
+    if M % c:  # whole groups of c pages (trash page 0 past the table; masked by the lengths)
+        block_tables = jnp.pad(block_tables, ((0, 0), (0, c - M % c)))
     qh = (q.astype(f32) * Dh**-0.5).astype(q.dtype).reshape(S, K, G, Dh)
-    n_pages = (jnp.max(lengths) + B - 1) // B
-    rows = jnp.arange(B, dtype=jnp.int32)
+    n_steps = ((jnp.max(lengths) + B - 1) // B + c - 1) // c
+    rows = jnp.arange(c * B, dtype=jnp.int32)
 
     def body(j, carry):
         m, denom, out = carry
-        pid = block_tables[:, j]  # [S]
-        kv = kv_pages[:, pid]  # [2, S, B, K, Dh]: one page per sequence
+        pid = jax.lax.dynamic_slice_in_dim(block_tables, j * c, c, axis=1)  # [S, c]
+        kv = kv_pages[:, pid].reshape(2, S, c * B, K, Dh)  # c pages per sequence
         k, v = kv[0], kv[1]
         if rope_pages is not None:
             sc = _rotated_scores(qh, k, rope_pages[0][j], rope_pages[1][j])
         else:
             sc = jnp.einsum("skgd,sbkd->skgb", qh, k, preferred_element_type=f32)
-        valid = (j * B + rows)[None, :] < lengths[:, None]  # [S, B]
+        valid = (j * c * B + rows)[None, :] < lengths[:, None]  # [S, c*B]
         sc = jnp.where(valid[:, None, None, :], sc, _NEG)
         m_new = jnp.maximum(m, sc.max(axis=-1, keepdims=True))
         alpha = jnp.exp(m - m_new)
@@ -88,7 +97,7 @@ def paged_decode_attention(q, kv_pages, block_tables, lengths, rope_pages=None):
         return m_new, denom, out
 
     init = (jnp.full((S, K, G, 1), _NEG, f32), jnp.zeros((S, K, G, 1), f32), jnp.zeros((S, K, G, Dh), f32))
-    m, denom, out = jax.lax.fori_loop(0, n_pages, body, init)
+    m, denom, out = jax.lax.fori_loop(0, n_steps, body, init)
     out = out / jnp.maximum(denom, 1e-30)
     return out.reshape(S, H, Dh).astype(q.dtype)
 
