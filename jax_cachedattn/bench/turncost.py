@@ -10,7 +10,8 @@ the rest is the cost. Per history, a least-squares line ``TTFT = c0 + a * T`` ov
 lengths splits the turn into a fixed part (``c0``: reading the history from the pool, attention
 over it, the per-layer launches, the first token) and a per-new-token part (``a``).
 
-    python -m jax_cachedattn.bench.turncost --history 300,800,1700 --prompt 8,16,32,64 --out runs/turncost.json
+    python -m jax_cachedattn.bench.turncost --history 300,800,1800 --prompt 8,16,32,64 --repeat 2 --out runs/turncost.json
+    python -m jax_cachedattn.bench.turncost --count-programs configs/bench/cpu.yaml   # shapes per bucket rule
 """
 
 from __future__ import annotations
@@ -75,6 +76,39 @@ def measure(history: list[int], prompts: list[int], repeat: int, weights: str = 
     return {"rows": rows, "fit": lines}
 
 
+def count_programs(cfg: dict, history_steps=(256, 512), prompt_steps=(64, 16, 8)) -> list[dict]:
+    """Distinct (history bucket, prompt bucket) prefill shapes that a config's trace meets on the
+    reusing path (each user turn against its history, then its fed reply appended), per bucket rule:
+    history buckets powers of two up to ``step`` then multiples of it (``bucket_length``), prompt
+    buckets ``prompt_bucket_length`` at each step. Counts, no timing: each shape is one compile of
+    the in-program prefill (15-28 s each on this CPU, ``measure``). Also the padded tokens per turn."""
+    from jax_cachedattn.engine.prefill import prompt_bucket_length
+    from jax_cachedattn.model.forward import bucket_length
+
+    from .real import RealBench
+
+    bench = RealBench(cfg, Path("/tmp/turncost-count"))
+    lens = [[(len(t.prompt_ids), len(bench.replies.get((s.sid, k), ()))) for k, t in enumerate(s.turns)]
+            for s in bench.workload.sessions]
+    out = []
+    for hs in history_steps:
+        for ps in prompt_steps:
+            turns, appends, pad_p, pad_h, n = set(), set(), 0, 0, 0
+            for sess in lens:
+                h = 0
+                for m, r in sess:
+                    S, T = bucket_length(h, step=hs), prompt_bucket_length(m, ps)
+                    turns.add((S, T))
+                    pad_p, pad_h, n = pad_p + T - m, pad_h + S - h, n + 1
+                    h += m + int(cfg["engine"].get("max_new_tokens", 4))
+                    if r:
+                        appends.add((bucket_length(h, step=hs), prompt_bucket_length(r, ps)))
+                        h += r
+            out.append({"history_step": hs, "prompt_step": ps, "turn_shapes": len(turns), "append_shapes": len(appends),
+                        "shapes": len(turns | appends), "prompt_pad_per_turn": pad_p / n, "history_pad_per_turn": pad_h / n})
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--history", default="300,800,1700", help="history lengths (comma-separated)")
@@ -83,7 +117,19 @@ def main(argv=None) -> int:
     ap.add_argument("--weights", choices=("random", "smollm2"), default="random",
                     help="SmolLM2's shape with random weights (speed does not depend on the values) or the real ones")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--count-programs", metavar="CONFIG", default=None,
+                    help="only count the prefill shapes CONFIG's trace meets under each bucket rule (no timing)")
     args = ap.parse_args(argv)
+    if args.count_programs:
+        from . import config as C
+
+        rows = count_programs(C.validate(C.load(args.count_programs)))
+        for r in rows:
+            print(json.dumps(r))
+        if args.out:
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(json.dumps(rows, indent=1))
+        return 0
     hist = [int(x) for x in args.history.split(",")]
     prompts = [int(x) for x in args.prompt.split(",")]
     t0 = time.time()
