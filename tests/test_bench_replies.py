@@ -69,6 +69,31 @@ def test_the_device_tier_is_the_engines_page_pool(tmp_path):
     engine.close()
 
 
+def test_the_oracle_is_a_page_pool_that_holds_every_session(tmp_path):
+    """The oracle's history lives in the engine's page pool (unbounded device memory), like cachedattn's
+    device hits, with room for every session: every later turn is a device hit and nothing is evicted;
+    its pool has another shape, so it is a program family of its own (its own compile pass)."""
+    from jax_cachedattn.bench.real import program_family
+
+    cfg = C.validate(CFG)
+    bench = RealBench(cfg, tmp_path / "b")
+    policy, _ = policy_and_config(SYSTEMS["oracle"], cfg)
+    n = len(bench.workload.sessions)
+    engine, _, store = open_system(SYSTEMS["oracle"], cfg, bench.model, tmp_path / "s", policy, n)
+    assert engine.config.keep_pages and engine.config.pool_tokens == cfg["model"]["max_context"] * (n + 1)
+    for k in range(3):
+        for i in range(n):
+            r = engine.turn(f"s{i}", np.arange(20 + k, 100 + k, dtype=np.int32), max_new_tokens=2)
+            assert r.source == ("new" if k == 0 else "device")
+    assert all(StoreAdapter(store, engine).tier_of(f"s{i}") == "device" for i in range(n))
+    engine.close()
+    assert program_family(SYSTEMS["oracle"]) != program_family(SYSTEMS["cachedattn"])
+    assert program_family(SYSTEMS["lru"]) == program_family(SYSTEMS["cachedattn"])
+    bench.run_system(SYSTEMS["oracle"])
+    later = [r.outcome.source for r in bench.last_records if r.outcome.history_tokens]
+    assert later and set(later) == {"device"}
+
+
 class _Store:
     """A store whose prefetch futures the test resolves by hand."""
 

@@ -112,6 +112,13 @@ def test_group_sizes_and_prompt_buckets():
         assert sum(sz) == L and min(sz) >= 1 and sz == sorted(sz)
     assert [prompt_bucket_length(n) for n in (1, 16, 17, 100, 256, 257, 2148)] == [16, 16, 32, 112, 256, 384, 2176]
     assert prompt_bucket_length(100, 128) == 128 and prompt_bucket_length(0) == 0
+    # an eighth of an octave, never finer than the step: a short prompt is padded little, 16 buckets to 256 at step 8
+    assert [prompt_bucket_length(n, 8) for n in (1, 8, 9, 13, 17, 63, 65, 129, 200, 255)] == \
+        [8, 8, 16, 16, 24, 64, 80, 160, 224, 256]
+    for step, count in ((8, 16), (16, 12), (64, 4)):
+        buckets = {prompt_bucket_length(n, step) for n in range(1, 257)}
+        assert len(buckets) == count and all(b % step == 0 for b in buckets)
+        assert all(prompt_bucket_length(n, step) - n < max(step, n / 4) for n in range(1, 257))
 
 
 def test_growing_program_groups_from_disk_equal_layerwise(tmp_path):

@@ -82,7 +82,7 @@ class RealBench:
         policy, scfg = policy_and_config(system, self.cfg)
         root = self.out / "stores" / system.name
         shutil.rmtree(root, ignore_errors=True)
-        engine, rengine, store = open_system(system, self.cfg, self.model, root, policy)
+        engine, rengine, store = open_system(system, self.cfg, self.model, root, policy, len(self.workload.sessions))
         adapter = StoreAdapter(store, engine)
         sched = Scheduler(adapter, store.policy, scfg)
         ex = RealExecutor(system, engine, rengine, adapter, cost=cost, replies=self.replies, gen_tokens=self.gen_tokens)
@@ -116,7 +116,7 @@ class RealBench:
         policy, scfg = policy_and_config(system, self.cfg)
         root = self.out / "stores" / f"{system.name}.compile-pass"
         shutil.rmtree(root, ignore_errors=True)
-        engine, rengine, store = open_system(system, self.cfg, self.model, root, policy)
+        engine, rengine, store = open_system(system, self.cfg, self.model, root, policy, len(self.workload.sessions))
         adapter = StoreAdapter(store, engine)
         drv = Driver(self.workload, Scheduler(adapter, store.policy, scfg),
                      RealExecutor(system, engine, rengine, adapter, replies=self.replies, gen_tokens=self.gen_tokens),
@@ -143,12 +143,16 @@ class RealBench:
 
 
 def program_family(system: System) -> tuple:
-    """Systems whose turns run the same compiled programs on the same trace (see the module docstring)."""
-    return (system.reuse, system.overlap)
+    """Systems whose turns run the same compiled programs on the same trace (see the module docstring).
+    The oracle's page pool has another shape than the bounded systems' (programs over the pool compile
+    per shape), so it is a family of its own; its compile pass finds the prefill programs already built
+    by cachedattn's and builds the pool's."""
+    return (system.reuse, system.overlap, system.unbounded)
 
 
-def open_system(system: System, cfg: dict, model, root: Path, policy):
-    """(engine, recompute engine, store) of one system."""
+def open_system(system: System, cfg: dict, model, root: Path, policy, sessions: int = 1):
+    """(engine, recompute engine, store) of one system; ``sessions``: the workload's (sizes the
+    oracle's page pool)."""
     from jax_cachedattn.engine import Engine, EngineConfig
     from jax_cachedattn.runtime import kv_layout
     from jax_cachedattn.store import StoreConfig, TieredStore
@@ -159,7 +163,7 @@ def open_system(system: System, cfg: dict, model, root: Path, policy):
     disk = C.store_bytes(st, "disk", None)
     if system.unbounded:
         dev, host, disk = _BIG, _BIG, None
-    elif system.device_only:
+    if system.device_only and not system.unbounded:
         if not dev:
             raise C.ConfigError("device-prefix needs store.device_mib (or device_gb) > 0")
         host, dev = dev, 0  # the device budget, held by the store's first tier; what falls out is recomputed
@@ -174,10 +178,16 @@ def open_system(system: System, cfg: dict, model, root: Path, policy):
     # moves host blocks to the device inside its programs and never fills the store's device tier
     # (TieredStore.layer_blocks), so the store gets no device budget. device-prefix and the oracle keep
     # their KV in the store's first tier (relabelled device, real_exec.py).
-    keep = bool(dev) and not system.device_only
+    # The oracle (unbounded device memory) is that page pool with room for every session's whole
+    # context: its reused turns run the same programs as cachedattn's device hits (only the programs
+    # over the pool's own shape differ, which its family's compile pass builds), so the two compare
+    # like for like; the store behind it never evicts.
+    keep = bool(dev) and (not system.device_only or system.unbounded)
     pool_tokens = None
     if keep:
-        pool_tokens = model.config.max_context + dev // (need // model.config.max_context)
+        per_token = need // model.config.max_context
+        pool_tokens = (model.config.max_context * (1 + max(1, sessions)) if system.unbounded
+                       else model.config.max_context + dev // per_token)
         dev = 0
     scfg = StoreConfig(root=str(root), kvstore=kvstore, device_bytes=dev, host_bytes=host, disk_bytes=disk,
                        token_block=st.get("token_block", 256))

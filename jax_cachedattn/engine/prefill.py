@@ -51,11 +51,19 @@ class Rows:
 
 
 def prompt_bucket_length(n: int, step: int = 16) -> int:
-    """Bucket of ``n`` new tokens: a multiple of ``step`` up to 256 tokens, of 128 beyond (0 for 0)."""
+    """Bucket of ``n`` new tokens (0 for 0). Up to 256 tokens: ``n`` rounded up to a multiple of
+    ``max(step, 2**(b - 3))``, where ``2**b`` is the power of two at or above ``n``: an eighth of an
+    octave, never finer than ``step`` (step 8: 8, 16, ..., 64, then 80, 96, 112, 128, then 160, 192,
+    224, 256), so a padded prompt is at most ~1/8 longer than its octave's top or ``step`` tokens
+    longer, and the buckets up to 256 number 8 + 4 + 4 at step 8 (12 at step 16). Beyond 256: a
+    multiple of 128. A short follow-up turn's cost grows with its padded length
+    (``python -m jax_cachedattn.bench.turncost``; docs/benchmarks.md), so it is padded little, while the
+    long prompts, whose per-token cost is what matters, share few programs."""
     if n <= 0:
         return 0
     if n <= 256:
-        return -(-n // step) * step
+        g = max(step, 1 << max(0, (n - 1).bit_length() - 3))
+        return -(-n // g) * g
     return -(-n // 128) * 128
 
 
