@@ -38,8 +38,8 @@ class EngineConfig:
     group_growth: each group of ``program_groups`` holds this many times the layers of the one
       before (1: equal groups; 2, the default: 2, 4, 8, 16 of 30 layers), so the first program starts
       after only a few layers are read.
-    prompt_bucket: new tokens are padded to a multiple of this up to 256 tokens (beyond: a multiple
-      of 128). A padded token costs the compute of a real one; each bucket compiles its programs once.
+    prompt_bucket: up to 256 new tokens are padded to an eighth of their power-of-two range, never to a
+      finer step than this (``prefill.prompt_bucket_length``; beyond 256: a multiple of 128). A padded token costs the compute of a real one; each bucket compiles its programs once.
     read_ahead: layers in flight ahead of compute; ``None`` sizes it from measured load and compute
       times (the paper's read buffer): more layers ahead when loading a layer is slower than
       computing one.
