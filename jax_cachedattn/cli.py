@@ -13,6 +13,7 @@ import dataclasses
 import json
 import sys
 import tempfile
+import warnings
 from pathlib import Path
 
 from rich.console import Console
@@ -153,6 +154,9 @@ def _enable_compilation_cache() -> None:
     from jax_cachedattn.runtime import enable_compilation_cache
 
     enable_compilation_cache()
+    # The cache is an optimisation: an entry jax cannot read or write costs a compile, not the command, so its
+    # warning does not belong on the user's terminal (it would also break the one-line error contract).
+    warnings.filterwarnings("ignore", message=r"Error (reading|writing) persistent compilation cache entry")
 
 
 def cmd_chat(args) -> int:

@@ -133,8 +133,26 @@ def enable_compilation_cache(enabled: bool = True) -> str | None:
         # jax reads and writes entries under a file lock only when the cache has a size limit; without it a
         # process can read an entry another cachedattn process is still writing (a torn executable).
         jax.config.update("jax_compilation_cache_max_size", XLA_CACHE_MAX_BYTES)
+    _stamp_unstamped_entries(Path(path))
     cc.reset_cache()  # a process that compiled before has checked the (then unset) cache: look again
     return path
+
+
+def _stamp_unstamped_entries(folder: Path) -> None:
+    """Give every cached program without an access-time file one dated 0 (least recently used).
+
+    A size-limited jax cache reads the access time of every entry before each write; an entry written without a
+    limit (an older cachedattn, or an application's own jax settings) has none, and then every later write fails.
+    Runs under the lock jax takes for the folder."""
+    import filelock
+
+    if not folder.is_dir():
+        return
+    with filelock.FileLock(folder / ".lockfile", timeout=30):
+        for entry in folder.glob("*-cache"):
+            stamp = folder / (entry.name.removesuffix("-cache") + "-atime")
+            if not stamp.exists():
+                stamp.write_bytes((0).to_bytes(8, "little"))
 
 
 def kv_layout(config: ModelConfig, fingerprint: str) -> KVLayout:
