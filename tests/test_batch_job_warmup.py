@@ -174,6 +174,9 @@ def test_no_compile_when_the_read_ahead_picks_a_count_between_default_and_all(tm
     s, h = _counting(job)
     assert h.at_warm is not None and h.at_warm > 0 and h.n == h.at_warm, (h.at_warm, h.n)
     assert s.turns_written == 12 and not s.skipped and s.turns_not_warmed == 0
+    # The summary's warm-up account: host programs once per preload count (0, 2, 3, 6 layers).
+    assert s.warmup_turns == sum(n for n, _ in s.warmup_by_kind.values()) > s.warmup_programs
+    assert s.warmup_by_kind["host"][0] > 0 and s.warmup_by_kind["host"][0] % 4 == 0
     results = [e["result"] for e in events if e["event"] == "written"]
     assert any(r.source == "host" and r.preloaded_layers == 3 for r in results), \
         sorted({(r.source, r.preloaded_layers) for r in results})
