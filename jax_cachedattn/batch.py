@@ -132,6 +132,7 @@ def run_batch_job(engine: Engine, input_path: str | Path, output_path: str | Pat
     if options.warmup:
         w = _warmup(engine, plans(), out.done, options)
         summary.warmup_s, summary.warmup_programs, summary.turns_not_warmed = w["seconds"], w["programs"], w["uncovered"]
+        summary.warmup_turns, summary.warmup_by_kind, summary.warmup_tail_s = w["turns"], w["by_kind"], w["tail_s"]
         (on_event or (lambda e: None))({"event": "warmed", **w})
     t0 = time.perf_counter()
     runner = Runner(engine, out, options, summary, on_event or (lambda e: None), say)
@@ -157,7 +158,8 @@ def _warmup(engine: Engine, plans, done: dict, o: BatchOptions) -> dict:
         uncovered += n
     progs = programs_for(engine, shapes, ("host", "device"))
     w = warmup_programs(engine, progs)
-    return {"programs": len(progs), "turns": w["turns"], "seconds": round(w["seconds"], 3), "uncovered": uncovered}
+    return {"programs": len(progs), "turns": w["turns"], "seconds": round(w["seconds"], 3), "uncovered": uncovered,
+            "by_kind": w["by_kind"], "tail_s": w["tail_s"]}
 
 
 def _stderr(line: str) -> None:

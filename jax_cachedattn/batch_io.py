@@ -47,6 +47,9 @@ class BatchSummary:
     warmup_s: float = 0.0           # compiling ahead, before the first turn (not in wall_s)
     warmup_programs: int = 0
     turns_not_warmed: int = 0       # turns whose lengths the warm-up could not know (truncation, re-rendering)
+    warmup_turns: int = 0           # scratch turns the warm-up ran (a host program: one per preload count)
+    warmup_by_kind: dict[str, list] = dataclasses.field(default_factory=dict)   # {kind: [turns, seconds]}
+    warmup_tail_s: float = 0.0      # the warm-up's decode step at every batch size and the saves' row reads
 
     @property
     def skipped(self) -> bool:
@@ -68,7 +71,8 @@ class BatchSummary:
             "prompt_tokens": self.prompt_tokens, "generated_tokens": self.generated_tokens,
             "time_saved_estimate_s": round(self.reused_tokens / rate, 3) if rate else None,
             "warmup_s": round(self.warmup_s, 3), "warmup_programs": self.warmup_programs,
-            "turns_not_warmed": self.turns_not_warmed,
+            "turns_not_warmed": self.turns_not_warmed, "warmup_turns": self.warmup_turns,
+            "warmup_by_kind": self.warmup_by_kind, "warmup_tail_s": round(self.warmup_tail_s, 3),
         }}
 
 

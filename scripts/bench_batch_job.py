@@ -294,6 +294,14 @@ def main(argv: list[str] | None = None) -> int:
                                              for r in before if r.get("prompt_tokens") is not None),
             "history_tokens_loaded_on_resume": _loaded_on_resume(lines, s2["turns_done_before"]),
         }
+        # What a restart costs on its own: the resumed process's start (interpreter, model load, compile-cache
+        # reads) and its warm-up, neither in the job's wall; the rest of the added wall is the job itself.
+        u = sysres["cachedattn"]
+        restart = second["wall_s"] - s2["wall_s"]
+        sysres["kill"]["resume_start_and_warmup_s"] = restart
+        sysres["kill"]["resume_warmup_s"] = s2.get("warmup_s")
+        sysres["kill"]["added_job_wall_s"] = sysres["kill"]["added_wall_s"] - restart
+        sysres["kill"]["added_job_fraction_of_uninterrupted_job"] = sysres["kill"]["added_job_wall_s"] / u["summary"]["wall_s"]
         say("kill")
     if "recompute" in systems:
         sysres["recompute"] = run_cli(inp, work / "recompute.jsonl", work / "store-recompute", args.max_new_tokens,

@@ -15,6 +15,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _batch_model import tiny_engine  # noqa: E402
 
 from jax_cachedattn.batch import BatchOptions, run_batch_job  # noqa: E402
+from jax_cachedattn.runtime import XLA_CACHE_MAX_BYTES  # noqa: E402
 
 
 def main() -> None:
@@ -24,6 +25,9 @@ def main() -> None:
     temperature = float(sys.argv[8]) if len(sys.argv) > 8 else 0.0
     warmup = not (len(sys.argv) > 9 and sys.argv[9] == "0")
     jax.config.update("jax_compilation_cache_dir", xla)
+    # A size limit turns on the cache's LRU, which keeps an access-time file beside each entry; entries
+    # written without one make every later write to the folder fail with a warning.
+    jax.config.update("jax_compilation_cache_max_size", XLA_CACHE_MAX_BYTES)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
     log = open(events, "a", buffering=1)

@@ -30,14 +30,14 @@ CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\
 
 
 @functools.cache
-def tiny_model():
+def tiny_model(num_layers: int = 2):
     """Projections 10x the default init (std 0.2, embeddings ~3x): with std 0.02 the residual stream
     is the last token's embedding and greedy replies barely depend on the history, which would make
     'equal replies' a weak check.
     Drawn with numpy in init_params' layout (``jax.eval_shape`` gives it without compiling anything:
     jax.random would compile one program per shape, seconds in every test process).
     """
-    cfg = ModelConfig.preset("tiny", max_context=1024, rope_theta=30000.0)
+    cfg = ModelConfig.preset("tiny", max_context=1024, rope_theta=30000.0, num_layers=num_layers)
     shapes = jax.eval_shape(lambda: init_params(cfg, jax.random.key(7), norm_noise=0.3))
     rng = np.random.RandomState(7)
 
@@ -51,9 +51,9 @@ def tiny_model():
     return cfg, jax.tree_util.tree_map_with_path(draw, shapes)
 
 
-def tiny_store(root: str | None, **kw) -> TieredStore:
-    cfg, _ = tiny_model()
-    lay = KVLayout(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, cfg.dtype, "tiny-batch")
+def tiny_store(root: str | None, num_layers: int = 2, **kw) -> TieredStore:
+    cfg, _ = tiny_model(num_layers)
+    lay = KVLayout(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, cfg.dtype, "tiny-batch" if num_layers == 2 else f"tiny-batch-{num_layers}")
     sc = dict(host_bytes=1 << 24, device_bytes=0, token_block=64)
     sc.update(kw)
     if root is None:
@@ -61,11 +61,13 @@ def tiny_store(root: str | None, **kw) -> TieredStore:
     return TieredStore(StoreConfig(root=str(root), **sc), lay)
 
 
-def tiny_engine(root: str | None, max_context: int | None = None, tokenizer: Tokenizer | None = None, **ec) -> Engine:
+def tiny_engine(root: str | None, max_context: int | None = None, tokenizer: Tokenizer | None = None,
+                num_layers: int = 2, **ec) -> Engine:
     """Prompts padded to 128 tokens: few shapes, so few compilations (seconds each on 2 cores).
-    ``tokenizer``: default the byte ChatML one (any tokenizer of at most 512 ids fits the model)."""
-    cfg, params = tiny_model()
+    ``tokenizer``: default the byte ChatML one (any tokenizer of at most 512 ids fits the model);
+    ``num_layers``: more than the default 2 gives the read-ahead counts between its default and all."""
+    cfg, params = tiny_model(num_layers)
     if max_context is not None:
         cfg = cfg.replace(max_context=max_context)
-    return Engine(cfg, params, tiny_store(root), tokenizer or byte_tokenizer(),
+    return Engine(cfg, params, tiny_store(root, num_layers), tokenizer or byte_tokenizer(),
                   EngineConfig(**{"max_new_tokens": 6, "prompt_bucket": 128, **ec}))

@@ -146,3 +146,37 @@ def test_no_compile_after_the_warmup_uninterrupted_or_resumed(tmp_path, monkeypa
     assert any(r.source == "host" for r in results)          # histories read back from the store
     _, lines, _ = _lines(tmp_path / "out.jsonl")
     assert sorted((r["conversation"], r["turn"]) for r in lines) == [(f"k{c}", t) for c in range(4) for t in range(3)]
+
+
+@pytest.mark.slow  # make test-all: a 6-layer model's programs, compiled once in-process (~1-3 min on 2 cores)
+def test_no_compile_when_the_read_ahead_picks_a_count_between_default_and_all(tmp_path):
+    """A read-ahead between its default and every layer (loads measured a little slower than compute)
+    is rounded to one of ``ReadAhead.counts`` and the warm-up compiled that count's program: the job
+    preloads that many layers of the queued histories and compiles nothing after its warm-up."""
+    inp = _kill_input(tmp_path, n=4)
+    events = []
+
+    def job(on_event):
+        # keep_pages=False: every later turn's history comes from host memory, so the queue's next job
+        # is preloaded into the read buffer.
+        eng = tiny_engine(str(tmp_path / "store"), max_slots=2, keep_pages=False, num_layers=6)
+        try:
+            counts = eng.read_ahead.counts()
+            assert counts == (2, 3, 6)
+            eng.read_ahead.layers = lambda *a, **k: counts[1]   # the measured rates asked for 3 of 6 layers
+            return run_batch_job(eng, inp, tmp_path / "out.jsonl", BatchOptions(max_new_tokens=6), progress=False,
+                                 on_event=lambda e: (events.append(e), on_event(e)), report=lambda _: None)
+        finally:
+            eng.close()
+
+    from jax_cachedattn.batch import run_batch_job
+
+    s, h = _counting(job)
+    assert h.at_warm is not None and h.at_warm > 0 and h.n == h.at_warm, (h.at_warm, h.n)
+    assert s.turns_written == 12 and not s.skipped and s.turns_not_warmed == 0
+    # The summary's warm-up account: host programs once per preload count (0, 2, 3, 6 layers).
+    assert s.warmup_turns == sum(n for n, _ in s.warmup_by_kind.values()) > s.warmup_programs
+    assert s.warmup_by_kind["host"][0] > 0 and s.warmup_by_kind["host"][0] % 4 == 0
+    results = [e["result"] for e in events if e["event"] == "written"]
+    assert any(r.source == "host" and r.preloaded_layers == 3 for r in results), \
+        sorted({(r.source, r.preloaded_layers) for r in results})

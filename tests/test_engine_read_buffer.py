@@ -22,9 +22,29 @@ def test_read_ahead_grows_when_loads_are_slower_than_compute():
     slow.observe_compute(64, 1, 0.010)
     slow.observe_load(1 << 20, 0.040)  # 40 ms per layer's MiB: 4x slower than compute
     k = slow.layers(1 << 20, 64)
-    assert k == 1 + int(np.ceil(30 * (1 - 0.25)))  # the last load lands when compute needs it
+    # The last load lands when compute needs it (1 + ceil(30 * 0.75) = 24), rounded up to a count
+    # the warm-up compiles (ReadAhead.counts: default, half, every layer).
+    assert slow.counts() == (2, 15, 30) and k == 30
     assert slow.layers(1 << 20, 256) < k  # more new tokens: more compute to hide the loads behind
-    assert ReadAhead(30, fixed=5).layers(1 << 30, 1) == 5
+    assert ReadAhead(30, fixed=5).layers(1 << 30, 1) == 5 and ReadAhead(30, fixed=5).counts() == (5,)
+
+
+def test_read_ahead_picks_only_its_counts():
+    """Whatever the measured rates, the count is one of counts() (each is one compiled in-program
+    prefill, warmed up front), and never fewer layers than the loads need."""
+    r = np.random.RandomState(0)
+    for L in (1, 2, 3, 6, 30):
+        ra = ReadAhead(L)
+        seen = set()
+        for _ in range(300):
+            ra.load_s_per_byte, ra.comp_s_per_token = 10 ** r.uniform(-12, -6), 10 ** r.uniform(-8, -3)
+            hb, n = int(10 ** r.uniform(2, 8)), int(r.randint(1, 512))
+            k = ra.layers(hb, n)
+            seen.add(k)
+            t_load, t_comp = ra.load_s_per_byte * hb, ra.comp_s_per_token * n
+            need = min(L, 2) if t_load <= t_comp else min(L, 1 + int(np.ceil(L * (1 - t_comp / t_load))))
+            assert k in ra.counts() and k >= need
+        assert seen == set(ra.counts()), (L, seen)   # every count is reachable
 
 
 @pytest.fixture(scope="module")

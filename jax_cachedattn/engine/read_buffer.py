@@ -37,8 +37,18 @@ class ReadAhead:
         if new_tokens > 0 and layers > 0 and seconds > 0:
             self.comp_s_per_token = self._ema(self.comp_s_per_token, seconds / (new_tokens * layers))
 
+    def counts(self) -> tuple[int, ...]:
+        """Every count :meth:`layers` can return: the default, half the layers, every layer (or the
+        fixed count). A preloaded history enters the in-program prefill as that many device arrays,
+        one compiled program per count, so the set is kept small and known for the warm-up."""
+        L = self.num_layers
+        if self.fixed is not None:
+            return (min(L, self.fixed),)
+        d = min(L, self.default)
+        return tuple(sorted({d, max(d, -(-L // 2)), L}))
+
     def layers(self, hist_bytes_per_layer: int, new_tokens: int) -> int:
-        """Layers to have in flight before compute starts, for one job."""
+        """Layers to have in flight before compute starts, for one job (one of :meth:`counts`)."""
         L = self.num_layers
         if self.fixed is not None:
             return min(L, self.fixed)
@@ -48,8 +58,10 @@ class ReadAhead:
         t_comp = self.comp_s_per_token * max(1, new_tokens)
         if t_load <= t_comp:
             return min(L, self.default)
-        # Loading is slower: keep enough layers in flight that the last load lands when compute needs it.
-        return min(L, 1 + math.ceil(L * (1.0 - t_comp / t_load)))
+        # Loading is slower: keep enough layers in flight that the last load lands when compute needs it,
+        # rounded up to the next of counts() (more layers ahead never stalls compute).
+        need = min(L, 1 + math.ceil(L * (1.0 - t_comp / t_load)))
+        return min(c for c in self.counts() if c >= need)
 
 
 @dataclasses.dataclass

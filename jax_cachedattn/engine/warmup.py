@@ -10,9 +10,8 @@ before it, ``kind`` how they came:
 * ``new``: no history (a first turn, a recompute, the first chunk of either);
 * ``host``: a history in the host tier (the in-program prefill that moves ``pinned_host`` blocks to
   the device); its first layers may already be on the device (the read buffer: ``Engine.preload``
-  of the queue's next job), another program per count of them: the warm-up runs none, the
-  read-ahead's default and every layer (what it picks unless loads are measured only a little slower
-  than compute; a count in between compiles mid-run);
+  of the queue's next job), another program per count of them: the warm-up runs none and every
+  count the read-ahead can pick (``ReadAhead.counts``: its default, half the layers, every layer);
 * ``device``: a history in the device pool (a device hit), and every chunk after a job's first
   (its rows are in the job's pages);
 * ``disk``: a history read from the disk tier (the prefill split into several programs).
@@ -131,8 +130,9 @@ def warmup(engine, prompt_lengths: Sequence[int], history_lengths: Sequence[int]
 def warmup_programs(engine, programs: Iterable[Program]) -> dict:
     """Compile ``programs`` (see the module docstring): one scratch turn each, its history (zeros)
     placed where the program reads it from, then the decode step at every batch size and the saves'
-    row reads. Returns ``{"turns", "seconds", "skipped"}`` (``skipped``: programs no turn can run
-    within the context window)."""
+    row reads. Returns ``{"turns", "seconds", "skipped", "by_kind", "tail_s"}`` (``skipped``: programs
+    no turn can run within the context window; ``by_kind``: ``{kind: [turns, seconds]}`` of the scratch
+    turns, compile and run; ``tail_s``: the saves' row reads and the decode step at every batch size)."""
     progs = set(programs)
     bad = sorted({p[0] for p in progs} - set(SOURCES))
     if bad:
@@ -145,22 +145,23 @@ def warmup_programs(engine, programs: Iterable[Program]) -> dict:
         cfg = dataclasses.replace(real.cfg, root=None, kvstore={"driver": "memory"}, disk_bytes=None)
         scratch = TieredStore(cfg, real.layout)
     t0, turns, skipped, sids = time.perf_counter(), 0, 0, []
+    by_kind: dict[str, list] = {}
     tag = uuid.uuid4().hex[:12]  # never the id of a session of the engine's pool
     # Every turn generates enough tokens for a save during decode and a last, shorter one at the end.
     new = min(ec.save_every + ec.decode_steps + 1, ec.max_new_tokens)
     budget = ec.prefill_budget if ec.chunked_prefill else None
     # A history in host memory may have its first layers in the read buffer already (Engine.preload, the
     # queue's next job): those layers enter the in-program prefill as device arrays, another program per
-    # count. The counts the read-ahead picks: none, its default, every layer (loads slower than compute).
-    ra = engine.read_ahead
-    preloads = (sorted({0, mc.num_layers, min(mc.num_layers, ra.fixed if ra.fixed is not None else ra.default)})
-                if ec.preload in ("auto", "in_program") else [0])
+    # count. The counts: none, and every count the read-ahead can pick (ReadAhead.counts: its default,
+    # half the layers, every layer; a need in between is rounded up to one of them).
+    preloads = sorted({0, *engine.read_ahead.counts()}) if ec.preload in ("auto", "in_program") else [0]
     engine._swap_store(scratch)
     # The scratch turns place their histories themselves (the programs do not depend on use_cache).
     engine.config = engine._ctx.engine_config = ec.replace(use_cache=True)
     try:
         runs = [(kind, S, T, k) for kind, S, T in progs for k in (preloads if kind == "host" else (0,))]
         for kind, S, T, k in runs:
+            t_run = time.perf_counter()
             n = T if budget is None else min(T, budget)   # one chunk, of bucket T
             sid = f"warmup-{tag}-{kind}-{S}-{T}-{k}"
             if kind != "new":
@@ -189,6 +190,9 @@ def warmup_programs(engine, programs: Iterable[Program]) -> dict:
                                      f"{res.source} with {res.preloaded_layers}")
             turns += 1
             engine.pool.drop(sid)
+            spent = by_kind.setdefault(kind, [0, 0.0])
+            spent[0], spent[1] = spent[0] + 1, round(spent[1] + time.perf_counter() - t_run, 3)
+        t_tail = time.perf_counter()
         # The saves' row reads: every size a save during decode or at a turn's end may ask for.
         table = jnp.asarray(np.zeros(engine.state.tables.shape[1], np.int32))
         for size in sorted({bucket_length(n, minimum=ec.save_every) for n in range(1, ec.save_every + ec.decode_steps + 1)}):
@@ -205,6 +209,7 @@ def warmup_programs(engine, programs: Iterable[Program]) -> dict:
                 ec.return_logits, ec.rope_mode == "naive", active=b)
         if scratch is not None:
             scratch.flush()
+        tail = time.perf_counter() - t_tail
     finally:
         engine.config = engine._ctx.engine_config = ec
         for sid in sids:
@@ -213,4 +218,5 @@ def warmup_programs(engine, programs: Iterable[Program]) -> dict:
         engine._swap_store(real)
         if scratch is not None:
             scratch.close()
-    return {"turns": turns, "seconds": time.perf_counter() - t0, "skipped": skipped}
+    return {"turns": turns, "seconds": time.perf_counter() - t0, "skipped": skipped, "by_kind": by_kind,
+            "tail_s": round(tail, 3)}
