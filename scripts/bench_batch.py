@@ -40,11 +40,14 @@ def ours(cfg, params, hists, prompts, new: int, steps: int, page: int | None = N
                                                         pool_tokens=held + 64 * (2 * n + 1), **paging))
     real = SL.generate
     acc = {"s": 0.0, "tokens": 0, "ratio": 0.0}
+    marks = []  # per dispatch: (called, returned, result on the host)
 
     def timed(*a, **k):
         t = time.perf_counter()
         out = real(*a, **k)
+        t1 = time.perf_counter()
         em = np.asarray(out[2])  # the host sync the loop makes anyway
+        marks.append((t, t1, time.perf_counter()))
         acc["s"] += time.perf_counter() - t
         acc["tokens"] += int((em >= 0).sum())
         tokens = sum(int(x) for x in np.asarray(out[0].lengths)) + eng.pool.cached_tokens()
@@ -58,13 +61,20 @@ def ours(cfg, params, hists, prompts, new: int, steps: int, page: int | None = N
         eng.run_batch([(f"s{i}", p) for i, p in enumerate(prompts)])  # compile the device-hit shapes
         for k in acc:
             acc[k] = 0.0 if k != "tokens" else 0
+        marks.clear()
         t = time.perf_counter()
         res = eng.run_batch([(f"s{i}", p) for i, p in enumerate(prompts)])
         wall = time.perf_counter() - t
     finally:
         SL.generate = real
     eng.close()
-    return {"decode_tok_s": acc["tokens"] / acc["s"], "turns_per_min": 60 * n / wall, "wall_s": wall,
+    # The host side of a dispatch: generate's return (dispatch), the wait for its result, and the host
+    # loop between two dispatches (after the first: the measured round's prefills come before it).
+    host = {"dispatch_ms": 1e3 * float(np.median([b - a for a, b, _ in marks])),
+            "wait_ms": 1e3 * float(np.median([c - b for _, b, c in marks])),
+            "host_gap_ms": 1e3 * float(np.median([b[0] - a[2] for a, b in zip(marks, marks[1:])] or [0.0])),
+            "dispatches": len(marks)}
+    return {**host, "decode_tok_s": acc["tokens"] / acc["s"], "turns_per_min": 60 * n / wall, "wall_s": wall,
             "ttft_mean_s": float(np.mean([r.ttft_s for r in res])), "sources": sorted({r.source for r in res}),
             "device_kv_over_held": acc["ratio"]}
 
