@@ -40,11 +40,14 @@ def ours(cfg, params, hists, prompts, new: int, steps: int, page: int | None = N
                                                         pool_tokens=held + 64 * (2 * n + 1), **paging))
     real = SL.generate
     acc = {"s": 0.0, "tokens": 0, "ratio": 0.0}
+    marks = []  # per dispatch: (called, returned, result on the host)
 
     def timed(*a, **k):
         t = time.perf_counter()
         out = real(*a, **k)
+        t1 = time.perf_counter()
         em = np.asarray(out[2])  # the host sync the loop makes anyway
+        marks.append((t, t1, time.perf_counter()))
         acc["s"] += time.perf_counter() - t
         acc["tokens"] += int((em >= 0).sum())
         tokens = sum(int(x) for x in np.asarray(out[0].lengths)) + eng.pool.cached_tokens()
@@ -58,13 +61,20 @@ def ours(cfg, params, hists, prompts, new: int, steps: int, page: int | None = N
         eng.run_batch([(f"s{i}", p) for i, p in enumerate(prompts)])  # compile the device-hit shapes
         for k in acc:
             acc[k] = 0.0 if k != "tokens" else 0
+        marks.clear()
         t = time.perf_counter()
         res = eng.run_batch([(f"s{i}", p) for i, p in enumerate(prompts)])
         wall = time.perf_counter() - t
     finally:
         SL.generate = real
     eng.close()
-    return {"decode_tok_s": acc["tokens"] / acc["s"], "turns_per_min": 60 * n / wall, "wall_s": wall,
+    # The host side of a dispatch: generate's return (dispatch), the wait for its result, and the host
+    # loop between two dispatches (after the first: the measured round's prefills come before it).
+    host = {"dispatch_ms": 1e3 * float(np.median([b - a for a, b, _ in marks])),
+            "wait_ms": 1e3 * float(np.median([c - b for _, b, c in marks])),
+            "host_gap_ms": 1e3 * float(np.median([b[0] - a[2] for a, b in zip(marks, marks[1:])] or [0.0])),
+            "dispatches": len(marks)}
+    return {**host, "decode_tok_s": acc["tokens"] / acc["s"], "turns_per_min": 60 * n / wall, "wall_s": wall,
             "ttft_mean_s": float(np.mean([r.ttft_s for r in res])), "sources": sorted({r.source for r in res}),
             "device_kv_over_held": acc["ratio"]}
 
@@ -282,7 +292,8 @@ def main() -> int:
                     help="new tokens of a prompt prefilled beside 8 decoding slots, with and without chunked prefill (0: skip)")
     ap.add_argument("--chunk-reps", type=int, default=1, help="timed repetitions of the chunked-prefill probe per mode")
     ap.add_argument("--prefill-budget", type=int, default=512, help="EngineConfig.prefill_budget (the chunk size)")
-    ap.add_argument("--page-size", type=int, default=None, help="EngineConfig.page_size (default: the engine's)")
+    ap.add_argument("--page-size", default=None,
+                    help="EngineConfig.page_size; comma-separated to compare several in one run (default: the engine's)")
     ap.add_argument("--load-probe", default="", help="comma-separated store token_blocks to time a host->device load at (\"\": skip)")
     ap.add_argument("--load-tokens", type=int, default=1024, help="history tokens of the load probe")
     ap.add_argument("--ceiling", default="", help="comma-separated row counts to time the step's matmuls alone at (\"\": skip)")
@@ -295,20 +306,23 @@ def main() -> int:
     m = load_model("smollm2")
     r = np.random.RandomState(0)
     rows = []
+    pages = [int(x) for x in args.page_size.split(",")] if args.page_size else [None]
     for n in [int(x) for x in args.sessions.split(",") if x.strip()]:  # "": only the probes
         hists = [r.randint(0, m.config.vocab_size, int(x)).astype(np.int32)
                  for x in np.linspace(args.hist_min, args.hist_max, n).round()]
         prompts = [r.randint(0, m.config.vocab_size, args.prompt).astype(np.int32) for _ in range(n)]
-        row = {"sessions": n, "page_size": args.page_size, "ours": ours(m.config, m.params, hists, prompts, args.new_tokens, args.decode_steps,
-                                           args.page_size)}
+        for page in pages:  # the same sessions at every page size, one after the other
+            row = {"sessions": n, "page_size": page, "ours": ours(m.config, m.params, hists, prompts, args.new_tokens,
+                                                                  args.decode_steps, page)}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
         if not args.skip_hf and (args.hf_sessions is None or n in {int(x) for x in args.hf_sessions.split(",")}):
             # transformers sees the same conversation as one prompt per sequence (history + message).
             # Same lengths as our measured turn: history, reply, message, reply, then the new message.
             z = np.zeros(args.new_tokens, np.int32)
             hh = [np.concatenate([h, z, p, z]) for h, p in zip(hists, prompts)]
             row["transformers"] = transformers_generate(smollm2_gguf_path(), hh, prompts, args.new_tokens, args.threads)
-        rows.append(row)
-        print(json.dumps(row), flush=True)
+            print(json.dumps(row), flush=True)
     ceiling = None
     if args.ceiling:
         ceiling = matmul_ceiling(m.config, m.params, [int(x) for x in args.ceiling.split(",")], 5)
@@ -330,13 +344,16 @@ def main() -> int:
         chunk = chunked_beside_decode(m.config, m.params, args.chunk_prompt, args.prompt, args.ttft_decode, args.chunk_reps,
                                       args.decode_steps, args.prefill_budget)
         print(json.dumps(chunk), flush=True)
-    base = rows[0]["ours"]["decode_tok_s"] if rows else float("nan")
-    print("\n| sessions | ours decode tok/s | x vs 1 | transformers decode tok/s | ours/transformers | ours turns/min |"
+    base = {}  # per page size: the first session count's decode tok/s
+    for row in rows:
+        base.setdefault(row["page_size"], row["ours"]["decode_tok_s"])
+    print("\n| sessions | page | ours decode tok/s | x vs first | transformers decode tok/s | ours/transformers | ours turns/min |"
           " transformers turns/min | device KV / held |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|")
     for row in rows:
         o, h = row["ours"], row.get("transformers")
-        print(f"| {row['sessions']} | {o['decode_tok_s']:.1f} | {o['decode_tok_s'] / base:.2f} | "
+        print(f"| {row['sessions']} | {row['page_size'] or 'default'} | {o['decode_tok_s']:.1f} | "
+              f"{o['decode_tok_s'] / base[row['page_size']]:.2f} | "
               f"{h['decode_tok_s'] if h else float('nan'):.1f} | {o['decode_tok_s'] / h['decode_tok_s'] if h else float('nan'):.2f} | "
               f"{o['turns_per_min']:.1f} | {h['turns_per_min'] if h else float('nan'):.1f} | {o['device_kv_over_held']:.2f} |")
     if ttft:
