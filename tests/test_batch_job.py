@@ -379,6 +379,7 @@ def _done(path):
     return done
 
 
+@pytest.mark.slow  # ~1-5 min (make test-all); a resumed job is also in test_batch_job_warmup, SIGKILLed writers in store/test_store_crash
 def test_sigkill_at_random_points_then_resume(tmp_path):
     """>= 10 SIGKILLs at random moments of a running job (in a subprocess), each followed by a
     restart: the output ends equal to an uninterrupted run's, every turn exactly once, and no run

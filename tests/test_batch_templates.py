@@ -46,6 +46,7 @@ def _lines(path):
     return recs[0]["batch_job"]["job"], [r for r in recs if "conversation" in r]
 
 
+@pytest.mark.slow  # ~2 min (make test-all); the ChatML case is in test_batch_job, the mistral one below
 def test_llama3_generated_history_equals_engine_turn_loop(tmp_path, llama3):
     """Replies (token ids) and the stored history equal a loop over Engine.turn with text, which renders
     each turn with the tokenizer's template (bos once, header tokens, <|eot_id|> closing a reply)."""
