@@ -46,6 +46,8 @@ class StoreAdapter:
         # the scheduler's prefetches: issued; landed before their session's job started; not yet landed then
         self.issued = self.in_time = self.late = 0
         self._pending: dict[str, object] = {}  # sid -> the future of its latest prefetch, until its job starts
+        self.now = 0.0  # the trace clock (RealExecutor.sync), when the scheduler plans
+        self._issued_at: dict[str, float] = {}  # sid -> trace time its pending prefetch was issued
         lay = store.layout
         self._L, self._B, self._bb = lay.num_layers, store.cfg.token_block, store.block_bytes
 
@@ -92,11 +94,29 @@ class StoreAdapter:
         self.inflight[sid] = fut
         if sid not in self._pending:
             self.issued += 1
+            self._issued_at[sid] = self.now
         self._pending[sid] = fut
+
+    def wait_prefetch(self, sid: str, now: float, whole: bool = False) -> None:
+        """A job of ``sid`` starts at trace time ``now``: its pending prefetch gets, in real time, the
+        trace time that passed since it was issued (``whole``: as long as it takes). The engine runs one
+        job at a time, synchronously: a prefetch issued while a job "ran" in trace time starts in real
+        time only when that job has returned, so without this wait it would never have the time the
+        running job gives it on a live server (as `wait_prefetches` does for idle gaps). The wait is
+        neither TTFT nor service time."""
+        fut = self._pending.get(sid)
+        if fut is None or fut.done():
+            return
+        import concurrent.futures as cf
+
+        budget = None if whole else max(0.0, now - self._issued_at.get(sid, now))
+        if budget is None or budget > 0:
+            cf.wait([fut], timeout=budget)
 
     def job_starts(self, sid) -> None:
         """A job of ``sid`` starts: count its session's pending prefetch as in time or late."""
         fut = self._pending.pop(sid, None)
+        self._issued_at.pop(sid, None)
         if fut is not None:
             if fut.done():
                 self.in_time += 1
@@ -150,6 +170,7 @@ class RealExecutor:
 
     def start(self, job: Job, now: float) -> Outcome:
         sid = job.sid
+        self.adapter.wait_prefetch(sid, now, whole=self.cost is not None)
         self.adapter.job_starts(sid)
         self.adapter.running.add(sid)
         reply = self.replies.get((sid, job.turn))
@@ -198,7 +219,7 @@ class RealExecutor:
             self.store.flush()  # a modelled clock: let async work settle, so the store's state is deterministic
 
     def sync(self, now: float) -> None:
-        pass
+        self.adapter.now = now
 
     def idle(self, gap_s: float) -> None:
         """The engine would idle ``gap_s`` seconds (the trace's think times are not slept): the store's
