@@ -140,6 +140,11 @@ class StoreAdapter:
             cf.wait(pending, timeout=timeout_s)
 
 
+def _traced_since(before: dict) -> list[str]:
+    """The programs (by name) traced since ``before`` (a copy of ``TRACE_COUNTS``)."""
+    return sorted(k for k, v in TRACE_COUNTS.items() if v != before.get(k, 0))
+
+
 class RealExecutor:
     def __init__(self, system: System, engine, recompute_engine, adapter: StoreAdapter, *, cost=None,
                  replies: dict | None = None, gen_tokens: int | None = None):
@@ -148,6 +153,7 @@ class RealExecutor:
         self.cost = cost  # clock="model": times from the cost model instead of the measurement
         self.replies = replies or {}  # (sid, turn) -> recorded reply ids (see the module docstring)
         self.gen_tokens = gen_tokens
+        self.compiles: list[tuple] = []  # (sid, turn, programs traced by the turn, by its append)
 
     def _fresh_context(self, sid: str, job: Job) -> np.ndarray | None:
         """device-prefix / naive-truncation: the context to recompute as a new session, or None."""
@@ -180,9 +186,11 @@ class RealExecutor:
         fresh = self._fresh_context(sid, job) if (self.system.device_only or self.system.naive_truncation) else None
         msg = prompt if fresh is None else np.concatenate([fresh, prompt])
         engine = self.engine if self.system.reuse else self.recompute_engine
-        traced = sum(TRACE_COUNTS.values())
+        traced = dict(TRACE_COUNTS)
         r = engine.turn(sid, msg, max_new_tokens=max_new)
+        compiled = _traced_since(traced)
         service = r.total_s
+        traced = dict(TRACE_COUNTS)
         if reply is not None:
             t0 = time.perf_counter()
             self.engine.append(sid, np.asarray(reply, np.int32))
@@ -190,7 +198,10 @@ class RealExecutor:
             # TTFT would pay for them
             jax.block_until_ready(self.engine.pool.pages)
             service += time.perf_counter() - t0
-        compiled = sum(TRACE_COUNTS.values()) != traced
+        # the append's compiles are service time only (the trace clock), never this turn's TTFT
+        append_compiled = _traced_since(traced)
+        if compiled or append_compiled:
+            self.compiles.append((sid, job.turn, compiled, append_compiled))
         if self.system.sync_save:
             t0 = time.perf_counter()
             self.store.flush()
@@ -211,7 +222,7 @@ class RealExecutor:
             if reply is not None:
                 service += self.cost.prefill_s(len(reply), 0)
         return Outcome(ttft, service, source, reused, hist, len(prompt), r.generated_tokens, r.truncated_tokens, after,
-                       reused * self.store.layout.bytes_per_token, compiled=compiled and self.cost is None)
+                       reused * self.store.layout.bytes_per_token, compiled=bool(compiled) and self.cost is None)
 
     def complete(self, job: Job, outcome: Outcome, now: float) -> None:
         self.adapter.running.discard(job.sid)

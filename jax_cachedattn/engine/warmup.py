@@ -128,11 +128,13 @@ def warmup(engine, prompt_lengths: Sequence[int], history_lengths: Sequence[int]
     return warmup_programs(engine, progs)
 
 
-def warmup_programs(engine, programs: Iterable[Program]) -> dict:
+def warmup_programs(engine, programs: Iterable[Program], preload_counts: Sequence[int] | None = None) -> dict:
     """Compile ``programs`` (see the module docstring): one scratch turn each, its history (zeros)
     placed where the program reads it from, then the decode step at every batch size and the saves'
     row reads. Returns ``{"turns", "seconds", "skipped"}`` (``skipped``: programs no turn can run
-    within the context window)."""
+    within the context window). ``preload_counts``: the read-buffer layer counts of the ``host``
+    programs (default: none, the read-ahead's default, every layer; a caller that never preloads,
+    such as the bench's one-job-at-a-time replay, passes ``(0,)``)."""
     progs = set(programs)
     bad = sorted({p[0] for p in progs} - set(SOURCES))
     if bad:
@@ -155,6 +157,8 @@ def warmup_programs(engine, programs: Iterable[Program]) -> dict:
     ra = engine.read_ahead
     preloads = (sorted({0, mc.num_layers, min(mc.num_layers, ra.fixed if ra.fixed is not None else ra.default)})
                 if ec.preload in ("auto", "in_program") else [0])
+    if preload_counts is not None:
+        preloads = sorted({int(k) for k in preload_counts})
     engine._swap_store(scratch)
     # The scratch turns place their histories themselves (the programs do not depend on use_cache).
     engine.config = engine._ctx.engine_config = ec.replace(use_cache=True)
