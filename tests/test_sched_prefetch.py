@@ -89,3 +89,20 @@ def test_the_head_that_starts_now_is_left_to_the_layer_wise_load():
             assert sched.decisions == [("prefetch", "a")]
         else:  # handed out now: no prefetch
             assert sched.next_job(0.0).sid == "a" and sched.decisions == [("start", "a", 0)]
+
+
+def test_a_landed_prefetch_pushed_back_to_disk_is_issued_again():
+    pol = QueueAwarePolicy(predict="never")
+    store = SimStore(pol, num_layers=1, bytes_per_token_layer=1, token_block=BLOCK, host_bytes=2 * BLOCK, disk_bytes=None)
+    for sid in ("a", "b", "c"):  # a ends on disk
+        store.begin(sid)
+        store.end(sid, 10)
+    assert store.tier_of("a") == "disk"
+    sched = Scheduler(store, pol, SchedulerConfig(high_watermark=1.0))
+    sched.submit(Job("a", 0.0, 4, 4))
+    sched.waiting(0.0)
+    assert store.tier_of("a") == "host"  # landed (infinite bandwidth)
+    store.now = 1.0
+    store.evict("a", "host")  # a running job's save made room with it
+    sched.waiting(1.0)
+    assert sched.decisions == [("prefetch", "a"), ("prefetch", "a")] and store.tier_of("a") == "host"

@@ -171,8 +171,9 @@ class Scheduler:
         h_mem, h_all = self.horizon_s(l_pw), self.horizon_s(l_ew)
         self.policy.set_windows(l_pw, l_ew, None if h_mem is None else {"device": h_mem, "host": h_mem, "disk": h_all})
         self.policy.set_future(self.queue.sessions())
-        # a prefetch that landed, or whose session left the disk tier, is done with
-        self._prefetched = {s for s in self._prefetched if self.store.tier_of(s) == "disk"}
+        # a prefetch that landed, or whose session left the disk tier, is done with; one that landed and
+        # was pushed back to disk since (a running job's save made room) is issued again
+        self._prefetched = {s for s in self._prefetched if self.store.tier_of(s) == "disk" and self.store.busy(s)}
         # the prefetch window: the head's distinct sessions while they fit in the host tier
         window, room = {}, self.store.capacity("host") or 0
         for job in self.queue.peek(l_pw):
