@@ -108,7 +108,7 @@ def test_prefetches_are_counted_in_time_or_late_when_their_job_starts():
     ad = StoreAdapter.__new__(StoreAdapter)
     ad.store, ad.running, ad.inflight, ad.pool = _Store(), set(), {}, None
     ad.issued = ad.in_time = ad.late = 0
-    ad._pending = {}
+    ad._pending, ad.now, ad._issued_at = {}, 0.0, {}
     ad.prefetch("a")
     ad.prefetch("b")
     ad.prefetch("a")  # asked again while in flight: one prefetch

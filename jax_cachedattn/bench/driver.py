@@ -57,7 +57,7 @@ class Executor(Protocol):
 
     def complete(self, job: Job, outcome: Outcome, now: float) -> None: ...
 
-    def sync(self, now: float) -> None: ...  # the trace clock is at ``now`` (before the scheduler idles)
+    def sync(self, now: float) -> None: ...  # the trace clock is at ``now`` (before the scheduler plans)
 
     def idle(self, gap_s: float) -> None: ...  # no job starts for ``gap_s`` trace seconds
 
@@ -120,6 +120,7 @@ class Driver:
                     if self.on_job is not None:
                         self.on_job(rec)
             while free and len(self.scheduler.queue):
+                self.executor.sync(t)
                 job = self.scheduler.next_job(t)
                 job.history_tokens = ctx[job.sid]
                 out = self.executor.start(job, t)
@@ -128,6 +129,10 @@ class Driver:
                 started += 1
                 free -= 1
                 heapq.heappush(events, (t + out.service_s, 0, next(seq), "finish", (job, out, rec)))
+            if not free and len(self.scheduler.queue):
+                # jobs wait behind busy slots: the scheduler prefetches for them, the head included
+                self.executor.sync(t)
+                self.scheduler.waiting(t)
             if free and not len(self.scheduler.queue) and events:
                 # a slot idles until the next event: the scheduler may read ahead what it predicts, and
                 # a real store's transfers get the idle time they would have had

@@ -46,6 +46,8 @@ class StoreAdapter:
         # the scheduler's prefetches: issued; landed before their session's job started; not yet landed then
         self.issued = self.in_time = self.late = 0
         self._pending: dict[str, object] = {}  # sid -> the future of its latest prefetch, until its job starts
+        self.now = 0.0  # the trace clock (RealExecutor.sync), when the scheduler plans
+        self._issued_at: dict[str, float] = {}  # sid -> trace time its pending prefetch was issued
         lay = store.layout
         self._L, self._B, self._bb = lay.num_layers, store.cfg.token_block, store.block_bytes
 
@@ -92,11 +94,29 @@ class StoreAdapter:
         self.inflight[sid] = fut
         if sid not in self._pending:
             self.issued += 1
+            self._issued_at[sid] = self.now
         self._pending[sid] = fut
+
+    def wait_prefetch(self, sid: str, now: float, whole: bool = False) -> None:
+        """A job of ``sid`` starts at trace time ``now``: its pending prefetch gets, in real time, the
+        trace time that passed since it was issued (``whole``: as long as it takes). The engine runs one
+        job at a time, synchronously: a prefetch issued while a job "ran" in trace time starts in real
+        time only when that job has returned, so without this wait it would never have the time the
+        running job gives it on a live server (as `wait_prefetches` does for idle gaps). The wait is
+        neither TTFT nor service time."""
+        fut = self._pending.get(sid)
+        if fut is None or fut.done():
+            return
+        import concurrent.futures as cf
+
+        budget = None if whole else max(0.0, now - self._issued_at.get(sid, now))
+        if budget is None or budget > 0:
+            cf.wait([fut], timeout=budget)
 
     def job_starts(self, sid) -> None:
         """A job of ``sid`` starts: count its session's pending prefetch as in time or late."""
         fut = self._pending.pop(sid, None)
+        self._issued_at.pop(sid, None)
         if fut is not None:
             if fut.done():
                 self.in_time += 1
@@ -120,6 +140,11 @@ class StoreAdapter:
             cf.wait(pending, timeout=timeout_s)
 
 
+def _traced_since(before: dict) -> list[str]:
+    """The programs (by name) traced since ``before`` (a copy of ``TRACE_COUNTS``)."""
+    return sorted(k for k, v in TRACE_COUNTS.items() if v != before.get(k, 0))
+
+
 class RealExecutor:
     def __init__(self, system: System, engine, recompute_engine, adapter: StoreAdapter, *, cost=None,
                  replies: dict | None = None, gen_tokens: int | None = None):
@@ -128,6 +153,7 @@ class RealExecutor:
         self.cost = cost  # clock="model": times from the cost model instead of the measurement
         self.replies = replies or {}  # (sid, turn) -> recorded reply ids (see the module docstring)
         self.gen_tokens = gen_tokens
+        self.compiles: list[tuple] = []  # (sid, turn, programs traced by the turn, by its append)
 
     def _fresh_context(self, sid: str, job: Job) -> np.ndarray | None:
         """device-prefix / naive-truncation: the context to recompute as a new session, or None."""
@@ -150,6 +176,7 @@ class RealExecutor:
 
     def start(self, job: Job, now: float) -> Outcome:
         sid = job.sid
+        self.adapter.wait_prefetch(sid, now, whole=self.cost is not None)
         self.adapter.job_starts(sid)
         self.adapter.running.add(sid)
         reply = self.replies.get((sid, job.turn))
@@ -159,9 +186,11 @@ class RealExecutor:
         fresh = self._fresh_context(sid, job) if (self.system.device_only or self.system.naive_truncation) else None
         msg = prompt if fresh is None else np.concatenate([fresh, prompt])
         engine = self.engine if self.system.reuse else self.recompute_engine
-        traced = sum(TRACE_COUNTS.values())
+        traced = dict(TRACE_COUNTS)
         r = engine.turn(sid, msg, max_new_tokens=max_new)
+        compiled = _traced_since(traced)
         service = r.total_s
+        traced = dict(TRACE_COUNTS)
         if reply is not None:
             t0 = time.perf_counter()
             self.engine.append(sid, np.asarray(reply, np.int32))
@@ -169,7 +198,10 @@ class RealExecutor:
             # TTFT would pay for them
             jax.block_until_ready(self.engine.pool.pages)
             service += time.perf_counter() - t0
-        compiled = sum(TRACE_COUNTS.values()) != traced
+        # the append's compiles are service time only (the trace clock), never this turn's TTFT
+        append_compiled = _traced_since(traced)
+        if compiled or append_compiled:
+            self.compiles.append((sid, job.turn, compiled, append_compiled))
         if self.system.sync_save:
             t0 = time.perf_counter()
             self.store.flush()
@@ -190,7 +222,7 @@ class RealExecutor:
             if reply is not None:
                 service += self.cost.prefill_s(len(reply), 0)
         return Outcome(ttft, service, source, reused, hist, len(prompt), r.generated_tokens, r.truncated_tokens, after,
-                       reused * self.store.layout.bytes_per_token, compiled=compiled and self.cost is None)
+                       reused * self.store.layout.bytes_per_token, compiled=bool(compiled) and self.cost is None)
 
     def complete(self, job: Job, outcome: Outcome, now: float) -> None:
         self.adapter.running.discard(job.sid)
@@ -198,7 +230,7 @@ class RealExecutor:
             self.store.flush()  # a modelled clock: let async work settle, so the store's state is deterministic
 
     def sync(self, now: float) -> None:
-        pass
+        self.adapter.now = now
 
     def idle(self, gap_s: float) -> None:
         """The engine would idle ``gap_s`` seconds (the trace's think times are not slept): the store's

@@ -127,12 +127,15 @@ def warmup(engine, prompt_lengths: Sequence[int], history_lengths: Sequence[int]
     return warmup_programs(engine, progs)
 
 
-def warmup_programs(engine, programs: Iterable[Program]) -> dict:
+def warmup_programs(engine, programs: Iterable[Program], preload_counts: Sequence[int] | None = None) -> dict:
     """Compile ``programs`` (see the module docstring): one scratch turn each, its history (zeros)
     placed where the program reads it from, then the decode step at every batch size and the saves'
     row reads. Returns ``{"turns", "seconds", "skipped", "by_kind", "tail_s"}`` (``skipped``: programs
     no turn can run within the context window; ``by_kind``: ``{kind: [turns, seconds]}`` of the scratch
-    turns, compile and run; ``tail_s``: the saves' row reads and the decode step at every batch size)."""
+    turns, compile and run; ``tail_s``: the saves' row reads and the decode step at every batch size).
+    ``preload_counts``: the read-buffer layer counts of the ``host`` programs (default: none and every
+    count the read-ahead can pick; a caller that never preloads, such as the bench's one-job-at-a-time
+    replay, passes ``(0,)``)."""
     progs = set(programs)
     bad = sorted({p[0] for p in progs} - set(SOURCES))
     if bad:
@@ -155,6 +158,8 @@ def warmup_programs(engine, programs: Iterable[Program]) -> dict:
     # count. The counts: none, and every count the read-ahead can pick (ReadAhead.counts: its default,
     # half the layers, every layer; a need in between is rounded up to one of them).
     preloads = sorted({0, *engine.read_ahead.counts()}) if ec.preload in ("auto", "in_program") else [0]
+    if preload_counts is not None:
+        preloads = sorted({int(k) for k in preload_counts})
     engine._swap_store(scratch)
     # The scratch turns place their histories themselves (the programs do not depend on use_cache).
     engine.config = engine._ctx.engine_config = ec.replace(use_cache=True)

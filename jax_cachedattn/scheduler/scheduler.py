@@ -6,8 +6,12 @@ of the queue the scheduler plans (`plan`):
 * **look-ahead prefetch window** ``L_pw = C_mem / S_kv`` jobs (host capacity over the mean session KV
   size, recomputed at every plan as sessions grow; also cut where the window's distinct sessions stop
   fitting in the host tier): every session in it whose KV is only on disk is prefetched disk -> host,
-  so the job finds it in memory when it starts (the head job, which starts now, excepted: the engine
-  reads its KV layer by layer behind compute);
+  so the job finds it in memory when it starts (the head job excepted when it starts now: the engine
+  reads its KV layer by layer behind compute). The engine plans when it takes a job (`next_job`) and
+  whenever jobs wait with every slot busy (`waiting`: a job arrived behind a running one; prefetch
+  only, the watermark runs at the next hand-out); there the head waits too and is prefetched like the rest. Without that second call a closed-loop trace whose
+  queue rarely holds two jobs never prefetched at all: its one waiting job was always the head when
+  the plan ran, so it was read from disk on the critical path;
 * **look-ahead eviction window** ``(C_mem + C_disk) / S_kv`` jobs: the policy gets the queue order
   (``set_future``) and the window (``set_windows``) and evicts from host to disk first the sessions
   with no queued job, then the window's tail; from disk the sessions outside the window, furthest
@@ -123,6 +127,12 @@ class Scheduler:
         self.decisions.append(("start", job.sid, job.turn))
         return job  # the policy's future still lists it first: it is busy, never a candidate
 
+    def waiting(self, now: float) -> None:
+        """Every engine slot is busy and jobs wait at ``now`` (one just arrived): plan for them. No job
+        starts now, so the head's KV is prefetched too (it has the running jobs' time to land)."""
+        if len(self.queue):
+            self.plan(now, head_starts=False, evict=False)
+
     def finished(self, job: Job, now: float) -> None:
         """The job's reply is out at ``now`` (its KV is saved)."""
         self.policy.finished(job.sid, now)
@@ -149,16 +159,21 @@ class Scheduler:
             return None
         return max(1, jobs) * (a[-1] - a[0]) / (len(a) - 1)
 
-    def plan(self, now: float) -> None:
-        """Recompute the windows, hand the queue to the policy, prefetch, evict above the watermark."""
+    def plan(self, now: float, head_starts: bool = True, evict: bool = True) -> None:
+        """Recompute the windows, hand the queue to the policy, prefetch, evict above the watermark.
+        ``head_starts``: the head job is handed out right after (its KV is then not prefetched).
+        ``evict=False`` (`waiting`): prefetch only; the watermark and the predicted read-ahead wait for
+        the next hand-out, when the running jobs' KV is saved (a prefetch that needs room makes it
+        through the store, which asks the same policy, queue-aware)."""
         self.policy.now = now
         l_pw, l_ew = self.windows()
         self.prefetch_window, self.eviction_window = l_pw, l_ew
         h_mem, h_all = self.horizon_s(l_pw), self.horizon_s(l_ew)
         self.policy.set_windows(l_pw, l_ew, None if h_mem is None else {"device": h_mem, "host": h_mem, "disk": h_all})
         self.policy.set_future(self.queue.sessions())
-        # a prefetch that landed, or whose session left the disk tier, is done with
-        self._prefetched = {s for s in self._prefetched if self.store.tier_of(s) == "disk"}
+        # a prefetch that landed, or whose session left the disk tier, is done with; one that landed and
+        # was pushed back to disk since (a running job's save made room) is issued again
+        self._prefetched = {s for s in self._prefetched if self.store.tier_of(s) == "disk" and self.store.busy(s)}
         # the prefetch window: the head's distinct sessions while they fit in the host tier
         window, room = {}, self.store.capacity("host") or 0
         for job in self.queue.peek(l_pw):
@@ -169,9 +184,10 @@ class Scheduler:
                 break
             room -= need
             window[job.sid] = None
-        self._watermark(set(window))
+        if evict:
+            self._watermark(set(window))
         if self.config.prefetch:
-            head = self.queue.peek(1)[0].sid if len(self.queue) else None
+            head = self.queue.peek(1)[0].sid if len(self.queue) and head_starts else None
             for sid in window:
                 if sid == head:
                     continue  # starts now: the engine reads it layer by layer behind compute
@@ -179,7 +195,7 @@ class Scheduler:
                     self.store.prefetch(sid)
                     self._prefetched.add(sid)
                     self.decisions.append(("prefetch", sid))
-        if len(self.queue) < l_pw:
+        if evict and len(self.queue) < l_pw:
             self._predicted_prefetch(now, set(window), h_mem)
 
     def idle(self, now: float) -> None:
