@@ -1,8 +1,6 @@
 """A batch job's warm-up compiles every program its turns run: neither an uninterrupted nor a resumed run
 compiles anything after it (tiny model)."""
 
-import logging
-import re
 import sys
 from pathlib import Path
 
@@ -11,6 +9,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _batch_model import byte_tokenizer, tiny_engine  # noqa: E402
+from _compiles import counting_compiles  # noqa: E402
 from test_batch_job import _kill_input, _lines, _run  # noqa: E402
 
 from jax_cachedattn import batch_io  # noqa: E402
@@ -20,36 +19,11 @@ from jax_cachedattn.conversations import Conversation, read_conversations  # noq
 from jax_cachedattn.engine.warmup import TurnShape, programs_for  # noqa: E402
 
 
-class _Compiles(logging.Handler):
-    """Counts XLA compilations (jax.log_compiles), and the count when the job's warm-up ended."""
-
-    def __init__(self):
-        super().__init__()
-        self.n, self.at_warm = 0, None
-
-    def emit(self, record):
-        if re.search(r"Finished XLA compilation of jit\(", record.getMessage()):
-            self.n += 1
-
-    def event(self, e):
-        if e["event"] == "warmed":
-            self.at_warm = self.n
-
-
 def _counting(fn):
     """Run ``fn(on_event)`` with every in-process compiled program forgotten, counting compiles."""
     jax.clear_caches()
-    h = _Compiles()
-    log = logging.getLogger("jax")
-    old = log.level
-    log.addHandler(h)
-    log.setLevel(logging.DEBUG)
-    try:
-        with jax.log_compiles(True):
-            out = fn(h.event)
-    finally:
-        log.removeHandler(h)
-        log.setLevel(old)
+    with counting_compiles() as h:
+        out = fn(h.event)
     return out, h
 
 

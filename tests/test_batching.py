@@ -5,13 +5,11 @@ host tier and disk; more jobs than slots with different reply budgets (slots fin
 mid-decode); two jobs of one session in the batch; a truncation in the batch.
 """
 
-import collections
-import logging
-import re
-
 import jax
 import numpy as np
 import pytest
+
+from _compiles import counting_compiles
 
 from jax_cachedattn.engine import Engine, EngineConfig
 from jax_cachedattn.model import ModelConfig, forward, init_params
@@ -94,28 +92,12 @@ def test_batched_equals_sequential(model, tmp_path):
     np.testing.assert_allclose(batched[2].prompt_logits, ref[-n_new:], atol=TOL, rtol=0)
 
 
-class _Compiles(logging.Handler):
-    def __init__(self):
-        super().__init__()
-        self.count = collections.Counter()
-
-    def emit(self, record):
-        m = re.search(r"Finished XLA compilation of jit\((\w+)\)", record.getMessage())
-        if m:
-            self.count[m.group(1)] += 1
-
-
 def test_compile_count_fixed_across_jobs(model, tmp_path):
     """After one round of jobs, jobs of other lengths in the same buckets compile nothing; the decode
     step and the insert are compiled once per engine shape, never per job."""
     cfg, params = model
     store = _store(cfg, tmp_path)
     eng = Engine(cfg, params, store, None, EngineConfig(max_new_tokens=5, max_slots=4))
-    h = _Compiles()
-    log = logging.getLogger("jax")
-    old_level = log.level
-    log.addHandler(h)
-    log.setLevel(logging.DEBUG)
 
     def round_(r):
         # New sessions (17-24 tokens), then a second turn of each against its 22-29 token history in
@@ -123,15 +105,11 @@ def test_compile_count_fixed_across_jobs(model, tmp_path):
         eng.run_batch([(f"r{r}s{i}", _ids(cfg, 17 + (i + r) % 8, 40 * r + i), 2 + (i + r) % 4) for i in range(4)])
         eng.run_batch([(f"r{r}s{i}", _ids(cfg, 17 + 4 * i + r, 40 * r + 9 + i), 5 - i % 3) for i in range(4)])
 
-    try:
-        with jax.log_compiles(True):
-            round_(0)
-            warm = dict(h.count)
-            round_(1)
-            round_(2)
-    finally:
-        log.removeHandler(h)
-        log.setLevel(old_level)
+    with counting_compiles() as h:
+        round_(0)
+        warm = dict(h.count)
+        round_(1)
+        round_(2)
     # The decode step: one program per batch size the busy slots needed (buckets 1, 2, 4 of max_slots
     # 4; which ones a round meets depends on when its slots finish), never per job.
     assert 1 <= warm.get("generate", 0) and h.count["generate"] <= 3 and warm.get("insert", 0) <= 2
@@ -148,29 +126,20 @@ def test_warmup_compiles_what_later_jobs_run(model, tmp_path):
     cfg, params = model
     store = _store(cfg, tmp_path)
     eng = Engine(cfg, params, store, None, EngineConfig(max_new_tokens=5, max_slots=4, pool_tokens=8192))
-    h = _Compiles()
-    log = logging.getLogger("jax")
-    old_level = log.level
-    log.addHandler(h)
-    log.setLevel(logging.DEBUG)
-    try:
-        with jax.log_compiles(True):
-            out = eng.warmup(prompt_lengths=(20,), history_lengths=(300,))
-            warm = dict(h.count)
-            assert out["turns"] == 4  # new; host with none and with the read-ahead's layers preloaded; device
-            assert eng.pool.cached_tokens() == 0 and eng.pool.used_pages() == 0  # nothing left over
-            # Histories of 300-450 tokens (bucket 512), committed the way a turn commits them.
-            for i, n in enumerate((300, 347, 401, 450)):
-                for layer in range(cfg.num_layers):
-                    kv = np.random.RandomState(i).randn(2, n, cfg.num_kv_heads, cfg.head_dim).astype(np.float32)
-                    store.save_layer(f"h{i}", layer, kv, start=0)
-                store.commit_turn(f"h{i}", _ids(cfg, n, 60 + i)).result()
-            new = eng.run_batch([(f"n{i}", _ids(cfg, 17 + 5 * i, 70 + i), 2 + i) for i in range(4)])
-            host = eng.run_batch([(f"h{i}", _ids(cfg, 32 - 4 * i, 80 + i), 5 - i) for i in range(4)])
-            dev = eng.run_batch([(f"h{i}", _ids(cfg, 18 + 3 * i, 90 + i), 3) for i in range(4)])
-    finally:
-        log.removeHandler(h)
-        log.setLevel(old_level)
+    with counting_compiles() as h:
+        out = eng.warmup(prompt_lengths=(20,), history_lengths=(300,))
+        warm = dict(h.count)
+        assert out["turns"] == 4  # new; host with none and with the read-ahead's layers preloaded; device
+        assert eng.pool.cached_tokens() == 0 and eng.pool.used_pages() == 0  # nothing left over
+        # Histories of 300-450 tokens (bucket 512), committed the way a turn commits them.
+        for i, n in enumerate((300, 347, 401, 450)):
+            for layer in range(cfg.num_layers):
+                kv = np.random.RandomState(i).randn(2, n, cfg.num_kv_heads, cfg.head_dim).astype(np.float32)
+                store.save_layer(f"h{i}", layer, kv, start=0)
+            store.commit_turn(f"h{i}", _ids(cfg, n, 60 + i)).result()
+        new = eng.run_batch([(f"n{i}", _ids(cfg, 17 + 5 * i, 70 + i), 2 + i) for i in range(4)])
+        host = eng.run_batch([(f"h{i}", _ids(cfg, 32 - 4 * i, 80 + i), 5 - i) for i in range(4)])
+        dev = eng.run_batch([(f"h{i}", _ids(cfg, 18 + 3 * i, 90 + i), 3) for i in range(4)])
     assert [r.source for r in new + host + dev] == ["new"] * 4 + ["host"] * 4 + ["device"] * 4
     assert dict(h.count) == warm, {k: h.count[k] - warm.get(k, 0) for k in h.count if h.count[k] != warm.get(k, 0)}
     eng.close()
