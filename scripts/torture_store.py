@@ -44,7 +44,7 @@ from jax_cachedattn.store import (  # noqa: E402
 )
 from jax_cachedattn.store.faults import FaultInjector  # noqa: E402
 
-L, K, D, B, C = 2, 1, 8, 8, 2  # C: tokens per disk chunk (4 chunks per block)
+L, K, D, B, C = 2, 1, 8, 8, 2  # C: tokens per disk chunk (4 chunks per block); chunks of 1 or 2 layers
 LAY = KVLayout(num_layers=L, kv_heads=K, head_dim=D, dtype="float32", fingerprint="torture")
 BLK = B * LAY.bytes_per_token_layer
 MAX_TOKENS = 80
@@ -58,8 +58,12 @@ def value(sid: str, ids: np.ndarray, layer: int) -> np.ndarray:
     return np.stack([k, -k])
 
 
+CHUNK_LAYERS = [L]  # layers per disk chunk (--chunk-layers): all of them by default, as a new small-model store
+
+
 def config(root: str) -> StoreConfig:
-    return StoreConfig(root=root, token_block=B, disk_chunk=C, host_bytes=L * 24 * BLK, device_bytes=L * 8 * BLK)
+    return StoreConfig(root=root, token_block=B, disk_chunk=C, disk_chunk_layers=CHUNK_LAYERS[0],
+                       host_bytes=L * 24 * BLK, device_bytes=L * 8 * BLK)
 
 
 def dead_bytes(store, root: str, below: str) -> int:
@@ -380,7 +384,8 @@ def child(root: str, seed: int) -> None:
 
 
 def kill_round(root: str, rng, tally, env) -> None:
-    proc = subprocess.Popen([sys.executable, __file__, "--child", root, "--seed", str(int(rng.integers(1 << 30)))],
+    proc = subprocess.Popen([sys.executable, __file__, "--child", root, "--seed", str(int(rng.integers(1 << 30))),
+                             "--chunk-layers", str(CHUNK_LAYERS[0])],
                             stdout=subprocess.PIPE, env=env, text=True)
     if proc.stdout.readline().strip() != "ready":
         proc.kill()
@@ -430,8 +435,11 @@ def main(argv=None) -> int:
     p.add_argument("--root", default=None, help="store folder (default: a new temporary folder, removed at the end)")
     p.add_argument("--kill-every", type=int, default=400, help="a SIGKILL round every N schedules (0: none)")
     p.add_argument("--reopen-every", type=int, default=10, help="close and reopen the store every N schedules")
+    p.add_argument("--chunk-layers", type=int, default=L, choices=[d for d in range(1, L + 1) if L % d == 0],
+                   help=f"layers per disk chunk (StoreConfig.disk_chunk_layers; default {L}: chunks span every layer)")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    CHUNK_LAYERS[0] = args.chunk_layers
     if args.child:
         child(args.child, args.seed)
         return 0
@@ -482,7 +490,7 @@ def main(argv=None) -> int:
             shutil.rmtree(root, ignore_errors=True)
     tally.faults += sum(faults.injected.values())
     wall = time.monotonic() - t0
-    print(f"seed {args.seed}, {wall / 60:.1f} min ({wall:.0f} s)")
+    print(f"seed {args.seed}, {wall / 60:.1f} min ({wall:.0f} s), disk chunks of {CHUNK_LAYERS[0]} layer(s) x {C} tokens")
     print(f"schedules run:       {tally.schedules}  (reopened {tally.reopens}x, SIGKILLed a writer {tally.kills}x)")
     print(f"faults injected:     {tally.faults}  (turns that failed: {tally.failed_turns})")
     print(f"drops of a range:    {tally.drops}  (truncate_front and drop_range, awaited by no one)")

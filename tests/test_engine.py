@@ -310,7 +310,7 @@ def test_flush_makes_everything_durable(tiny, tmp_path):
 def test_turn_while_previous_saves_in_flight(tiny, tmp_path):
     cfg, params = tiny
     store = _store(cfg, tmp_path)
-    real_write = store.disk.write_block
+    real_write = store.disk.write_rows
     in_flight = threading.Event()
 
     def slow_write(*a, **k):  # disk writes lag well behind compute
@@ -318,7 +318,7 @@ def test_turn_while_previous_saves_in_flight(tiny, tmp_path):
         time.sleep(0.05)
         return real_write(*a, **k)
 
-    store.disk.write_block = slow_write
+    store.disk.write_rows = slow_write
     eng = Engine(cfg, params, store, None, EngineConfig(max_new_tokens=7, return_logits=True, save_every=3))
     conversation = []
     for m in _messages(cfg, 3, seed=17):
