@@ -171,8 +171,11 @@ class KVArrays:
     # ---- rows of a (group, block) -----------------------------------------------------------------
     def write_rows(self, sid: str, g: int, b: int, blocks: Sequence[np.ndarray], lo: int = 0, hi: int | None = None):
         """Write rows ``[lo, hi)`` (whole chunks) of token block ``b`` of the layers of group ``g``;
-        ``blocks``: their ``[2, B, K, D]`` blocks, in layer order, never modified afterwards (TensorStore
-        may keep referencing them instead of copying). Returns the write's commit future."""
+        ``blocks``: their ``[2, B, K, D]`` blocks, in layer order. TensorStore copies the rows into a
+        buffer of its own before the write's ``copy`` future is done: it must never keep a Python-owned
+        buffer, since it drops such a reference under the GIL, and the ``memory`` kvstore drops stored
+        values under its own mutex, which a thread holding the GIL may be waiting on (a resize, a read of
+        ``zarr.json``: the two deadlock). Returns the write's commit future."""
         B = self.cfg.token_block
         hi = B if hi is None else hi
         try:
@@ -187,8 +190,7 @@ class KVArrays:
                     src[i] = blk[:, lo:hi]
             G = self.chunk_layers
             arr = self.array(sid)
-            return arr[g * G : (g + 1) * G, :, b * B + lo : b * B + hi].write(
-                src, can_reference_source_data_indefinitely=True).commit
+            return arr[g * G : (g + 1) * G, :, b * B + lo : b * B + hi].write(src).commit
         except BaseException as e:  # noqa: BLE001 - reported through the future, like TensorStore's own errors
             fut: cf.Future = cf.Future()
             fut.set_exception(e)
