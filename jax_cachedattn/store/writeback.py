@@ -213,6 +213,7 @@ class Writeback:
                 return
             grow = max(s.disk_blocks, b + 1) if b >= s.disk_cap else 0
         if grow:
+            core.hooks.point("save.resize", s.sid)
             core.disk.resize(s.sid, grow)  # raises: the turn fails (its commit reports it)
             with core.lock:
                 s.disk_cap = grow
