@@ -66,8 +66,8 @@ def test_tensorstore_keeps_no_python_buffer_after_a_chunk_write(tmp_path, kind, 
         return arr
 
     monkeypatch.setattr(chunks_mod, "aligned_empty", recording)
-    st = open_kind(tmp_path, kind)
-    assert st.disk.chunk_layers == L > 1  # one chunk holds every layer: the packed path
+    st = open_kind(tmp_path, kind, disk_chunk=B)  # a block's write is one whole chunk: TensorStore could
+    assert st.disk.chunk_layers == L > 1  # reference it; one chunk holds every layer: the packed path
     x = rows(21, 1)
     save(st, "a", x[:, :, :13], 0)
     st.commit_turn("a", np.arange(13)).result()
