@@ -165,6 +165,7 @@ def store_once(folder: str, model: str, tokens: int, layer_np, layer, cfg_kw: di
     root = os.path.join(folder, "store")
     cfg = StoreConfig(root=root, host_bytes=alloc + (64 << 20), **cfg_kw)
     store = TieredStore(cfg, layout)
+    geometry = (store.disk.chunk, store.disk.chunk_layers)
     sid = "s0"
     try:
         t0 = time.perf_counter()
@@ -179,7 +180,9 @@ def store_once(folder: str, model: str, tokens: int, layer_np, layer, cfg_kw: di
         assert store.lookup(sid).tier == "disk"
         drop_tree(os.path.join(root, "s", sid))
         t0, c0 = time.perf_counter(), cpu_seconds()
-        store.prefetch(sid).result()
+        store.layer_blocks(sid, 0)  # starts the promotion; returns once layer 0 is in the host tier
+        first = time.perf_counter() - t0
+        store.prefetch(sid).result()  # the same promotion, to its end
         r = nbytes / (time.perf_counter() - t0)
         r_cpu = (cpu_seconds() - c0) / nbytes * 1e9
         assert store.lookup(sid).tier == "host"
@@ -190,7 +193,8 @@ def store_once(folder: str, model: str, tokens: int, layer_np, layer, cfg_kw: di
     finally:
         store.close()
         shutil.rmtree(root, ignore_errors=True)
-    return {"write": w, "read": r, "read_cpu": r_cpu, "files": files}
+    return {"write": w, "read": r, "read_cpu": r_cpu, "files": files, "first_layer_s": first,
+            "chunk": geometry[0], "chunk_layers": geometry[1]}
 
 
 def bench_case(folder: str, model: str, tokens: int, repeat: int, cfg_kw: dict, use_dd: bool, check: bool) -> dict:
@@ -241,6 +245,7 @@ def decode_amplification(folder: str, model: str, hist: int, n: int, every: int,
     lay = KVLayout(L, K, D, dt, fingerprint="bench-decode")
     root = tempfile.mkdtemp(prefix="decode_", dir=folder)
     store = TieredStore(StoreConfig(root=root, host_bytes=8 << 30, **cfg_kw), lay)
+    geometry = (store.disk.chunk, store.disk.chunk_layers)
     try:
         x = np.zeros((2, hist + n, K, D), lay.np_dtype)
         for layer in range(L):
@@ -257,7 +262,8 @@ def decode_amplification(folder: str, model: str, hist: int, n: int, every: int,
         store.close()
         shutil.rmtree(root, ignore_errors=True)
     produced = n * lay.bytes_per_token
-    return {"model": model, "history": hist, "decoded": n, "save_every": every, "disk_chunk": cfg_kw.get("disk_chunk"),
+    return {"model": model, "history": hist, "decoded": n, "save_every": every, "disk_chunk": geometry[0],
+            "disk_chunk_layers": geometry[1],
             "bytes_written": written,
             "kv_bytes_produced": produced, "write_amplification": written / produced}
 
@@ -277,6 +283,7 @@ def conversation_amplification(folder: str, model: str, turns: int, seed: int, e
     total = int(users.sum() + replies.sum())
     root = tempfile.mkdtemp(prefix="chat_", dir=folder)
     store = TieredStore(StoreConfig(root=root, host_bytes=8 << 30, **cfg_kw), lay)
+    geometry = (store.disk.chunk, store.disk.chunk_layers)
     try:
         x = np.random.default_rng(seed).standard_normal((2, total, K, D), np.float32).astype(lay.np_dtype)
         n = 0
@@ -299,7 +306,8 @@ def conversation_amplification(folder: str, model: str, turns: int, seed: int, e
         shutil.rmtree(root, ignore_errors=True)
     produced = total * lay.bytes_per_token
     return {"model": model, "turns": turns, "seed": seed, "tokens": total, "mean_user": float(users.mean()),
-            "mean_reply": float(replies.mean()), "save_every": every, "disk_chunk": cfg_kw.get("disk_chunk"),
+            "mean_reply": float(replies.mean()), "save_every": every, "disk_chunk": geometry[0],
+            "disk_chunk_layers": geometry[1],
             "bytes_written": written, "kv_bytes_produced": produced, "write_amplification": written / produced,
             "files": files}
 
@@ -352,6 +360,8 @@ def main(argv=None) -> int:
                     help="instead: decode write amplification (disk bytes written / KV bytes produced) of a turn that "
                          "decodes N tokens after HIST, saved every EVERY tokens, e.g. 1000,2048,16")
     ap.add_argument("--disk-chunk", type=int, default=None, help="StoreConfig.disk_chunk (default: the store's)")
+    ap.add_argument("--disk-chunk-layers", type=int, default=None,
+                    help="StoreConfig.disk_chunk_layers: layers per disk chunk (default: the store's)")
     ap.add_argument("--conversation", default=None, metavar="TURNS,SEED,EVERY",
                     help="instead: write amplification of a TURNS-turn chat (ShareGPT-like lengths, seeded), decode "
                          "saved every EVERY tokens, e.g. 12,0,16")
@@ -359,7 +369,8 @@ def main(argv=None) -> int:
                     help="instead: disk bytes written by drop_range(START, STOP) on a HIST-token session, e.g. "
                          "4000,4,2052 (4 attention-sink tokens kept); STOP may be HIST (a tail drop)")
     args = ap.parse_args(argv)
-    kw = {k: v for k, v in (("token_block", args.token_block), ("disk_chunk", args.disk_chunk)) if v is not None}
+    kw = {k: v for k, v in (("token_block", args.token_block), ("disk_chunk", args.disk_chunk),
+                            ("disk_chunk_layers", args.disk_chunk_layers)) if v is not None}
     probe = None
     if args.conversation:
         turns, seed, every = (int(v) for v in args.conversation.split(","))
@@ -387,7 +398,8 @@ def main(argv=None) -> int:
         return 0
 
     cfg_kw = {k: v for k, v in (("token_block", args.token_block), ("io_concurrency", args.io_concurrency),
-                                 ("copy_concurrency", args.copy_concurrency), ("disk_chunk", args.disk_chunk))
+                                 ("copy_concurrency", args.copy_concurrency), ("disk_chunk", args.disk_chunk),
+                                 ("disk_chunk_layers", args.disk_chunk_layers))
               if v is not None}
     base = args.dir or os.getcwd()
     os.makedirs(base, exist_ok=True)
@@ -414,6 +426,8 @@ def main(argv=None) -> int:
                     "store_write_GBps": g("store_write"), "store_read_GBps": g("store_read"),
                     "raw_read_cpu_s_per_GB": m["raw_read_cpu"], "store_read_cpu_s_per_GB": m["store_read_cpu"],
                     "loadavg": m["loadavg"], "files": m["store_files"], "runs": res["runs"],
+                    "first_layer_ms": m["store_first_layer_s"] * 1e3,
+                    "disk_chunk": m["store_chunk"], "disk_chunk_layers": m["store_chunk_layers"],
                 }
                 row["write_ratio"] = row["store_write_GBps"] / row["raw_write_GBps"]
                 row["read_ratio"] = row["store_read_GBps"] / row["raw_read_GBps"]
@@ -424,12 +438,14 @@ def main(argv=None) -> int:
     finally:
         shutil.rmtree(folder, ignore_errors=True)
 
-    cols = ["model", "tokens", "MiB", "raw write", "store h→d", "ratio", "raw read", "store d→h", "ratio",
-            "dd write", "dd read", "CPU s/GB raw read", "CPU s/GB d→h", "files", "load"]
-    table = [[r["model"], str(r["tokens"]), f"{r['bytes'] / (1 << 20):.0f}", fmt(r["raw_write_GBps"]),
+    cols = ["model", "tokens", "MiB", "chunk", "raw write", "store h→d", "ratio", "raw read", "store d→h", "ratio",
+            "dd write", "dd read", "CPU s/GB raw read", "CPU s/GB d→h", "layer 0 ms", "files", "load"]
+    table = [[r["model"], str(r["tokens"]), f"{r['bytes'] / (1 << 20):.0f}",
+              f"{int(r['disk_chunk_layers'])}x{int(r['disk_chunk'])}", fmt(r["raw_write_GBps"]),
               fmt(r["store_write_GBps"]), fmt(r["write_ratio"]), fmt(r["raw_read_GBps"]),
               fmt(r["store_read_GBps"]), fmt(r["read_ratio"]), fmt(r["dd_write_GBps"]), fmt(r["dd_read_GBps"]),
-              fmt(r["raw_read_cpu_s_per_GB"]), fmt(r["store_read_cpu_s_per_GB"]), str(int(r["files"])),
+              fmt(r["raw_read_cpu_s_per_GB"]), fmt(r["store_read_cpu_s_per_GB"]), fmt(r["first_layer_ms"], ".0f"),
+              str(int(r["files"])),
               fmt(r["loadavg"], ".1f")]
              for r in rows]
     try:

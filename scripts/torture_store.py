@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """Torture the tiered KV store: randomized fault schedules against a model; count what goes wrong.
 
-Each schedule runs on one store root (a ``file`` kvstore) that lives across schedules: two driver
+Each schedule runs on one store root (a ``file`` kvstore, or with ``--kvstore memory`` TensorStore's
+in-memory kvstore, the engine's warm-up scratch store) that lives across schedules: two driver
 threads, each owning its own sessions, issue turns (prefill-sized or decode-sized saves), aborted
 turns, truncations, drops of a range (attention sink + middle, tail), deletions and loads without waiting for commits, while a third thread keeps
 prefetching and evicting and the schedule injects ENOSPC/EIO into chunk writes, resizes, dead-front deletions and
@@ -9,7 +10,9 @@ manifests. At the end of a schedule every commit's fate is settled against the m
 turn fails every later one and leaves the last durable turn), every row of every session is read
 and compared, and the budgets' accounting must be exact; some schedules close and reopen the store
 (recovery) and check again. Every ``--kill-every`` schedules a child process runs random turns on
-the root and is SIGKILLed at a random moment; the reopened store must hold whole turns only.
+the root and is SIGKILLed at a random moment; the reopened store must hold whole turns only. A
+``memory`` store lives and dies with its process, so there it is never reopened nor SIGKILLed (the
+run says so); every other fault is injected alike.
 
 Row ``i`` of a session is a function of its token id (``value(sid, id, layer)``, ids never reused), so
 any served row can be checked without knowing which turn produced it.
@@ -20,6 +23,7 @@ budget no longer counts, or that a reopen left), dead bytes reclaimed. Exit stat
 
   python scripts/torture_store.py --minutes 10 --seed 1
   python scripts/torture_store.py --seconds 5 --seed 0      (the short run inside the test suite)
+  python scripts/torture_store.py --seconds 60 --seed 3 --kvstore memory
 """
 
 from __future__ import annotations
@@ -38,13 +42,14 @@ import time
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import numpy as np  # noqa: E402
+import tensorstore as ts  # noqa: E402
 
 from jax_cachedattn.store import (  # noqa: E402
     BudgetError, KVLayout, StoreConfig, StoreError, TieredStore, UnknownSession,
 )
 from jax_cachedattn.store.faults import FaultInjector  # noqa: E402
 
-L, K, D, B, C = 2, 1, 8, 8, 2  # C: tokens per disk chunk (4 chunks per block)
+L, K, D, B, C = 2, 1, 8, 8, 2  # C: tokens per disk chunk (4 chunks per block); chunks of 1 or 2 layers
 LAY = KVLayout(num_layers=L, kv_heads=K, head_dim=D, dtype="float32", fingerprint="torture")
 BLK = B * LAY.bytes_per_token_layer
 MAX_TOKENS = 80
@@ -58,8 +63,30 @@ def value(sid: str, ids: np.ndarray, layer: int) -> np.ndarray:
     return np.stack([k, -k])
 
 
+CHUNK_LAYERS = [L]  # layers per disk chunk (--chunk-layers): all of them by default, as a new small-model store
+KVSTORE = ["file"]  # --kvstore
+
+
 def config(root: str) -> StoreConfig:
-    return StoreConfig(root=root, token_block=B, disk_chunk=C, host_bytes=L * 24 * BLK, device_bytes=L * 8 * BLK)
+    where = {"kvstore": {"driver": "memory"}} if KVSTORE[0] == "memory" else {"root": root}
+    return StoreConfig(token_block=B, disk_chunk=C, disk_chunk_layers=CHUNK_LAYERS[0],
+                       host_bytes=L * 24 * BLK, device_bytes=L * 8 * BLK, **where)
+
+
+def chunk_files(store, sid: str) -> list[tuple[str, int]]:
+    """(name, bytes) of the chunk files of ``sid`` (a folder, or keys of the memory kvstore)."""
+    root = store.disk.root
+    if root is not None:
+        d = os.path.join(root, "s", sid, "kv")
+        names = [n for n in (os.listdir(d) if os.path.isdir(d) else []) if n.startswith("c.")]
+        return [(n, os.path.getsize(os.path.join(d, n))) for n in names]
+    kv, prefix = store.disk.kv, f"s/{sid}/kv/c."
+    out = []
+    for k in kv.list(ts.KvStore.KeyRange(prefix, prefix[:-1] + "/")).result():
+        r = kv.read(k).result()
+        if r.state == "value":
+            out.append((k.decode()[len(prefix) - 2:], len(r.value)))
+    return out
 
 
 def dead_bytes(store, root: str, below: str) -> int:
@@ -69,11 +96,10 @@ def dead_bytes(store, root: str, below: str) -> int:
     total = 0
     for sid, s in list(store._core.sessions.items()):
         lim = s.disk_lo if below == "lo" else (s.offset // B if s.kv_valid else 0)
-        d = os.path.join(root, "s", sid, "kv")
-        for n in (os.listdir(d) if os.path.isdir(d) else []):
+        for n, size in chunk_files(store, sid):
             parts = n.split(".")
-            if n.startswith("c.") and len(parts) == 6 and int(parts[3]) // (B // C) < lim:
-                total += os.path.getsize(os.path.join(d, n))
+            if len(parts) == 6 and int(parts[3]) // (B // C) < lim:
+                total += size
     return total
 
 
@@ -380,7 +406,8 @@ def child(root: str, seed: int) -> None:
 
 
 def kill_round(root: str, rng, tally, env) -> None:
-    proc = subprocess.Popen([sys.executable, __file__, "--child", root, "--seed", str(int(rng.integers(1 << 30)))],
+    proc = subprocess.Popen([sys.executable, __file__, "--child", root, "--seed", str(int(rng.integers(1 << 30))),
+                             "--chunk-layers", str(CHUNK_LAYERS[0])],
                             stdout=subprocess.PIPE, env=env, text=True)
     if proc.stdout.readline().strip() != "ready":
         proc.kill()
@@ -430,8 +457,19 @@ def main(argv=None) -> int:
     p.add_argument("--root", default=None, help="store folder (default: a new temporary folder, removed at the end)")
     p.add_argument("--kill-every", type=int, default=400, help="a SIGKILL round every N schedules (0: none)")
     p.add_argument("--reopen-every", type=int, default=10, help="close and reopen the store every N schedules")
+    p.add_argument("--chunk-layers", type=int, default=L, choices=[d for d in range(1, L + 1) if L % d == 0],
+                   help=f"layers per disk chunk (StoreConfig.disk_chunk_layers; default {L}: chunks span every layer)")
+    p.add_argument("--kvstore", default="file", choices=["file", "memory"],
+                   help="where the disk tier lives (memory: TensorStore's in-memory kvstore; no reopen, no SIGKILL)")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    CHUNK_LAYERS[0] = args.chunk_layers
+    KVSTORE[0] = args.kvstore
+    if args.kvstore == "memory":
+        if args.reopen_every or args.kill_every:
+            print("memory kvstore: its data lives and dies with this process, so the store is never reopened and no "
+                  "writer is SIGKILLed (--reopen-every and --kill-every ignored); every other fault is injected", flush=True)
+        args.reopen_every = args.kill_every = 0
     if args.child:
         child(args.child, args.seed)
         return 0
@@ -482,7 +520,8 @@ def main(argv=None) -> int:
             shutil.rmtree(root, ignore_errors=True)
     tally.faults += sum(faults.injected.values())
     wall = time.monotonic() - t0
-    print(f"seed {args.seed}, {wall / 60:.1f} min ({wall:.0f} s)")
+    print(f"seed {args.seed}, {args.kvstore} kvstore, {wall / 60:.1f} min ({wall:.0f} s), disk chunks of "
+          f"{CHUNK_LAYERS[0]} layer(s) x {C} tokens")
     print(f"schedules run:       {tally.schedules}  (reopened {tally.reopens}x, SIGKILLed a writer {tally.kills}x)")
     print(f"faults injected:     {tally.faults}  (turns that failed: {tally.failed_turns})")
     print(f"drops of a range:    {tally.drops}  (truncate_front and drop_range, awaited by no one)")

@@ -187,9 +187,10 @@ def test_kv_lost_falls_back_to_recompute(tiny, tmp_path, verify_on_open):
     # Corrupt one stored chunk on disk: the store detects it on read and the engine recomputes.
     chunks = sorted(p for p in tmp_path.rglob("c.*") if p.is_file() and p.parent.name == "kv")
     assert chunks, "no chunk files found"
-    # The last layer's chunk (keys c.<layer>.0.<block>.0.0): without verify_on_open the damage is
-    # found mid-prefill, after earlier layers already started saving this turn's KV.
-    bad = [p for p in chunks if p.name.split(".")[1] == str(cfg.num_layers - 1)]
+    # The last layer's chunk (keys c.<layer group>.0.<token chunk>.0.0): without verify_on_open the damage
+    # is found mid-prefill, after earlier layers already started saving this turn's KV.
+    last_group = (cfg.num_layers - 1) // store.disk.chunk_layers
+    bad = [p for p in chunks if p.name.split(".")[1] == str(last_group)]
     assert bad, "no chunk of the last layer found"
     data = bytearray(bad[0].read_bytes())
     data[len(data) // 2] ^= 0xFF
@@ -310,7 +311,7 @@ def test_flush_makes_everything_durable(tiny, tmp_path):
 def test_turn_while_previous_saves_in_flight(tiny, tmp_path):
     cfg, params = tiny
     store = _store(cfg, tmp_path)
-    real_write = store.disk.write_block
+    real_write = store.disk.write_rows
     in_flight = threading.Event()
 
     def slow_write(*a, **k):  # disk writes lag well behind compute
@@ -318,7 +319,7 @@ def test_turn_while_previous_saves_in_flight(tiny, tmp_path):
         time.sleep(0.05)
         return real_write(*a, **k)
 
-    store.disk.write_block = slow_write
+    store.disk.write_rows = slow_write
     eng = Engine(cfg, params, store, None, EngineConfig(max_new_tokens=7, return_logits=True, save_every=3))
     conversation = []
     for m in _messages(cfg, 3, seed=17):

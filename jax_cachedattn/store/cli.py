@@ -11,7 +11,7 @@ import argparse
 import json
 import sys
 
-from .disk import STORE_FORMAT, DiskTier
+from .disk import READ_FORMATS, DiskTier
 from .errors import FingerprintMismatch, InvalidSessionId
 from .layout import KVLayout, StoreConfig, validate_session_id
 from .manifest import ManifestCorrupt
@@ -25,14 +25,15 @@ def _open(path: str) -> tuple[DiskTier, KVLayout | None, int]:
     if raw is None:
         return probe, None, cfg0.token_block
     meta = json.loads(raw)
-    if meta.get("format", 1) != STORE_FORMAT:
+    if meta.get("format", 1) not in READ_FORMATS:
         raise FingerprintMismatch(
-            f"{path} is a store of format {meta.get('format', 1)}; this version reads format {STORE_FORMAT} "
+            f"{path} is a store of format {meta.get('format', 1)}; this version reads formats {list(READ_FORMATS)} "
             "(open it with StoreConfig(keep_tokens_on_mismatch=True) to keep its conversations and recompute their KV)")
     layout = KVLayout(**meta["layout"])
     cfg = StoreConfig(root=path, token_block=meta["token_block"])
     disk = DiskTier(cfg, layout)
     disk.chunk = meta.get("disk_chunk", meta["token_block"])  # a store.json without it: one chunk per block
+    disk.chunk_layers = meta.get("disk_chunk_layers", 1) if meta["format"] >= 3 else 1  # format 2: one layer
     return disk, layout, meta["token_block"]
 
 
@@ -76,14 +77,15 @@ def _scan(disk: DiskTier, layout: KVLayout | None, B: int, verify: bool) -> list
         if verify and row["state"] in ("committed", "uncommitted_tail"):
             # Reading a chunk checks its crc32c (TensorStore raises on a missing, short or damaged one).
             f, nb = m.offset // B, -(-m.end // B)
-            futs = [(layer, b, disk.read_block(sid, layer, b, disk.rows_on_disk(b, m.end)))
-                    for layer in range(layout.num_layers) for b in range(f, nb)]
+            futs = [(g, b, disk.read_rows(sid, g, b, disk.rows_on_disk(b, m.end)))
+                    for g in range(disk.groups) for b in range(f, nb)]
             bad = 0
-            for layer, b, fu in futs:
+            for g, b, fu in futs:
                 try:
                     fu.result()
                 except Exception as e:  # noqa: BLE001 - unreadable chunk
-                    row.setdefault("error", f"layer {layer} block {b}: {e}")
+                    layers = disk.group_layers(g)
+                    row.setdefault("error", f"layers {layers.start}-{layers.stop - 1} block {b}: {e}")
                     bad += 1
             row["bad_chunks"] = bad
             if bad:

@@ -17,6 +17,7 @@ import threading
 POINTS = (
     "save.start",  # a queued save is about to run (save worker)
     "save.write",  # a save merged its rows and is about to publish them and write full blocks
+    "save.resize",  # the save worker is about to grow a session's disk array (TensorStore resize)
     "commit.flush",  # a turn's partial tail blocks are about to be written (save worker)
     "commit.wait",  # the committer is about to wait for the turn's writes
     "commit.manifest",  # the turn's data is written; its manifest is about to be written

@@ -80,9 +80,13 @@ class KVLayout:
         return dataclasses.asdict(self)
 
 
-#: A new store's disk chunk (`StoreConfig.disk_chunk` None) is the token block halved while a chunk of one
-#: layer stays at least this big: small chunks write fewer bytes twice, but below this size reading and
-#: writing many small files costs more than it saves (measured in docs/store.md).
+#: A new store's disk chunk (`StoreConfig.disk_chunk` None) in tokens: the block halved down to this. A turn
+#: rewrites about one chunk of the history it continues (amplification ~ 1 + C / tokens per turn: 1.09
+#: for chat turns at 32, measured in docs/store.md).
+DISK_CHUNK_TOKENS = 32
+#: A new store's layers per disk chunk (`StoreConfig.disk_chunk_layers` None): the fewest (a divisor of the
+#: layer count) that make a chunk at least this big: below it, reading and writing many small files costs
+#: more than the bytes it saves (measured in docs/store.md).
 DISK_CHUNK_MIN_BYTES = 512 << 10
 
 
@@ -104,16 +108,21 @@ class StoreConfig:
       token_block: tokens per block: the unit of host/device allocation.
       disk_chunk: tokens per disk chunk (a divisor of ``token_block``): a turn rewrites at most the one
         chunk holding the end of the history it continues, so a smaller chunk writes fewer bytes twice
-        (decode write amplification) and makes more, smaller files (read cost); see docs/store.md.
-        ``None``: the store's own (from its ``store.json``); for a new store the block halved while a
-        chunk of one layer stays >= `DISK_CHUNK_MIN_BYTES` (Llama-2-7B bf16: 32 tokens; SmolLM2-135M
-        fp32: the whole block).
+        (decode write amplification). ``None``: the store's own (from its ``store.json``); for a new
+        store the block halved down to `DISK_CHUNK_TOKENS` (32).
+      disk_chunk_layers: layers per disk chunk (a divisor of the layout's layer count): a chunk holds
+        ``disk_chunk`` tokens of that many consecutive layers, so a chunk small in tokens can still be
+        big in bytes (many small files read and write slowly). ``None``: the store's own (a store.json
+        of format 2 has one layer per chunk); for a new store the fewest layers that make a chunk of
+        at least `DISK_CHUNK_MIN_BYTES` (Llama-2-7B bf16: 1 layer x 32 tokens = 512 KiB; SmolLM2-135M
+        fp32: 15 layers x 32 tokens = 720 KiB); see docs/store.md.
       io_concurrency: TensorStore ``file_io_concurrency`` limit.
       copy_concurrency: TensorStore ``data_copy_concurrency`` limit.
       cache_bytes: TensorStore ``cache_pool`` limit (0: no chunk cache; the host tier is the cache).
       memory_kind: memory kind of the host tier (``"pinned_host"``; ``"unpinned_host"`` also works).
       verify_on_open: verify every chunk checksum when the store opens (slow for big stores; disk
-        reads are always verified when they happen).
+        reads are always verified when they happen). Holds one layer group of a session (the
+        layers a disk chunk spans) in the host budget at a time.
       wipe_on_mismatch: when the folder holds another model's KV, delete it instead of raising
         `FingerprintMismatch`.
       keep_tokens_on_mismatch: when the folder holds another model's KV, keep every session's token
@@ -130,6 +139,7 @@ class StoreConfig:
     compression_level: int = 1
     token_block: int = 256
     disk_chunk: int | None = None
+    disk_chunk_layers: int | None = None
     io_concurrency: int = 16
     copy_concurrency: int = 8
     cache_bytes: int = 0
@@ -161,6 +171,9 @@ class StoreConfig:
                                             or self.disk_chunk < 1 or self.token_block % self.disk_chunk):
             raise ValueError(f"StoreConfig.disk_chunk must be None or an int >= 1 dividing token_block "
                              f"({self.token_block}), got {self.disk_chunk!r}")
+        if self.disk_chunk_layers is not None and (not isinstance(self.disk_chunk_layers, int)
+                                                   or isinstance(self.disk_chunk_layers, bool) or self.disk_chunk_layers < 1):
+            raise ValueError(f"StoreConfig.disk_chunk_layers must be None or an int >= 1, got {self.disk_chunk_layers!r}")
         for name in ("io_concurrency", "copy_concurrency"):
             if getattr(self, name) < 1:
                 raise ValueError(f"StoreConfig.{name} must be >= 1")
@@ -169,14 +182,19 @@ class StoreConfig:
         if self.memory_kind not in ("pinned_host", "unpinned_host"):
             raise ValueError("StoreConfig.memory_kind must be 'pinned_host' or 'unpinned_host'")
 
-    def new_disk_chunk(self, bytes_per_token_layer: int) -> int:
-        """Tokens per disk chunk for a new store of a layout with ``bytes_per_token_layer``."""
-        if self.disk_chunk is not None:
-            return self.disk_chunk
-        c = self.token_block
-        while c % 2 == 0 and (c // 2) * bytes_per_token_layer >= DISK_CHUNK_MIN_BYTES:
-            c //= 2
-        return c
+    def new_disk_geometry(self, layout: "KVLayout") -> tuple[int, int]:
+        """``(tokens, layers)`` per disk chunk for a new store of ``layout`` (the config's where set)."""
+        c = self.disk_chunk
+        if c is None:
+            c = self.token_block
+            while c % 2 == 0 and c > DISK_CHUNK_TOKENS:
+                c //= 2
+        g = self.disk_chunk_layers
+        if g is None:
+            L = layout.num_layers
+            g = next((d for d in range(1, L + 1) if L % d == 0 and d * c * layout.bytes_per_token_layer
+                      >= DISK_CHUNK_MIN_BYTES), L)
+        return c, g
 
     def kvstore_spec(self) -> dict:
         if self.kvstore is not None:

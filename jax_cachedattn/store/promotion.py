@@ -1,12 +1,14 @@
 """Disk -> host promotion, layer by layer, verified as it is read.
 
-A promotion reads the committed blocks ``[f, nb)`` of every layer: each layer's chunks are decoded
-by TensorStore straight into one 64-byte aligned buffer ``[nb - f, 2, B, K, D]`` (TensorStore checks
-each chunk's crc32c while decoding it; a missing, short or damaged chunk raises), whose blocks go to
-``pinned_host`` in one batched ``device_put`` (on the CPU the arrays alias the buffer). Reads are
-issued a bounded number of bytes ahead of their consumption and layers are published in order, so a
-load of layer 0 does not wait for layer L-1. The promotion reserves its host bytes first (a handle
-released on every path) and installs the table only if the session's state did not move meanwhile.
+A promotion reads the committed blocks ``[f, nb)`` of every layer, one layer group (the layers a disk
+chunk spans) at a time: the group's chunks are decoded by TensorStore straight into one 64-byte
+aligned buffer ``[G, nb - f, 2, B, K, D]`` (TensorStore checks each chunk's crc32c while decoding it; a
+missing, short or damaged chunk raises), whose blocks go to ``pinned_host`` in one batched
+``device_put`` (on the CPU the arrays alias the buffer). Reads are issued a bounded number of bytes
+ahead of their consumption and groups are published in order, so a load of layer 0 waits for its
+group only, not for layer L-1 (with chunks of all layers, for the whole session). The promotion
+reserves its host bytes first (a handle released on every path) and installs the table only if the
+session's state did not move meanwhile.
 """
 
 from __future__ import annotations
@@ -18,22 +20,13 @@ from typing import Any, Callable
 import jax
 import numpy as np
 
+from .chunks import aligned_empty
 from .core import Core, ceil_div
 from .errors import KVLost, StoreError
 from .memory import BlockTable, Memory
 from .session import Session
 
-READ_AHEAD_BYTES = 32 << 20  # disk reads in flight ahead of the layer being consumed (at least 2 layers)
-
-
-def aligned_empty(shape: tuple, dtype, align: int = 64) -> np.ndarray:
-    """An uninitialised C-contiguous array whose data starts on an ``align``-byte boundary (a
-    ``pinned_host`` array made from it on the CPU aliases it instead of copying it)."""
-    dtype = np.dtype(dtype)
-    nbytes = int(np.prod(shape)) * dtype.itemsize
-    raw = np.empty(nbytes + align, np.uint8)
-    start = (-raw.ctypes.data) % align
-    return raw[start : start + nbytes].view(dtype).reshape(shape)
+READ_AHEAD_BYTES = 32 << 20  # disk reads in flight ahead of the group being consumed (at least 2 groups)
 
 
 class Stale(StoreError):
@@ -145,37 +138,41 @@ class Promoter:
             arr = core.disk.array(s.sid)
         except Exception as e:  # noqa: BLE001 - missing / undecodable / mismatched array = damaged
             raise lost(e) from e
-        scratch = None if keep else aligned_empty((nb - f, 2, B, lay.kv_heads, lay.head_dim), lay.np_dtype)
-
+        G = core.disk.chunk_layers
+        shape = (G, nb - f, 2, B, lay.kv_heads, lay.head_dim)  # a group's layers, each [nb - f, 2, B, K, D]
+        scratch = None if keep else aligned_empty(shape, lay.np_dtype)
         his = [B if end is None else core.disk.rows_on_disk(b, end) for b in range(f, nb)]
         rows = sum(his)
 
-        def issue(layer):
-            buf = scratch if scratch is not None else aligned_empty((nb - f, 2, B, lay.kv_heads, lay.head_dim), lay.np_dtype)
-            return buf, [core.disk.read_block_into(arr, layer, b, buf[i], his[i]) for i, b in enumerate(range(f, nb))]
+        def issue(g):
+            buf = scratch if scratch is not None else aligned_empty(shape, lay.np_dtype)
+            return buf, [core.disk.read_rows_into(arr, g, b, buf[:, i], his[i]) for i, b in enumerate(range(f, nb))]
 
-        layer_bytes = (nb - f) * core.block_bytes
-        ahead = 1 if scratch is not None else max(2, min(L, READ_AHEAD_BYTES // max(1, layer_bytes)))
+        groups = core.disk.groups
+        group_bytes = G * (nb - f) * core.block_bytes
+        ahead = 1 if scratch is not None else max(2, min(groups, READ_AHEAD_BYTES // max(1, group_bytes)))
         nxt = 0
         try:
-            for layer in range(L):
-                while nxt < L and nxt < layer + ahead:
+            for g in range(groups):
+                while nxt < groups and nxt < g + ahead:
                     pending.append(issue(nxt))
                     nxt += 1
-                (buf, futs), pending[layer] = pending[layer], None
+                (buf, futs), pending[g] = pending[g], None
                 try:
                     for fu in futs:
                         fu.result()
                 except Exception as e:  # noqa: BLE001 - missing, short or damaged chunk
-                    pending[layer] = (buf, futs)
+                    pending[g] = (buf, futs)
                     raise lost(e) from e
-                core.stats.add("bytes_read", rows * lay.bytes_per_token_layer, tier="disk")
+                core.stats.add("bytes_read", G * rows * lay.bytes_per_token_layer, tier="disk")
                 if not keep:
                     continue
-                val = jax.device_put(list(buf), core.host_sharding, may_alias=True)
-                blocks[layer][f:nb] = val
-                if publish is not None:
-                    publish(layer, blocks[layer])
+                vals = jax.device_put([blk for layer_buf in buf for blk in layer_buf], core.host_sharding,
+                                      may_alias=True)  # one batched call for the group
+                for j, layer in enumerate(core.disk.group_layers(g)):
+                    blocks[layer][f:nb] = vals[j * (nb - f) : (j + 1) * (nb - f)]
+                    if publish is not None:
+                        publish(layer, blocks[layer])
         except BaseException:
             for q in pending:
                 for fu in (q[1] if q is not None else ()):

@@ -27,7 +27,7 @@ import numpy as np
 from .core import Core, ceil_div
 from .errors import LayoutMismatch, StoreError
 from .lifecycle import done_future
-from .promotion import aligned_empty
+from .chunks import aligned_empty
 from .session import Session
 
 
@@ -126,10 +126,11 @@ def _move(s, turn, wb, res) -> None:
                 s.layer_ver[layer] = s.layer_ver.get(layer, 0) + 1
             mem.drop(s, "device")  # the device copy held the old run
     C = core.disk.chunk
-    for layer in range(core.L):
+    for g in range(core.disk.groups):
         for i in range(d1 - d0):  # whole chunks from the one holding ``dst`` to the one holding the new end
             lo = (dst - d0 * B) // C * C if i == 0 else 0
-            wb._write_chunk(s, turn, layer, d0 + i, news[layer][i], lo, core.disk.rows_on_disk(d0 + i, dst + kept))
+            wb._write_chunk(s, turn, g, d0 + i, [news[la][i] for la in core.disk.group_layers(g)], lo,
+                            core.disk.rows_on_disk(d0 + i, dst + kept))
     with core.lock:
         if turn.live:
             mem.drop_front(s, d0)  # the old run leaves the memory tiers

@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 
 from .core import Core, ceil_div
-from .disk import STORE_FORMAT, write_key_durably
+from .disk import READ_FORMATS, STORE_FORMAT
 from .errors import FingerprintMismatch, InvalidSessionId, KVLost
 from .layout import validate_session_id
 from .manifest import MANIFEST_VERSION, Manifest, ManifestCorrupt
@@ -25,39 +25,66 @@ from .memory import Memory
 from .session import Session
 
 
-def store_meta(core: Core) -> bytes:
-    want = {"format": STORE_FORMAT, "layout": core.layout.to_json(), "token_block": core.B,
-            "disk_chunk": core.disk.chunk}
+def store_meta(core: Core, fmt: int = STORE_FORMAT) -> bytes:
+    """The store.json of this store: format 3 records the chunk geometry; format 2 (an older store,
+    opened as it is) has chunks of one layer."""
+    want = {"format": fmt, "layout": core.layout.to_json(), "token_block": core.B, "disk_chunk": core.disk.chunk}
+    if fmt >= 3:
+        want["disk_chunk_layers"] = core.disk.chunk_layers
     return json.dumps(want, sort_keys=True).encode()
 
 
-def open_mode(core: Core) -> tuple[str, bytes | None]:
-    """("same" | "new" | "adopt" | "wipe", the stored store.json). Sets the disk chunk: the config's,
-    else the store's own (a store.json without ``disk_chunk`` has chunks of one token block), else the
-    default for a new store."""
+def _geometry(core: Core, meta) -> tuple[int, int, int] | None:
+    """(format, tokens, layers) per chunk that a stored store.json records, None if it is unreadable or
+    of a format this version does not read. Format 2: one layer per chunk; without ``disk_chunk``
+    (written before disk chunks existed) one chunk per token block."""
+    if not isinstance(meta, dict) or meta.get("format") not in READ_FORMATS:
+        return None
+    fmt = meta["format"]
+    c = meta.get("disk_chunk", meta.get("token_block"))
+    g = meta.get("disk_chunk_layers") if fmt >= 3 else 1
+    for v, whole in ((c, core.B), (g, core.L)):
+        if not isinstance(v, int) or isinstance(v, bool) or not 0 < v <= whole or whole % v:
+            return None
+    return fmt, c, g
+
+
+def open_mode(core: Core) -> tuple[str, bytes | None, int]:
+    """("same" | "new" | "adopt" | "wipe", the stored store.json, the format to keep). Sets the disk chunk
+    geometry: the config's, else the store's own, else the default for a new store."""
+    if core.cfg.disk_chunk_layers is not None and core.L % core.cfg.disk_chunk_layers:
+        raise ValueError(f"StoreConfig.disk_chunk_layers must divide the layer count ({core.L}), got "
+                         f"{core.cfg.disk_chunk_layers}")
     have = core.disk.read_key("store.json")
-    core.disk.chunk = core.cfg.new_disk_chunk(core.layout.bytes_per_token_layer)
+    core.disk.chunk, core.disk.chunk_layers = core.cfg.new_disk_geometry(core.layout)
     if have is None:
-        return "new", None
+        return "new", None, STORE_FORMAT
+    fmt = STORE_FORMAT
     try:
         meta = json.loads(have)
-        meta.setdefault("disk_chunk", meta.get("token_block"))
-        c = meta["disk_chunk"]
-        if core.cfg.disk_chunk is None and isinstance(c, int) and 0 < c <= core.B and core.B % c == 0:
-            core.disk.chunk = c
-        same = meta == json.loads(store_meta(core))
+        geo = _geometry(core, meta)
+        if geo is not None:
+            fmt, c, g = geo
+            if core.cfg.disk_chunk is None:
+                core.disk.chunk = c
+            if core.cfg.disk_chunk_layers is None:
+                core.disk.chunk_layers = g
+            meta.setdefault("disk_chunk", c)
+        same = geo is not None and meta == json.loads(store_meta(core, fmt))
     except (ValueError, TypeError, AttributeError):
         same = False
     if same:
-        return "same", have
+        return "same", have, fmt
+    core.disk.chunk, core.disk.chunk_layers = core.cfg.new_disk_geometry(core.layout)  # a store made anew
     if core.cfg.keep_tokens_on_mismatch:
-        return "adopt", have
+        return "adopt", have, STORE_FORMAT
     if core.cfg.wipe_on_mismatch:
-        return "wipe", have
+        return "wipe", have, STORE_FORMAT
     raise FingerprintMismatch(
-        f"the store holds KV of another model, layout or store format: {have.decode(errors='replace')!r} != "
-        f"{store_meta(core).decode()!r} (set StoreConfig.wipe_on_mismatch=True to delete it, or "
-        "keep_tokens_on_mismatch=True to keep the conversations and recompute their KV)")
+        f"the store holds KV of another model, layout, chunk geometry or store format (this version reads "
+        f"formats {list(READ_FORMATS)}): {have.decode(errors='replace')!r} != {store_meta(core).decode()!r} "
+        "(set StoreConfig.wipe_on_mismatch=True to delete it, or keep_tokens_on_mismatch=True to keep the "
+        "conversations and recompute their KV)")
 
 
 def _lose(core: Core, s: Session, m: Manifest) -> None:
@@ -141,7 +168,7 @@ def recover(core: Core, mem: Memory, adopting: bool) -> None:
 
 
 def verify_all(core: Core, mem: Memory, promoter, reserve) -> None:
-    """Read every committed chunk once (its crc32c checked), holding one layer's bytes of host budget."""
+    """Read every committed chunk once (its crc32c checked), holding one layer group's bytes of host budget."""
     for sid in sorted(core.sessions):
         s = core.sessions[sid]
         if not s.kv_valid:
@@ -149,7 +176,7 @@ def verify_all(core: Core, mem: Memory, promoter, reserve) -> None:
         f, nb = mem.span(s)
         if nb <= f:
             continue
-        with reserve("host", (nb - f) * core.block_bytes, s):
+        with reserve("host", core.disk.chunk_layers * (nb - f) * core.block_bytes, s):
             try:
                 promoter.read_verified(s, f, nb, keep=False, end=s.end)
             except KVLost:
@@ -157,12 +184,12 @@ def verify_all(core: Core, mem: Memory, promoter, reserve) -> None:
 
 
 def open_store(core: Core, mem: Memory, promoter, reserve) -> None:
-    mode, have = open_mode(core)
+    mode, have, fmt = open_mode(core)
     if mode == "wipe":
         core.disk.delete_prefix("s/")
     recover(core, mem, adopting=mode == "adopt")
-    want = store_meta(core)
+    want = store_meta(core, fmt)
     if have != want:  # written last (an adoption interrupted before this point runs again) and only when changed
-        write_key_durably(core.disk, "store.json", want)
+        core.disk.write_key_durably("store.json", want)
     if core.cfg.verify_on_open:
         verify_all(core, mem, promoter, reserve)

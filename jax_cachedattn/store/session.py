@@ -44,6 +44,9 @@ class Turn:
         self.tasks: list[cf.Future] = []  # its worker tasks, in order
         self.writes: list[Any] = []  # commit futures of the chunk writes it issued (it owns them)
         self.dirty: dict[int, dict[int, np.ndarray]] = {}  # layer -> {block: data} partial, not written yet
+        # (group, block) -> {layer: data}: blocks full in some layers of a disk chunk's layer group, written
+        # once the group's last layer fills it
+        self.full: dict[tuple[int, int], dict[int, np.ndarray]] = {}
         self.snap: Manifest | None = None  # what its commit publishes
         self.done: cf.Future = cf.Future()  # resolves to the turn number once durable
         self.dead = False
@@ -81,7 +84,7 @@ class Session:
         self.disk_lo = 0  # blocks before this one are deleted (dead front): held = disk_blocks - disk_lo
         self.reclaim: cf.Future | None = None  # the deletion of its dead front queued after a manifest
         self.dead_below = 0  # blocks before this one may be deleted (set before a reclaim deletes them)
-        self.chunk_writes: dict[tuple[int, int], Any] = {}  # (layer, block) -> commit of its last write
+        self.chunk_writes: dict[tuple[int, int], Any] = {}  # (layer group, block) -> commit of its last write
         self.layer_task: dict[int, cf.Future] = {}  # layer -> its last save task (read-your-writes)
         self.layer_ver: dict[int, int] = {}  # layer -> saves published (a device copy made before one is stale)
         self.failed_open: Turn | None = None  # an open turn killed by a failure, until commit/abort_turn

@@ -5,12 +5,13 @@ This module is the facade: it builds the parts and hands each call to the one th
 assemble_blocks), `ranges` (drop_range, truncate_front), `lifecycle` (reservations, failures and
 rewinds, deletion, lost KV, eviction); under them `session` (the record, its turns, the state
 machine), `budget` (reservations), `memory` (host/device block tables, making room), `writeback`
-(save worker, commit log), `promotion` (disk -> host), `manifest` + `recovery` (the on-disk schema,
+(save worker, commit log), `promotion` (disk -> host), `disk` + `chunks` + `durable` (keys and
+manifests, session arrays, durable files), `manifest` + `recovery` (the on-disk schema,
 open/adopt/recover/quarantine), `rootlock` (one writer per root), `hooks` / `faults` (tests).
 
 Representation: per session, per layer, token blocks ``[2, B, K, D]`` (B = ``token_block``) in the
 device's memory or in ``pinned_host`` memory; block i holds absolute tokens ``[i*B, (i+1)*B)``; on disk
-zarr3 chunks of ``disk_chunk`` tokens (a divisor of B). Blocks before a session's durable front are
+zarr3 chunks of ``disk_chunk`` tokens (a divisor of B) by ``disk_chunk_layers`` layers (`chunks`). Blocks before a session's durable front are
 deleted from the disk (and the disk budget) once their manifest is durable. Tiers are inclusive: saves go to the host tier and on to disk; the device
 tier is a cache filled by `load_layer`. A session with a turn in flight is pinned in the host tier.
 

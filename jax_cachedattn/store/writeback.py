@@ -12,9 +12,12 @@ future and to `flush`.
 Writes: a full block is written once, when a save fills it; a partial block stays in the host tier
 (counted there) and is written once, when its turn commits. A write covers whole disk chunks
 (``disk_chunk`` tokens, a divisor of the block) from the one holding the turn's first row to the one
-holding its last: rows of earlier turns are rewritten only in the chunk the turn continues. Two writes of one chunk are never in
-flight at once (they were seen landing out of order), and all writes are issued from the one worker
-thread, so a later write of a chunk always lands after an earlier one.
+holding its last: rows of earlier turns are rewritten only in the chunk the turn continues. A chunk
+spans a group of ``disk_chunk_layers`` layers, so a block is written once every layer of its group
+has it (a full block when the group's last layer fills it, a partial one at the commit, when every
+layer has reached the turn's end). Two writes of one chunk are never in flight at once (they were
+seen landing out of order), and all writes are issued from the one worker thread, so a later write
+of a chunk always lands after an earlier one.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from . import ranges
 from .core import Core, ceil_div
 from .errors import LayoutMismatch, StoreError
 from .memory import Memory
-from .promotion import aligned_empty
+from .chunks import aligned_empty
 from .session import Session, Turn
 
 WRITE_INFLIGHT_BYTES = 256 << 20  # chunk writes issued but not committed before the worker waits
@@ -132,11 +135,21 @@ class Writeback:
                         full.append((b, new[i]))
                     else:
                         dirty[b] = new[i]  # written at the commit, rows up to the turn's end
+                # A full block is written once every layer of its disk chunks' group has filled it.
+                G = core.disk.chunk_layers
+                g = layer // G
+                ready = []
+                for b, data in full:
+                    have = turn.full.setdefault((g, b), {})
+                    have[layer] = data
+                    if len(have) == G:
+                        del turn.full[(g, b)]
+                        ready.append((b, [have[la] for la in core.disk.group_layers(g)]))
             core.stats.add("bytes_written", x.nbytes, tier="host")
             if dev:  # keep the device copy of the layer current: the touched blocks, moved outside the lock
                 self._refresh_device(s, turn, layer, b0, new, ver)
-            for b, data in full:
-                self._write_chunk(s, turn, layer, b, data, self._first_row(turn, b), B)
+            for b, datas in ready:
+                self._write_chunk(s, turn, g, b, datas, self._first_row(turn, b), B)
 
     def _refresh_device(self, s: Session, turn: Turn, layer: int, b0: int, new: np.ndarray, ver: int) -> None:
         core = self.core
@@ -157,13 +170,27 @@ class Writeback:
             core.stats.add("bytes_written", nbytes, tier="device")
 
     def _flush(self, s: Session, turn: Turn) -> None:
-        self.core.hooks.point("commit.flush", s.sid)
-        with self.core.lock:
-            todo = [(layer, b, d, self.core.disk.rows_on_disk(b, turn.pend[layer]))
-                    for layer, blocks in sorted(turn.dirty.items()) for b, d in sorted(blocks.items())]
+        """At the commit: write the turn's partial blocks, a layer group's together, rows up to its end."""
+        core = self.core
+        core.hooks.point("commit.flush", s.sid)
+        with core.lock:
+            if turn.full:  # every layer reached the same end, so no group can still be waiting for one
+                raise StoreError(f"session {s.sid!r}: full blocks of layer groups {sorted(turn.full)} were never "
+                                 "completed by all their layers (a bug)")
+            groups: dict[tuple[int, int], dict[int, np.ndarray]] = {}
+            for layer, blocks in turn.dirty.items():
+                for b, d in blocks.items():
+                    groups.setdefault((layer // core.disk.chunk_layers, b), {})[layer] = d
             turn.dirty.clear()
-        for layer, b, data, hi in todo:
-            self._write_chunk(s, turn, layer, b, data, self._first_row(turn, b), hi)
+            todo = []
+            for (g, b), have in sorted(groups.items()):
+                layers = core.disk.group_layers(g)
+                if len(have) != len(layers):
+                    raise StoreError(f"session {s.sid!r}: block {b} is partial in layers {sorted(have)} of group "
+                                     f"{list(layers)} only (a bug)")
+                todo.append((g, b, [have[la] for la in layers], core.disk.rows_on_disk(b, turn.pend[layers[0]])))
+        for g, b, datas, hi in todo:
+            self._write_chunk(s, turn, g, b, datas, self._first_row(turn, b), hi)
 
     def _first_row(self, turn: Turn, b: int) -> int:
         """The first row of block ``b`` that ``turn`` writes: rows before the turn's start are on disk
@@ -172,12 +199,13 @@ class Writeback:
         B, C = self.core.B, self.core.disk.chunk
         return max(0, (turn.base_end - b * B) // C * C)
 
-    def _write_chunk(self, s: Session, turn: Turn, layer: int, b: int, data: np.ndarray, lo: int = 0,
+    def _write_chunk(self, s: Session, turn: Turn, g: int, b: int, datas: list, lo: int = 0,
                      hi: int | None = None) -> None:
-        """Write rows ``[lo, hi)`` (whole disk chunks) of block ``b`` of ``layer``; the turn owns the write."""
+        """Write rows ``[lo, hi)`` (whole disk chunks) of block ``b`` of the layers of group ``g``
+        (``datas``: their blocks, in order); the turn owns the write."""
         core = self.core
         hi = core.B if hi is None else hi
-        nbytes = (hi - lo) * core.layout.bytes_per_token_layer
+        nbytes = len(datas) * (hi - lo) * core.layout.bytes_per_token_layer
         # No wait for a removal of an earlier session of this id: it is a task of this same worker,
         # queued before any task of the new session (FIFO), so it already ran.
         with core.lock:
@@ -185,6 +213,7 @@ class Writeback:
                 return
             grow = max(s.disk_blocks, b + 1) if b >= s.disk_cap else 0
         if grow:
+            core.hooks.point("save.resize", s.sid)
             core.disk.resize(s.sid, grow)  # raises: the turn fails (its commit reports it)
             with core.lock:
                 s.disk_cap = grow
@@ -192,15 +221,15 @@ class Writeback:
                     s.held["disk"].absorb(core.take("disk", core.disk_bytes(s.disk_cap - s.disk_blocks)))
                     s.disk_blocks = s.disk_cap
         with core.lock:
-            prev = s.chunk_writes.get((layer, b))
+            prev = s.chunk_writes.get((g, b))
         if prev is not None and not prev.done():
             try:
                 prev.result()
             except BaseException:  # noqa: BLE001 - that write's own turn reports it
                 pass
-        w = core.disk.write_block(s.sid, layer, b, data, lo, hi)
+        w = core.disk.write_rows(s.sid, g, b, datas, lo, hi)
         with core.lock:
-            s.chunk_writes[(layer, b)] = w
+            s.chunk_writes[(g, b)] = w
             turn.writes.append(w)
         core.stats.add("bytes_written", nbytes, tier="disk")
         self._inflight.append((nbytes, w))
@@ -237,8 +266,8 @@ class Writeback:
             lo, hi = s.disk_lo, min(m.offset // core.B, s.disk_cap)
             if hi <= lo:
                 return
-            waits = [s.chunk_writes.pop((layer, b)) for layer in range(core.L) for b in range(lo, hi)
-                     if (layer, b) in s.chunk_writes]
+            waits = [s.chunk_writes.pop((g, b)) for g in range(core.disk.groups) for b in range(lo, hi)
+                     if (g, b) in s.chunk_writes]
             # A promotion claimed before the front moved may be reading these blocks: its failure is
             # then a stale read (retried from the new front), not damage.
             s.dead_below = max(s.dead_below, hi)

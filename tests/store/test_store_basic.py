@@ -138,7 +138,7 @@ def test_corrupt_chunk_and_truncated_manifest_detected(tmp_path):
     save_turn(st, "m", rand(lay, 20, 5), 0, 20).result()
     st.close()
     root = tmp_path / "st" / "s"
-    chunk = root / "c" / "kv" / "c.1.0.1.0.0"  # layer 1, token block 1 (flat zarr3 chunk keys)
+    chunk = root / "c" / "kv" / "c.0.0.1.0.0"  # layers 0-2 (one chunk spans them), rows 8..15 (flat zarr3 keys)
     raw = bytearray(chunk.read_bytes())
     raw[10] ^= 0xFF
     chunk.write_bytes(bytes(raw))
@@ -172,7 +172,7 @@ def test_missing_or_short_chunk_is_never_read_as_zeros(tmp_path):
     save_turn(st, "short", full, 0, 3 * B).result()
     st.close()
     kv = tmp_path / "st" / "s"
-    (kv / "gone" / "kv" / "c.2.0.1.0.0").unlink()
+    (kv / "gone" / "kv" / "c.0.0.1.0.0").unlink()  # rows 8..15 of layers 0-2 (one chunk spans them)
     short = kv / "short" / "kv" / "c.0.0.2.0.0"
     short.write_bytes(short.read_bytes()[:-4])  # the crc32c trailer cut off
     assert cli.main(["store", "verify", "--store", str(tmp_path / "st")]) == 1
@@ -187,15 +187,15 @@ def test_missing_or_short_chunk_is_never_read_as_zeros(tmp_path):
 
 
 def test_store_of_another_format_is_refused_or_adopted(tmp_path):
-    """A folder written by an older on-disk format (store.json without format 2) is handled like another
-    model's: refused with a clear error, or adopted keeping the conversations' token ids only."""
+    """A folder written by an older on-disk format (store.json without format 2 or 3) is handled like
+    another model's: refused with a clear error, or adopted keeping the conversations' token ids only."""
     lay = layout()
     st = TieredStore(cfg(tmp_path), lay)
     save_turn(st, "old", rand(lay, 12, 12), 0, 12).result()
     st.close()
     meta_path = tmp_path / "st" / "store.json"
     meta = json.loads(meta_path.read_text())
-    assert meta["format"] == 2
+    assert meta["format"] == 3
     del meta["format"]  # what format 1 wrote
     meta_path.write_text(json.dumps(meta))
     with pytest.raises(FingerprintMismatch, match="format"):
@@ -331,32 +331,69 @@ def test_a_chunk_of_zeros_is_stored_and_read_back(tmp_path):
 
 
 def test_disk_chunk_default_config_and_older_stores(tmp_path):
-    """The disk chunk: the config's, else the store's own (a store.json without it, written before it
-    existed, means one chunk per block), else the block halved while a chunk stays >= 512 KiB."""
+    """The disk chunk geometry: the config's, else the store's own (format 2, written before chunks spanned
+    layers, means one layer per chunk; without ``disk_chunk``, one chunk per block), else the block halved
+    down to 32 tokens and the fewest layers that make a chunk >= 512 KiB."""
     from _util import L, LAY, check, open_store, rows, save  # noqa: PLC0415
 
     from jax_cachedattn.store import FingerprintMismatch  # noqa: PLC0415
 
-    assert StoreConfig(root="x").new_disk_chunk(2 * 32 * 128 * 2) == 32  # Llama-2-7B bf16: 512 KiB chunks
-    assert StoreConfig(root="x").new_disk_chunk(2 * 3 * 64 * 4) == 256  # SmolLM2-135M fp32: the whole block
-    assert StoreConfig(root="x", disk_chunk=16).new_disk_chunk(1) == 16
+    llama, smol = KVLayout(32, 32, 128, "bfloat16"), KVLayout(30, 3, 64, "float32")
+    assert StoreConfig(root="x").new_disk_geometry(llama) == (32, 1)  # 512 KiB chunks of one layer
+    assert StoreConfig(root="x").new_disk_geometry(smol) == (32, 15)  # 48 KiB a layer: 15 layers, 720 KiB
+    assert StoreConfig(root="x", token_block=64).new_disk_geometry(smol) == (32, 15)
+    assert StoreConfig(root="x", disk_chunk=16).new_disk_geometry(smol) == (16, 30)  # 720 KiB needs all 30
+    assert StoreConfig(root="x", disk_chunk=256, disk_chunk_layers=1).new_disk_geometry(smol) == (256, 1)
     for bad in (3, 0, 512, True, 2.0):
         with pytest.raises(ValueError, match="disk_chunk"):
             StoreConfig(root="x", disk_chunk=bad)
+    for bad in (0, -1, True, 1.5):
+        with pytest.raises(ValueError, match="disk_chunk_layers"):
+            StoreConfig(root="x", disk_chunk_layers=bad)
+    with pytest.raises(ValueError, match="divide the layer count"):
+        open_store(tmp_path / "bad", disk_chunk_layers=2)  # 3 layers
     root = tmp_path / "st"
-    st = open_store(root, disk_chunk=None)  # a new store of a tiny layout: one chunk per block of 8
+    st = open_store(root, disk_chunk=None)  # a new store of a tiny layout: one chunk per block of 8, all layers
     x = rows(11, 3)
     save(st, "a", x, 0)
     st.commit_turn("a", np.arange(11)).result()
     st.close()
     meta = json.loads((root / "store.json").read_text())
-    assert meta["disk_chunk"] == 8
-    del meta["disk_chunk"]  # as written before disk chunks existed
-    (root / "store.json").write_text(json.dumps(meta, sort_keys=True))
-    st = open_store(root, disk_chunk=None)
-    check(st, "a", x)
-    st.close()
-    assert json.loads((root / "store.json").read_text())["disk_chunk"] == 8  # recorded once
+    assert (meta["format"], meta["disk_chunk"], meta["disk_chunk_layers"]) == (3, 8, L)
+    assert sorted(os.listdir(root / "s" / "a" / "kv")) == ["c.0.0.0.0.0", "c.0.0.1.0.0", "zarr.json"]
     with pytest.raises(FingerprintMismatch):
         open_store(root)  # _util's chunks of 2 in a store of chunks of 8: another layout on disk
+    with pytest.raises(FingerprintMismatch):
+        open_store(root, disk_chunk=None, disk_chunk_layers=1)  # another chunk geometry
+
+    # A store of format 2 (one layer per chunk), as the previous version wrote it: read as it is.
+    old = tmp_path / "old"
+    st = open_store(old, disk_chunk=None, disk_chunk_layers=1)
+    save(st, "a", x, 0)
+    st.commit_turn("a", np.arange(11)).result()
+    st.close()
+    one_layer_chunks = sorted(f"c.{la}.0.{c}.0.0" for la in range(L) for c in range(2)) + ["zarr.json"]
+    assert sorted(os.listdir(old / "s" / "a" / "kv")) == one_layer_chunks
+    meta = json.loads((old / "store.json").read_text())
+    meta["format"] = 2
+    del meta["disk_chunk_layers"], meta["disk_chunk"]  # format 2 before disk chunks existed: chunk = block
+    (old / "store.json").write_text(json.dumps(meta, sort_keys=True))
+    st = open_store(old, disk_chunk=None)
+    check(st, "a", x)
+    save(st, "a", rows(3, 4), 11)  # and written in its own geometry
+    st.commit_turn("a", np.arange(14)).result()
+    st.close()
+    meta = json.loads((old / "store.json").read_text())
+    assert (meta["format"], meta["disk_chunk"], "disk_chunk_layers" in meta) == (2, 8, False)  # recorded once
+    assert sorted(os.listdir(old / "s" / "a" / "kv")) == one_layer_chunks
+    st = open_store(old, disk_chunk=None)
+    check(st, "a", np.concatenate([x, rows(3, 4)], axis=2))
+    st.close()
+    # A format this version does not read: refused with one line, nothing changed.
+    meta["format"] = 4
+    (old / "store.json").write_text(json.dumps(meta, sort_keys=True))
+    with pytest.raises(FingerprintMismatch, match="reads formats") as e:
+        open_store(old, disk_chunk=None)
+    assert "\n" not in str(e.value)
+    assert json.loads((old / "store.json").read_text())["format"] == 4
     assert L == LAY.num_layers

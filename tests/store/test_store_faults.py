@@ -374,18 +374,21 @@ def test_8_one_bad_folder_quarantines_one_session(tmp_path):
     assert "token_ids" in (root / "quarantine" / "bigid.0" / "reason.txt").read_text()
 
 
-def test_8_verify_on_open_counts_its_reads_in_the_host_budget(tmp_path):
+@pytest.mark.parametrize("G", [1, L])
+def test_8_verify_on_open_counts_its_reads_in_the_host_budget(tmp_path, G):
+    """verify_on_open reads one layer group (the layers a disk chunk spans) of the whole session at a
+    time and reserves those bytes in the host budget."""
     root = tmp_path / "st"
-    st = open_store(root)
+    st = open_store(root, disk_chunk_layers=G)
     turn(st, "v", rows(4 * B, 90), 0).result()
     st.close()
-    chunk = root / "s" / "v" / "kv" / "c.1.0.1.0.0"
+    chunk = root / "s" / "v" / "kv" / "c.0.0.1.0.0"  # layer group 0, rows 2..3
     raw = bytearray(chunk.read_bytes())
     raw[5] ^= 0xFF
     chunk.write_bytes(bytes(raw))
-    with pytest.raises(BudgetError):  # one layer of the session (4 blocks) does not fit a 3-block host budget
-        open_store(root, host_bytes=L * BLK, verify_on_open=True)
-    st = open_store(root, host_bytes=L * 2 * BLK, verify_on_open=True)
+    with pytest.raises(BudgetError):  # G layers of the session (G x 4 blocks) do not fit
+        open_store(root, disk_chunk_layers=G, host_bytes=L * BLK if G == 1 else L * 2 * BLK, verify_on_open=True)
+    st = open_store(root, disk_chunk_layers=G, host_bytes=(L * 2 if G == 1 else L * 4) * BLK, verify_on_open=True)
     assert not st.lookup("v").kv_valid and st.usage()["host"] == 0
     st.close()
 

@@ -54,7 +54,8 @@ def test_smollm2_chat_on_a_full_14mb_tmpfs(smollm2_gguf, fs14):
     smol = load_model("smollm2")
     layout = kv_layout(smol.config, smol.fingerprint)
     # disk chunks of one block: the arithmetic above counts whole blocks on the tmpfs
-    cfg = StoreConfig(root=str(fs14 / "st"), token_block=TOKEN_BLOCK, disk_chunk=TOKEN_BLOCK, host_bytes=1 << 28)
+    cfg = StoreConfig(root=str(fs14 / "st"), token_block=TOKEN_BLOCK, disk_chunk=TOKEN_BLOCK, disk_chunk_layers=1,
+                      host_bytes=1 << 28)
     ec = EngineConfig(max_new_tokens=MAX_NEW, return_logits=True)
     eng = Engine(smol.config, smol.params, TieredStore(cfg, layout), smol.tokenizer, ec)
     other = eng.turn("other", OTHER)
