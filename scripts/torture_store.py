@@ -78,8 +78,16 @@ def chunk_files(store, sid: str) -> list[tuple[str, int]]:
     root = store.disk.root
     if root is not None:
         d = os.path.join(root, "s", sid, "kv")
-        names = [n for n in (os.listdir(d) if os.path.isdir(d) else []) if n.startswith("c.")]
-        return [(n, os.path.getsize(os.path.join(d, n))) for n in names]
+        out = []
+        # TensorStore's file kvstore keeps a ``<key>.__lock`` file beside a chunk while it writes it; a chunk
+        # can also go (a reclaim) between the listing and its size: neither is a chunk file on disk.
+        for n in (os.listdir(d) if os.path.isdir(d) else []):
+            if n.startswith("c.") and not n.endswith(".__lock"):
+                try:
+                    out.append((n, os.path.getsize(os.path.join(d, n))))
+                except FileNotFoundError:
+                    pass
+        return out
     kv, prefix = store.disk.kv, f"s/{sid}/kv/c."
     out = []
     for k in kv.list(ts.KvStore.KeyRange(prefix, prefix[:-1] + "/")).result():
