@@ -80,6 +80,9 @@ def test_by_role_and_recompute_spread_add_up():
     assert sp["pair"] == "TT+sink1/TT+sink16" and sp["diff"] == pytest.approx(np.expm1(0.03))
     assert sp["mean_abs"] == pytest.approx(0.03)
     assert sweep.by_role([{"nll": r["nll"]}], "TT", "CA") is None  # prose / older runs: no roles
+    # rows of a run with a sweep pooled with rows of a run without: only the sinks both have count (was a KeyError)
+    bare = {"nll": {k: v for k, v in r["nll"].items() if k != "TT+sink16" and k != "CA+sink16"}, "roles": r["roles"]}
+    assert sweep.recompute_spread([r, bare]) is None
 
 
 def test_per_window_pools_texts_not_copies_of_their_tokens():

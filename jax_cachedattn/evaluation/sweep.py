@@ -88,7 +88,8 @@ def recompute_spread(rs: list[dict]) -> dict | None:
     """How far two recomputes of nearly the same kept tokens are apart (the sinks' TTs, >= 1 token: they keep
     the same tail and differ by a few tokens at the front): the pair furthest apart, its ``TT_j / TT_k - 1``
     and mean |nll difference| per token. The scale against which a CA - TT difference is noise or not."""
-    tts = [p[0] for k, p in sorted(pairs(rs[0]).items()) if k >= 1]
+    common = set.intersection(*(set(pairs(r)) for r in rs))  # rows of runs with and without a sweep: shared sinks
+    tts = [p[0] for k, p in sorted(pairs(rs[0]).items()) if k >= 1 and k in common]
     if len(tts) < 2:
         return None
     best = None
