@@ -80,3 +80,35 @@ def test_by_role_and_recompute_spread_add_up():
     assert sp["pair"] == "TT+sink1/TT+sink16" and sp["diff"] == pytest.approx(np.expm1(0.03))
     assert sp["mean_abs"] == pytest.approx(0.03)
     assert sweep.by_role([{"nll": r["nll"]}], "TT", "CA") is None  # prose / older runs: no roles
+    # rows of a run with a sweep pooled with rows of a run without: only the sinks both have count (was a KeyError)
+    bare = {"nll": {k: v for k, v in r["nll"].items() if k != "TT+sink16" and k != "CA+sink16"}, "roles": r["roles"]}
+    assert sweep.recompute_spread([r, bare]) is None
+
+
+def test_per_window_pools_texts_not_copies_of_their_tokens():
+    rng = np.random.default_rng(1)
+
+    def row(seq, W, ratio, tt, shift, full, cut="turn"):
+        return {"source": "chat", "seq": seq, "W": W, "cut": cut, "ratio": ratio, "sink": 4,
+                "nll": {"TT": tt.tolist(), "CA": (tt + 1.0).tolist(), "Full": full.tolist(),
+                        "TT+sink": tt.tolist(), "CA+sink": (tt + shift).tolist()}}
+
+    tt_a, tt_b, full_a, full_b = (rng.gamma(2.0, 1.0, 64) for _ in range(4))
+    rows = [row(0, 1024, 0.25, tt_a, 0.1, full_a), row(0, 1024, 0.5, tt_a, 0.3, full_a),  # one text, two cuts
+            row(2, 1024, 0.25, tt_b, -0.2, full_b), row(2, 1024, 0.5, tt_b, -0.2, full_b),
+            row(0, 1024, None, tt_a, 5.0, full_a, cut="system"),  # not the engine's cut: left out
+            row(0, 512, 0.25, tt_a, 0.05, full_b)]
+    merged = sweep.per_text(rows[:4])
+    assert sorted((r["seq"], r["cuts"]) for r in merged) == [(0, 2), (2, 2)]
+    a = next(r for r in merged if r["seq"] == 0)
+    assert np.allclose(np.asarray(a["nll"]["CA+sink"]) - a["nll"]["TT+sink"], 0.2)  # the two cuts averaged per token
+    w = {g["W"]: g for g in sweep.summarize(rows)["by_window"]}
+    assert (w[1024]["texts"], w[1024]["rows"], w[512]["texts"]) == (2, 4, 1)
+    c = w[1024]["by_sink"]["4"]
+    assert c["tokens"] == 128 and c["diff"] == pytest.approx(np.expm1(0.0))  # (+0.2 - 0.2) / 2: the system cut excluded
+    assert c["per_seq"] == pytest.approx([np.expm1(0.2), np.expm1(-0.2)])
+    assert w[512]["by_sink"]["4"]["diff"] == pytest.approx(np.expm1(0.05))
+    # the same four rows pooled as separate samples count every token twice: the same figure, half the blocks
+    naive = sweep._compare(rows[:4], "TT+sink", "CA+sink")
+    assert naive["diff"] == pytest.approx(c["diff"]) and naive["tokens"] == 2 * c["tokens"]
+    assert "**Per window**" in sweep.markdown(sweep.summarize(rows))

@@ -88,7 +88,8 @@ def recompute_spread(rs: list[dict]) -> dict | None:
     """How far two recomputes of nearly the same kept tokens are apart (the sinks' TTs, >= 1 token: they keep
     the same tail and differ by a few tokens at the front): the pair furthest apart, its ``TT_j / TT_k - 1``
     and mean |nll difference| per token. The scale against which a CA - TT difference is noise or not."""
-    tts = [p[0] for k, p in sorted(pairs(rs[0]).items()) if k >= 1]
+    common = set.intersection(*(set(pairs(r)) for r in rs))  # rows of runs with and without a sweep: shared sinks
+    tts = [p[0] for k, p in sorted(pairs(rs[0]).items()) if k >= 1 and k in common]
     if len(tts) < 2:
         return None
     best = None
@@ -109,8 +110,41 @@ def position_profile(rs: list[dict], tt: str, ca: str, bin_size: int = BLOCK) ->
     return {"start": edges, "mean_diff": [float(d[:, e : e + bin_size].mean()) for e in edges]}
 
 
+def per_text(rows: list[dict]) -> list[dict]:
+    """One row per scored text: rows that score the same tokens (the cuts of one sequence at one W: their
+    ``Full`` nll is the same, computed once per sequence and W) merged by averaging each method's nll per
+    token. Pooling cuts of one text as separate samples counts its tokens twice; averaging them keeps the
+    point estimate of plain pooling (when every text has as many cuts) and gives an interval over the texts'
+    tokens, not over copies of them."""
+    groups: dict[tuple, list[dict]] = collections.defaultdict(list)
+    for r in rows:
+        groups[(r["source"], r["W"], r["seq"], tuple(r["nll"]["Full"]))].append(r)
+    out = []
+    for rs in groups.values():
+        methods = set.intersection(*(set(r["nll"]) for r in rs))
+        nll = {m: np.mean([np.asarray(r["nll"][m], np.float64) for r in rs], axis=0).tolist() for m in methods}
+        out.append({**rs[0], "nll": nll, "cuts": len(rs)})
+    return out
+
+
+def by_window(rows: list[dict], sinks: list[int]) -> list[dict]:
+    """Per (source, W): the engine's cuts (whole turns for chats, every ratio) pooled over texts, each text's
+    cuts averaged first (:func:`per_text`)."""
+    groups: dict[tuple, list[dict]] = collections.defaultdict(list)
+    for r in rows:
+        if r["cut"] in ("turn", "exact"):
+            groups[(r["source"], r["W"])].append(r)
+    out = []
+    for (src, W), rs in sorted(groups.items()):
+        texts = per_text(rs)
+        out.append({"source": src, "W": W, "rows": len(rs), "texts": len(texts),
+                    "by_sink": {str(k): _compare(texts, *pairs(rs[0])[k]) for k in sinks}})
+    return out
+
+
 def summarize(rows: list[dict]) -> dict:
-    """Per (source, W, cut, ratio) and pooled per (source, cut kind) and per source: each sink size's comparison."""
+    """Per (source, W, cut, ratio), per (source, W) over texts (:func:`by_window`), and pooled per
+    (source, cut kind) and per source: each sink size's comparison."""
     groups: dict[tuple, list[dict]] = collections.defaultdict(list)
     for r in rows:
         groups[(r["source"], r["W"], r["cut"], r["ratio"])].append(r)
@@ -133,6 +167,7 @@ def summarize(rows: list[dict]) -> dict:
         out["pooled"].append({"source": src, "cuts": kind, "rows": len(rs),
                               "by_sink": {str(k): _compare(rs, *pairs(rs[0])[k]) for k in sinks},
                               "profile": {str(k): position_profile(rs, *pairs(rs[0])[k]) for k in sinks}})
+    out["by_window"] = by_window(rows, sinks)
     return out
 
 
@@ -161,6 +196,14 @@ def markdown(s: dict) -> str:
         b = g["by_sink"]
         lines.append(f"| {g['source']} | {g['cuts']} | {g['rows']} | {b[str(ks[0])]['tokens']} | "
                      + " | ".join(_cell(b[str(k)]) for k in ks) + " |")
+    if s.get("by_window"):
+        lines += ["", "**Per window**, the engine's cuts at every ratio, pooled over texts (the cuts of one text score "
+                  "the same tokens: they are averaged per token first, so the interval is over the texts' tokens).", "",
+                  f"| source | W | texts | rows | tokens | {head} |", "|---|---|---|---|---|" + "---|" * len(ks)]
+        for g in s["by_window"]:
+            b = g["by_sink"]
+            lines.append(f"| {g['source']} | {g['W']} | {g['texts']} | {g['rows']} | {b[str(ks[0])]['tokens']} | "
+                         + " | ".join(_cell(b[str(k)]) for k in ks) + " |")
     k = s.get("detail_sink", max(ks))
     lines += ["", f"**Where the gap sits** (sink {k}): the share of the summed |nll difference| that the 5 tokens with "
               "the largest differences carry, the comparison without them, each sequence's own figure, the mean "
