@@ -8,7 +8,7 @@ export JAX_PLATFORMS ?= cpu
 # pytest-xdist workers (`make test WORKERS=4`; WORKERS=0 runs in this process). --dist loadfile keeps each test file
 # in one worker, so the tests of a file share its module-scoped model and compiled programs.
 WORKERS ?= 2
-PYTEST  := $(PY) -m pytest -q -n $(WORKERS) --dist loadfile --durations=20
+PYTEST  := $(PY) -m pytest -q -n $(WORKERS) --dist loadfile --durations=40
 
 .PHONY: demo test test-all bench clean install
 
