@@ -164,11 +164,11 @@ def test_committed_checkpoint_is_small_and_described():
     assert (TINY.parent / "tiny_bytes.config.json").is_file() and (TINY.parent / "tiny_bytes.train.json").is_file()
 
 
-def test_cli_bad_input_exits_2(capsys):
+def test_cli_bad_input_exits_2(capsys, tmp_path):
     from jax_cachedattn.cli import main
 
     for args in (["--windows", "abc"], ["--model", "/nonexistent/ckpt"], ["--ratios", "1.5"]):
-        assert main(["eval-truncation", *args, "--out", "/tmp/eval-truncation-bad"]) == 2, args
+        assert main(["eval-truncation", *args, "--out", str(tmp_path / "bad")]) == 2, args
         err = capsys.readouterr().err
         assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
 
