@@ -284,6 +284,9 @@ class Lifecycle:
                         host = [jax.device_put(bl, core.host_sharding) for bl in blocks]
                         core.hooks.point("evict.demote", sid)
                         with core.lock:
+                            if s.host is None and not s.gone and not s.busy() and s.stamp() != stamp \
+                                    and s.epoch == stamp[0] and mem.span(s) == (f, nb) and s.stamp()[4] != stamp[4]:
+                                core.stats.add("stale_copies")  # saves changed its rows inside the same blocks
                             if s.host is None and not s.gone and s.stamp() == stamp and not s.busy():
                                 mem.ensure_table(s, "host")
                                 for layer, bl in enumerate(host):

@@ -38,5 +38,6 @@ def test_device_demotion_copied_before_a_turn_is_not_installed_after_it(tmp_path
     h.release()
     t.join()
     check(st, "s", cat(a, b), turn_no=2)
+    assert st.stats.stale_copies == 1
     quiet(st)
     st.close()
