@@ -194,10 +194,11 @@ class Model:
 
     def candidates(self) -> list:
         """States a load may see now: the durable state with any subset of the operations in flight
-        applied in order (each succeeded or failed), and every prefix of those (a turn's rows can be
-        read before its commit resolves). A turn applies only onto the history it continued."""
+        applied in order (each succeeded or failed; a turn's rows are read before its commit resolves).
+        A turn applies only onto the history it continued. Every operation in flight counts (a
+        schedule's driver makes at most 13 steps, so a chain holds at most 12 when a load runs)."""
         states = {None if self.durable is None else tuple(self.durable.tolist())}
-        for op in self.chain[:12]:
+        for op in self.chain:
             nxt = set(states)
             for st in states:
                 if op[0] == "turn":
