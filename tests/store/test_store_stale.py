@@ -44,20 +44,25 @@ def test_device_demotion_copied_before_a_turn_is_not_installed_after_it(tmp_path
 
 
 def test_a_promotion_in_flight_pins_the_session_against_other_copies(tmp_path):
-    """The promotion side of the same race: a prefetch of the device-only session is held before its
-    read. A promotion in flight pins the session (``Session.busy``): the demotion installs nothing,
-    and a turn's save joins the promotion (waits for it) instead of reading the session again, so
-    no copy made before the turn can be installed after it."""
+    """The promotion side of the same race: a demotion is held after its copy while a prefetch of the
+    device-only session starts and is held before its read. A promotion in flight pins the session
+    (``Session.busy``): the demotion installs nothing, and a turn's save joins the promotion (waits for
+    it) instead of reading the session again, so no copy made before the turn is installed after it."""
     st = open_store(tmp_path / "st")
     a, b = rows(5, 3), rows(1, 4)
     turn(st, "s", a, 0).result()
     check(st, "s", a)
     st.evict("s", "host")
-    h = st.hooks.hold("promote.read", sid="s")
+    hd = st.hooks.hold("evict.demote", sid="s")
+    t = threading.Thread(target=st.evict, args=("s", "device"))
+    t.start()
+    hd.wait_reached()  # the demotion copied the device blocks
+    hp = st.hooks.hold("promote.read", sid="s")
     fut = st.prefetch("s")
-    h.wait_reached()
-    st.evict("s", "device")  # the demotion's copy is not installed while the promotion runs
-    assert st.lookup("s").tier == "disk"
+    hp.wait_reached()  # a promotion in flight
+    hd.release()
+    t.join()
+    assert st.lookup("s").tier == "disk"  # the demotion installed nothing (busy), then dropped the device copy
     done = threading.Event()
 
     def save():
@@ -66,14 +71,15 @@ def test_a_promotion_in_flight_pins_the_session_against_other_copies(tmp_path):
 
     t = threading.Thread(target=save)
     t.start()
-    assert not done.wait(0.5)  # the save waits for the promotion it joined
-    h.release()
+    assert not done.wait(0.5)  # the save joined the promotion and waits for it
+    hp.release()
     t.join()
     assert fut.result() is True
     check(st, "s", cat(a, b), turn_no=2)
     st.evict("s", "device")
     st.evict("s", "host")
     check(st, "s", cat(a, b), turn_no=2)
+    assert st.stats.stale_copies == 0
     quiet(st)
     st.close()
 
