@@ -29,6 +29,7 @@ budget no longer counts, or that a reopen left), dead bytes reclaimed. Exit stat
 from __future__ import annotations
 
 import argparse
+import collections
 import os
 import random
 import shutil
@@ -61,6 +62,47 @@ def value(sid: str, ids: np.ndarray, layer: int) -> np.ndarray:
     base = ((int(sid[1:]) * 7919 + ids.astype(np.int64) * 31 + layer * 3) % 65536).astype(np.float32)
     k = base[:, None, None] + np.arange(K * D, dtype=np.float32).reshape(K, D) / 64
     return np.stack([k, -k])
+
+
+# Recent operations per session (driver, background thread, futures that resolved), printed with a wrong row.
+EVENTS: dict[str, collections.deque] = collections.defaultdict(lambda: collections.deque(maxlen=32))
+T0 = time.monotonic()
+
+
+def event(sid: str, what: str) -> None:
+    EVENTS[sid].append(f"{time.monotonic() - T0:9.3f} {threading.current_thread().name:>12.12} {what}")
+
+
+def token_of(sid: str, base: float, layer: int) -> int:
+    """The token id (mod 65536) whose row has this base value (31 is odd: invertible mod 2**16)."""
+    return int(((int(base) - int(sid[1:]) * 7919 - layer * 3) * pow(31, -1, 65536)) % 65536)
+
+
+def explain(store, sid: str, lay: int, got: np.ndarray, best, tier_before) -> None:
+    """Everything one wrong row needs for a diagnosis: which rows, what they hold, the session's record
+    in the store (tier, turn, epoch, published saves, the turns in its log), and its recent events."""
+    want = value(sid, best, lay) if best is not None and len(best) == got.shape[1] else None
+    bad = [] if want is None else np.flatnonzero(~np.all(got == want, axis=(0, 2, 3))).tolist()
+    print(f"  wrong rows {bad} of {got.shape[1]} (tier before the load: {tier_before}, after: "
+          f"{getattr(store.lookup(sid), 'tier', None)})", flush=True)
+    for i in bad[:8]:
+        g = float(got[0, i, 0, 0])
+        print(f"    row {i}: got {'zeros' if not got[:, i].any() else f'token {token_of(sid, g, lay)} (mod 65536)'}, "
+              f"want token {int(best[i])}", flush=True)
+    core = store._core
+    with core.lock:
+        x = core.sessions.get(sid)
+        if x is not None:
+            B = core.B
+            f, nb = x.offset // B, -(-x.end // B)
+            print(f"  store: offset {x.offset} end {x.end} turn {x.turn} epoch {x.epoch} layer_ver {x.layer_ver} "
+                  f"durable {None if x.durable is None else (x.durable.turn, x.durable.offset, x.durable.end)} "
+                  f"log {[(t.kind, t.seq, t.live) for t in x.log]} open {x.open is not None} "
+                  f"host {None if x.host is None else x.host.covers(f, nb)} "
+                  f"device {None if x.device is None else x.device.covers(f, nb)} disk_lo {x.disk_lo} "
+                  f"stale copies refused {core.stats.stale_copies}", flush=True)
+    for e in list(EVENTS[sid]):
+        print("    " + e, flush=True)
 
 
 CHUNK_LAYERS = [L]  # layers per disk chunk (--chunk-layers): all of them by default, as a new small-model store
@@ -115,7 +157,7 @@ class Tally:
     def __init__(self):
         self.lock = threading.Lock()
         self.schedules = self.rows = self.wrong = self.leaked = self.kills = self.reopens = 0
-        self.failed_turns = self.refused = self.drops = self.reclaimed = 0
+        self.failed_turns = self.refused = self.drops = self.reclaimed = self.stale = 0
         self.lost: list[str] = []
         self.faults = 0
 
@@ -152,10 +194,11 @@ class Model:
 
     def candidates(self) -> list:
         """States a load may see now: the durable state with any subset of the operations in flight
-        applied in order (each succeeded or failed), and every prefix of those (a turn's rows can be
-        read before its commit resolves). A turn applies only onto the history it continued."""
+        applied in order (each succeeded or failed; a turn's rows are read before its commit resolves).
+        A turn applies only onto the history it continued. Every operation in flight counts (a
+        schedule's driver makes at most 13 steps, so a chain holds at most 12 when a load runs)."""
         states = {None if self.durable is None else tuple(self.durable.tolist())}
-        for op in self.chain[:12]:
+        for op in self.chain:
             nxt = set(states)
             for st in states:
                 if op[0] == "turn":
@@ -170,6 +213,8 @@ class Model:
 def check_rows(store, sid, ids_options, tally, layer=None, where="") -> None:
     """Load ``sid`` (one layer or all) and compare with every allowed token id list."""
     for lay in ([layer] if layer is not None else range(L)):
+        info = store.lookup(sid)
+        tier_before = None if info is None else info.tier
         try:
             got = np.asarray(store.load_layer(sid, lay))
         except BudgetError:  # the host tier is full of sessions with turns in flight: refused, not wrong
@@ -188,6 +233,7 @@ def check_rows(store, sid, ids_options, tally, layer=None, where="") -> None:
                 (~np.all(got == value(sid, best, lay), axis=(0, 2, 3))).sum())
             tally.add(wrong=wrong)
             print(f"WRONG ROWS {where}: {sid} layer {lay}: {wrong} of {got.shape[1]}", flush=True)
+            explain(store, sid, lay, got, best, tier_before)
             if os.environ.get("TORTURE_DEBUG"):
                 print("  got bases", got[0, :, 0, 0].astype(int).tolist(), flush=True)
                 for o in ids_options:
@@ -207,7 +253,9 @@ class Driver:
         for op in m.chain:
             try:
                 op[1].result(timeout=120)
-            except StoreError:
+                event(sid, f"settled: {op[0]} {len(op[3]) if op[0] == 'turn' else op[2:]} ok")
+            except StoreError as e:
+                event(sid, f"settled: {op[0]} failed: {type(e).__name__}")
                 failed = True
                 self.tally.add(failed_turns=1)
                 continue
@@ -251,7 +299,9 @@ class Driver:
                 for layer in range(L):
                     st.save_layer(sid, layer, value(sid, ids[lo:hi], layer), start + lo)
             fut = st.commit_turn(sid, np.concatenate([old_ids, ids]))
-        except StoreError:
+            event(sid, f"turn rows [{start}, {start + n}) ids {first}.. {'decode' if decode else 'prefill'}: committed in memory")
+        except StoreError as e:
+            event(sid, f"turn rows [{start}, {start + n}) refused: {type(e).__name__}")
             if st.lookup(sid) is not None:
                 st.abort_turn(sid)
             self.settle(sid)  # an earlier turn failed (the history went back) or this turn's save did
@@ -273,6 +323,7 @@ class Driver:
             self.settle(sid)
             return
         m.chain.append(("drop", fut, a, b))
+        event(sid, f"drop [{a}, {b}) of {len(old)}")
         self.tally.add(drops=1)
 
     def step(self):
@@ -299,13 +350,16 @@ class Driver:
         elif r < 0.72 and m.latest is not None:  # a turn given up by the engine
             try:
                 st.save_layer(sid, 0, value(sid, np.arange(3) + 99999, 0), len(m.latest))
-            except StoreError:
-                pass
+                event(sid, f"give-up save layer 0 rows [{len(m.latest)}, {len(m.latest) + 3})")
+            except StoreError as e:
+                event(sid, f"give-up save refused: {type(e).__name__}")
             if st.lookup(sid) is not None:
                 st.abort_turn(sid)
+                event(sid, "abort_turn")
         elif r < 0.75 and m.latest is not None:
             try:
                 st.delete(sid)
+                event(sid, "delete")
             except UnknownSession:
                 pass
             self.settle(sid)
@@ -321,8 +375,11 @@ def background(store, stop, rng, tally):
         try:
             if rng.random() < 0.5:
                 store.prefetch(sid)
+                event(sid, "prefetch")
             else:
-                store.evict(sid, ["host", "device"][int(rng.integers(2))])
+                tier = ["host", "device"][int(rng.integers(2))]
+                store.evict(sid, tier)
+                event(sid, f"evict {tier}")
             used = store.usage()
             for tier, cap in store.budget.items():
                 if cap is not None and used[tier] > cap:
@@ -453,7 +510,7 @@ def reopen_check(root, tally) -> tuple[TieredStore, dict]:
 
 
 def close(store, tally) -> None:
-    tally.add(reclaimed=store.stats.bytes_reclaimed["disk"])
+    tally.add(reclaimed=store.stats.bytes_reclaimed["disk"], stale=store.stats.stale_copies)
     store.close()
 
 
@@ -518,7 +575,8 @@ def main(argv=None) -> int:
             if time.monotonic() - last > 30:
                 last = time.monotonic()
                 print(f"[{last - t0:.0f} s] schedules {tally.schedules}, rows served {tally.rows}, wrong {tally.wrong}, "
-                      f"lost {len(tally.lost)}, leaked {tally.leaked}", flush=True)
+                      f"lost {len(tally.lost)}, leaked {tally.leaked}, stale copies refused {tally.stale + store.stats.stale_copies}",
+                      flush=True)
     finally:
         try:
             close(store, tally)
@@ -541,6 +599,8 @@ def main(argv=None) -> int:
     print(f"leaked bytes:        {tally.leaked}  (budget accounting, and chunk files before a front that the"
           " budget no longer counts or that an open left)")
     print(f"dead bytes reclaimed: {tally.reclaimed}")
+    print(f"stale copies refused: {tally.stale}  (demotions device -> host whose rows a turn changed meanwhile"
+          " inside the same blocks: served as wrong rows before the store checked Session.stamp)")
     return 1 if (tally.wrong or tally.lost or tally.leaked) else 0
 
 

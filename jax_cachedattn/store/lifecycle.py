@@ -276,14 +276,18 @@ class Lifecycle:
                 f, nb = mem.span(s)
                 demote = s.host is None and s.device is not None and s.device.covers(f, nb) and s.kv_valid
                 blocks = [s.device.get(layer, f, nb) for layer in range(core.L)] if demote else None
-                epoch = s.epoch
+                stamp = s.stamp()
             if demote:  # a copy device -> host, outside the lock, when the host tier has room
                 res = self.take("host", core.L * (nb - f) * self.core.block_bytes, s, False)
                 if res is not None:
                     with res:
                         host = [jax.device_put(bl, core.host_sharding) for bl in blocks]
+                        core.hooks.point("evict.demote", sid)
                         with core.lock:
-                            if s.host is None and s.epoch == epoch and not s.busy() and mem.span(s) == (f, nb):
+                            if s.host is None and not s.gone and not s.busy() and s.stamp() != stamp \
+                                    and s.epoch == stamp[0] and mem.span(s) == (f, nb) and s.stamp()[4] != stamp[4]:
+                                core.stats.add("stale_copies")  # saves changed its rows inside the same blocks
+                            if s.host is None and not s.gone and s.stamp() == stamp and not s.busy():
                                 mem.ensure_table(s, "host")
                                 for layer, bl in enumerate(host):
                                     for i, blk in enumerate(bl):

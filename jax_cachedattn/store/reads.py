@@ -82,7 +82,7 @@ class Reader:
                     raise LayoutMismatch(f"pad_to={pad_to} < num_tokens={n}")
                 f, nb = self.mem.span(s)
                 off = s.offset - f * core.B
-                ver = s.layer_ver.get(layer, 0)
+                ver = (s.epoch, s.layer_ver.get(layer, 0))  # a device copy made from these blocks: stale if it moves
                 pf, s.prefetch = s.prefetch, None
                 if pf is not None and pf.done():
                     core.stats.add("prefetches_in_time")
@@ -158,8 +158,8 @@ class Reader:
         if res is None:
             return
         with res, core.lock:
-            if s.gone or s.layer_ver.get(layer, 0) != ver or s.offset // core.B != f:
-                return  # a save or truncation changed the layer meanwhile: this copy is stale
+            if s.gone or (s.epoch, s.layer_ver.get(layer, 0)) != ver or s.offset // core.B != f:
+                return  # a save, rewind or truncation changed the layer meanwhile: this copy is stale
             t = self.mem.ensure_table(s, "device")
             self.mem.free(s, "device", t.drop_layer(layer))
             for i, blk in enumerate(blocks):

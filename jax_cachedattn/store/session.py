@@ -109,6 +109,14 @@ class Session:
     def num_tokens(self) -> int:
         return self.end - self.offset
 
+    def stamp(self) -> tuple:
+        """What the rows a load serves depend on: the rewinds, the kept run and every layer's published
+        saves. A copy of the session's blocks taken outside the lock (a demotion device -> host) is
+        installed only if the stamp did not change meanwhile; the span ``(offset // B, ceil(end / B))``
+        alone misses a turn that added rows inside the last block and finished (found by the torture
+        script: one row of a 5-row load served as zeros)."""
+        return self.epoch, self.offset, self.end, self.kv_valid, tuple(sorted(self.layer_ver.items()))
+
     def pending(self) -> list[Turn]:
         return self.log + ([self.open] if self.open is not None else [])
 

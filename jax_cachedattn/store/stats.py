@@ -24,7 +24,10 @@ class StoreStats:
     recoveries: sessions rolled back to their last committed turn, or orphans ignored, at open;
     quarantined: folders moved to ``quarantine/`` at open (bad id, bad manifest, another model's);
     bytes_reclaimed: disk bytes of blocks before a session's durable front deleted (at run time or at
-    open); reclaim_failures: such deletions that failed (retried by the next one, or at the next open).
+    open); reclaim_failures: such deletions that failed (retried by the next one, or at the next open);
+    stale_copies: copies of a session's blocks made outside the lock by a demotion device -> host that
+    were not installed because saves changed the session's rows meanwhile inside the same blocks (the
+    span check alone let such a copy in: it served rows of an older turn).
     """
 
     hits: dict[str, int] = dataclasses.field(default_factory=_per_tier)
@@ -39,6 +42,7 @@ class StoreStats:
     quarantined: int = 0
     bytes_reclaimed: dict[str, int] = dataclasses.field(default_factory=_per_tier)
     reclaim_failures: int = 0
+    stale_copies: int = 0
     _lock: threading.Lock = dataclasses.field(default_factory=threading.Lock, repr=False, compare=False)
 
     def add(self, name: str, value: int = 1, tier: str | None = None) -> None:
