@@ -25,6 +25,7 @@ POINTS = (
     "drop.move",  # a drop_range is about to copy the kept rows to their new blocks (save worker)
     "drop.tail",  # a drop_range of the tail is about to trim the host tier (save worker)
     "promote.read",  # a disk -> host promotion is about to read
+    "promote.reserved",  # a promotion holds its host room (the session pinned) and is about to read
     "evict.demote",  # evict(sid, "device") copied the device blocks to host memory; about to install them
     "delete.disk",  # a deleted session's files are about to be removed (save worker)
     "reclaim.delete",  # the chunks before a durable manifest's front are about to be deleted (save worker)

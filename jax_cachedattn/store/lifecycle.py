@@ -73,8 +73,12 @@ class Lifecycle:
                 waits = list(core.gates.values()) + [
                     f for o in core.sessions.values() if o is not owner
                     for f in [o.last_task] + [t.done for t in o.log] if f is not None and not f.done()] + [
-                    f for o in core.sessions.values() for f in [o.reclaim] if f is not None and not f.done()]
-            for f in waits:  # deletions under way free disk bytes; finished work makes sessions evictable
+                    f for o in core.sessions.values() for f in [o.reclaim] if f is not None and not f.done()] + [
+                    o.promoting.done for o in core.sessions.values()
+                    if o is not owner and o.promoting is not None and not o.promoting.done.done()]
+            # deletions under way free disk bytes; finished work makes sessions evictable; a promotion in
+            # flight (a prefetch) holds its host room and pins its session until its read ends
+            for f in waits:
                 try:
                     f.result()
                 except BaseException:  # noqa: BLE001 - reported by their own turns

@@ -73,6 +73,7 @@ class Promoter:
             core.hooks.point("promote.read", s.sid)
             nbytes = core.L * (p.nb - p.f) * core.block_bytes
             with self._reserve("host", nbytes, s) as res:
+                core.hooks.point("promote.reserved", s.sid)
 
                 def publish(layer: int, blocks: list) -> None:
                     p.parts[layer] = blocks

@@ -155,3 +155,44 @@ def test_a_served_load_keeps_its_rows_after_its_blocks_are_freed_and_reused(tmp_
         np.testing.assert_array_equal(np.asarray(got[layer]), a[layer])
     quiet(st)
     st.close()
+
+
+def test_a_save_waits_for_a_promotion_that_holds_the_last_host_room(tmp_path):
+    """The host tier holds one session's blocks. A prefetch of session "a" (on disk only) reserves that
+    room and is held before its read; session "b"'s first save needs the same room. The promotion is
+    bounded work that ends with "a" idle (evictable), so the save waits for it instead of failing with
+    "no room in the host tier ... nothing evictable now" (what the smoke benchmark hit when the scheduler's
+    prefetch and the running turn's save met in a full host tier)."""
+    from _util import BLK
+
+    st = open_store(tmp_path / "st", host_bytes=L * BLK)  # one block of every layer
+    a, b = rows(5, 8), rows(3, 9)
+    turn(st, "a", a, 0).result()
+    st.evict("a", "device")
+    st.evict("a", "host")
+    assert st.lookup("a").tier == "disk"
+    h = st.hooks.hold("promote.reserved", sid="a")
+    fut = st.prefetch("a")
+    h.wait_reached()  # the promotion holds the whole host tier; "a" is pinned
+    out = {}
+
+    def save_b():
+        try:
+            out["turn"] = turn(st, "b", b, 0).result()
+        except BaseException as e:  # noqa: BLE001 - reported by the assertion below
+            out["error"] = e
+
+    t = threading.Thread(target=save_b, daemon=True)
+    t.start()
+    t.join(0.5)
+    try:
+        assert t.is_alive() and not out, out  # waiting for the promotion, not failed
+    finally:
+        h.release()  # also when the assertion fails: a held worker would keep the process from exiting
+    t.join()
+    assert "error" not in out, out.get("error")
+    assert fut.result() is True  # "a" was installed, then evicted from the host tier to make room for "b"
+    check(st, "b", b, turn_no=1)
+    check(st, "a", a, turn_no=1)
+    quiet(st)
+    st.close()
