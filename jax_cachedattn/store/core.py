@@ -41,6 +41,7 @@ class Core:
         self.dev_sharding = jax.sharding.SingleDeviceSharding(device)
         self.host_sharding = jax.sharding.SingleDeviceSharding(device, memory_kind=cfg.memory_kind)
         self.gates: dict[str, cf.Future] = {}  # sid -> removal of its files in progress (wait before writing)
+        self.copies: set[cf.Future] = set()  # demotions device -> host holding host room while they copy
         self.freeing = 0  # disk bytes of deleted sessions whose files are being removed
         self.errors: list[BaseException] = []  # failed turns not yet reported by flush
         self.closed = False

@@ -196,3 +196,41 @@ def test_a_save_waits_for_a_promotion_that_holds_the_last_host_room(tmp_path):
     check(st, "a", a, turn_no=1)
     quiet(st)
     st.close()
+
+
+def test_a_save_waits_for_a_demotion_that_holds_the_last_host_room(tmp_path):
+    """The same with a demotion device -> host (the engine's pool evicting "a") holding the host tier's
+    only room while it copies: "b"'s first save waits for the copy, then evicts the idle "a"."""
+    from _util import BLK
+
+    st = open_store(tmp_path / "st", host_bytes=L * BLK)
+    a, b = rows(5, 10), rows(3, 11)
+    turn(st, "a", a, 0).result()
+    check(st, "a", a)  # a device copy of every layer
+    st.evict("a", "host")  # device only
+    h = st.hooks.hold("evict.demote", sid="a")
+    d = threading.Thread(target=st.evict, args=("a", "device"), daemon=True)
+    d.start()
+    h.wait_reached()  # the copy holds the whole host tier
+    out = {}
+
+    def save_b():
+        try:
+            out["turn"] = turn(st, "b", b, 0).result()
+        except BaseException as e:  # noqa: BLE001 - reported by the assertion below
+            out["error"] = e
+
+    t = threading.Thread(target=save_b, daemon=True)
+    t.start()
+    t.join(0.5)
+    try:
+        assert t.is_alive() and not out, out  # waiting for the copy, not failed
+    finally:
+        h.release()
+    d.join()
+    t.join()
+    assert "error" not in out, out.get("error")
+    check(st, "b", b, turn_no=1)
+    check(st, "a", a, turn_no=1)
+    quiet(st)
+    st.close()
