@@ -170,6 +170,7 @@ def layer_step(
     block_q: int = 256,
     naive_rope: bool = False,
     rope: tuple | None = None,
+    hist_rotated: bool = False,
 ) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]:
     """One decoder block over new tokens against a cached history.
 
@@ -186,6 +187,10 @@ def layer_step(
     ``naive_rope=True`` is the usual engine, kept only for comparison: the cache holds keys
     *after* RoPE (rotated by the positions they had when computed), history keys are used as they
     are and ``new_k`` is returned rotated. A truncated naive cache is then wrong.
+
+    ``hist_rotated=True`` (static): the history keys are already rotated to their positions (the
+    engine's device pool); they are used as they are, with no RoPE (``rope``'s history tables may be
+    None), and ``new_k`` is still returned pre-RoPE.
     """
     T = x.shape[0]
     H, K, Dh = config.num_heads, config.num_kv_heads, config.head_dim
@@ -194,10 +199,10 @@ def layer_step(
     q, k, v = project_qkv(lp, h, config)
     q, k, v = q.reshape(T, H, Dh), k.reshape(T, K, Dh), v.reshape(T, K, Dh)
     if rope is None:
-        rope = layer_rope_tables(config, S, positions, with_history=not naive_rope)
+        rope = layer_rope_tables(config, S, positions, with_history=not (naive_rope or hist_rotated))
     cos_h, sin_h, cos_n, sin_n = rope
     k_rot = apply_rope(k, cos_n, sin_n)
-    k_hist = cached_k if naive_rope else apply_rope(cached_k, cos_h, sin_h)
+    k_hist = cached_k if naive_rope or hist_rotated else apply_rope(cached_k, cos_h, sin_h)
     a = attention(apply_rope(q, cos_n, sin_n), k_hist, cached_v, k_rot, v, history_len, block_q=block_q)
     x = x + a.reshape(T, H * Dh) @ lp["wo"]
     x = x + mlp(lp, rms_norm(x, lp["mlp_norm"], config.rms_eps))
