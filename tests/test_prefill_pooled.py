@@ -39,3 +39,23 @@ def test_pooled_history_equals_assembled_blocks(naive):
     zeroed = tuple((jnp.where((jnp.arange(S) < n)[None, :, None, None], p[0], 0),) for p in pooled)
     again = P.layers_in_program(layers, cfg, x, zeroed, jnp.zeros(L, jnp.int32), jnp.int32(n), pos, S, naive, True)
     np.testing.assert_array_equal(again[0], got[0])
+
+
+@pytest.mark.parametrize("hist", [300, 1024])
+def test_sequence_major_history_through_the_chunked_scan(monkeypatch, hist):
+    """The device hit's history, read sequence-major, through the key-chunked scan (small chunks
+    forced) equals the reference, with stale rows past the history."""
+    import jax_cachedattn.model.layers as layers
+    from jax_cachedattn.model import attention, attention_reference
+
+    monkeypatch.setattr(layers, "SCORE_BLOCK_BYTES", 1)  # -> 256-key chunks: 4 of them
+    r = np.random.RandomState(hist)
+    T, H, K, Dh, cap = 16, 6, 2, 16, 1024
+    q = jnp.asarray(r.randn(T, H, Dh), jnp.float32)
+    kh, vh = (jnp.asarray(r.randn(cap, K, Dh) * 3, jnp.float32) for _ in range(2))
+    kn, vn = (jnp.asarray(r.randn(T, K, Dh) * 3, jnp.float32) for _ in range(2))
+    got = attention(q, kh, vh, kn, vn, jnp.int32(hist), hist_seq_major=True)
+    want = attention_reference(q, kh, vh, kn, vn, jnp.int32(hist))
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-5, rtol=1e-5)
+    heads_major = attention(q, kh, vh, kn, vn, jnp.int32(hist))
+    np.testing.assert_allclose(np.asarray(got), np.asarray(heads_major), atol=1e-6, rtol=1e-6)
