@@ -75,20 +75,33 @@ def layers_in_program(layers, config: ModelConfig, x, blocks, offs, hist_len, po
     one ``[2, cap, K, Dh]`` block); offs ``[len(layers)]``: the row of each layer's first kept token.
     Returns ``(x, hists, news)``: per layer ``[2, cap, K, Dh]`` and ``[2, T, K, Dh]`` (pre-RoPE keys).
     With no history (``cap == 0``) every layer runs against an empty cache (a new session, a recompute).
-    ``hist_rotated``: the history is the device pool's (keys already rotated; see :func:`_prefill_rope`).
+
+    ``hist_rotated`` (static; its programs are the device hits'): every layer's history is the device
+    pool's bucket, one ``[2, cap, K, Dh]`` block read at row 0 (``read_rows``), keys already rotated.
+    It is used as it is: no assembly (no concatenation, slice or zeroing: rows ``>= hist_len`` are
+    masked in the attention, and the pool holds only finite values), no RoPE on the history keys,
+    and the returned ``hists`` are those blocks (the caller does not write them back: they are in
+    the pool already). Every other path (host, disk, read-buffer blocks) is traced as before.
     """
     TRACE_COUNTS["layers_in_program"] += 1
     T = x.shape[0]
-    rope = _prefill_rope(config, cap, positions, naive, hist_rotated)  # once for all layers
+    pooled = hist_rotated and bool(cap)
+    if pooled:  # no history tables: the pool's keys are used as they are
+        rope = layer_rope_tables(config, 0, positions, with_history=False)
+    else:
+        rope = _prefill_rope(config, cap, positions, naive, hist_rotated)  # once for all layers
     empty = jnp.zeros((2, 0, config.num_kv_heads, config.head_dim), config.jnp_dtype)
     hists, news = [], []
     for i, lp in enumerate(layers):
-        if cap:
+        if pooled:
+            (hist,) = blocks[i]
+        elif cap:
             lb = tuple(jax.device_put(b, jax.memory.Space.Device) for b in blocks[i])
             hist = assemble_blocks(lb, offs[i], hist_len, cap)
         else:
             hist = empty
-        x, k, v = layer_step(lp, x, hist[0], hist[1], hist_len, positions, config, query_block(T), naive, rope)
+        x, k, v = layer_step(lp, x, hist[0], hist[1], hist_len, positions, config, query_block(T), naive, rope,
+                             hist_rotated=pooled)
         hists.append(hist)
         news.append(jnp.stack([k, v]))
     return x, tuple(hists), tuple(news)

@@ -39,7 +39,9 @@ def _attend_parts(q, parts):
     """Softmax over the concatenation of several key ranges without concatenating them.
 
     q ``[K, G, B, Dh]`` (already scaled); parts: ``(k [K, N, Dh], v [K, N, Dh], mask)`` with mask
-    ``None`` (every key visible) or broadcastable to ``[K, G, B, N]``. Returns ``[K, G, B, Dh]`` f32.
+    ``None`` (every key visible) or broadcastable to ``[K, G, B, N]``; a part may add a fourth item,
+    ``True``: its k and v are sequence-major, ``[N, K, Dh]`` (as the cache holds them: chunking them
+    is a free reshape, no transpose). Returns ``[K, G, B, Dh]`` f32.
 
     Flash-style online softmax: long key ranges are consumed ``chunk`` keys at a time (a scan)
     with a running max and denominator, so no ``B x N`` score matrix larger than one chunk is ever
@@ -52,34 +54,39 @@ def _attend_parts(q, parts):
     denom = jnp.zeros((Kh, G, B, 1), f32)
     out = jnp.zeros((Kh, G, B, Dh), f32)
 
-    def step(carry, k, v, mask):
+    def step(carry, k, v, mask, seq_major=False):
         m, denom, out = carry
-        sc = jnp.einsum("kgbd,knd->kgbn", q, k, preferred_element_type=f32)
+        kspec = "nkd" if seq_major else "knd"
+        sc = jnp.einsum(f"kgbd,{kspec}->kgbn", q, k, preferred_element_type=f32)
         if mask is not None:
             sc = jnp.where(mask, sc, _NEG)
         m_new = jnp.maximum(m, sc.max(axis=-1, keepdims=True))
         alpha = jnp.exp(m - m_new)
         p = jnp.exp(sc - m_new)
         denom = denom * alpha + p.sum(axis=-1, keepdims=True)
-        out = out * alpha + jnp.einsum("kgbn,knd->kgbd", p.astype(v.dtype), v, preferred_element_type=f32)
+        out = out * alpha + jnp.einsum(f"kgbn,{kspec}->kgbd", p.astype(v.dtype), v, preferred_element_type=f32)
         return m_new, denom, out
 
     carry = (m, denom, out)
-    for k, v, mask in parts:
-        N = k.shape[1]
+    for k, v, mask, *sm in parts:
+        seq_major = bool(sm and sm[0])
+        N = k.shape[0 if seq_major else 1]
         c = next((c for c in (chunk, 1024, 512, 256) if c <= chunk and N % c == 0), N)
         if N <= c:
-            carry = step(carry, k, v, mask)
+            carry = step(carry, k, v, mask, seq_major)
             continue
         n = N // c
-        ks = k.reshape(Kh, n, c, Dh).swapaxes(0, 1)  # [n, K, c, Dh]
-        vs = v.reshape(Kh, n, c, Dh).swapaxes(0, 1)
+        if seq_major:
+            ks, vs = k.reshape(n, c, Kh, Dh), v.reshape(n, c, Kh, Dh)  # [n, c, K, Dh]: no copy
+        else:
+            ks = k.reshape(Kh, n, c, Dh).swapaxes(0, 1)  # [n, K, c, Dh]
+            vs = v.reshape(Kh, n, c, Dh).swapaxes(0, 1)
         if mask is None:
-            carry, _ = jax.lax.scan(lambda cr, kv: (step(cr, kv[0], kv[1], None), None), carry, (ks, vs))
+            carry, _ = jax.lax.scan(lambda cr, kv: (step(cr, kv[0], kv[1], None, seq_major), None), carry, (ks, vs))
         else:
             mk = jnp.broadcast_to(mask, mask.shape[:-1] + (N,))
             mk = jnp.moveaxis(mk.reshape(mk.shape[:-1] + (n, c)), -2, 0)  # [n, ..., c]
-            carry, _ = jax.lax.scan(lambda cr, kvm: (step(cr, *kvm), None), carry, (ks, vs, mk))
+            carry, _ = jax.lax.scan(lambda cr, kvm: (step(cr, *kvm, seq_major), None), carry, (ks, vs, mk))
     m, denom, out = carry
     return out / denom
 
@@ -92,6 +99,7 @@ def attention(
     v_new: jnp.ndarray,
     history_len: jnp.ndarray,
     block_q: int = 256,
+    hist_seq_major: bool = False,
 ) -> jnp.ndarray:
     """Blocked causal grouped-query attention, heads-major.
 
@@ -99,7 +107,9 @@ def attention(
     ranges, softmaxed together without concatenation: the valid history (a padding mask), the new
     keys before the block (no mask at all) and the block's own keys (the causal triangle). No
     ``T x T`` score matrix is materialised beyond the causal staircase, and only the diagonal
-    blocks pay for masking. Returns ``[T, H, Dh]`` in q's dtype.
+    blocks pay for masking. Returns ``[T, H, Dh]`` in q's dtype. ``hist_seq_major`` (static): the
+    history is read sequence-major as it comes (no transpose to heads-major first; the device hit's
+    prefill); the other paths keep the heads-major history as before.
     """
     T, H, Dh = q.shape
     K = k_new.shape[1]
@@ -107,7 +117,10 @@ def attention(
     S = k_hist.shape[0]
     scale = Dh ** -0.5
     qh = (q.astype(jnp.float32) * scale).astype(q.dtype).reshape(T, K, G, Dh).transpose(1, 2, 0, 3)  # [K,G,T,Dh]
-    kh, vh = k_hist.transpose(1, 0, 2), v_hist.transpose(1, 0, 2)  # [K,S,Dh]
+    if hist_seq_major:
+        kh, vh = k_hist, v_hist  # [S,K,Dh]
+    else:
+        kh, vh = k_hist.transpose(1, 0, 2), v_hist.transpose(1, 0, 2)  # [K,S,Dh]
     kn, vn = k_new.transpose(1, 0, 2), v_new.transpose(1, 0, 2)  # [K,T,Dh]
     hist_mask = (jnp.arange(S) < history_len)[None, None, None, :]
     outs = []
@@ -115,7 +128,7 @@ def attention(
         end = min(start + block_q, T)
         parts = []
         if S:
-            parts.append((kh, vh, hist_mask))
+            parts.append((kh, vh, hist_mask, hist_seq_major))
         if start:
             parts.append((kn[:, :start], vn[:, :start], None))
         causal = jnp.arange(start, end)[:, None] >= jnp.arange(start, end)[None, :]  # [B, B]
@@ -170,6 +183,7 @@ def layer_step(
     block_q: int = 256,
     naive_rope: bool = False,
     rope: tuple | None = None,
+    hist_rotated: bool = False,
 ) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]:
     """One decoder block over new tokens against a cached history.
 
@@ -186,6 +200,11 @@ def layer_step(
     ``naive_rope=True`` is the usual engine, kept only for comparison: the cache holds keys
     *after* RoPE (rotated by the positions they had when computed), history keys are used as they
     are and ``new_k`` is returned rotated. A truncated naive cache is then wrong.
+
+    ``hist_rotated=True`` (static): the history keys are already rotated to their positions (the
+    engine's device pool); they are used as they are, with no RoPE (``rope``'s history tables may be
+    None) and read sequence-major in the attention (no transpose), and ``new_k`` is still returned
+    pre-RoPE.
     """
     T = x.shape[0]
     H, K, Dh = config.num_heads, config.num_kv_heads, config.head_dim
@@ -194,11 +213,12 @@ def layer_step(
     q, k, v = project_qkv(lp, h, config)
     q, k, v = q.reshape(T, H, Dh), k.reshape(T, K, Dh), v.reshape(T, K, Dh)
     if rope is None:
-        rope = layer_rope_tables(config, S, positions, with_history=not naive_rope)
+        rope = layer_rope_tables(config, S, positions, with_history=not (naive_rope or hist_rotated))
     cos_h, sin_h, cos_n, sin_n = rope
     k_rot = apply_rope(k, cos_n, sin_n)
-    k_hist = cached_k if naive_rope else apply_rope(cached_k, cos_h, sin_h)
-    a = attention(apply_rope(q, cos_n, sin_n), k_hist, cached_v, k_rot, v, history_len, block_q=block_q)
+    k_hist = cached_k if naive_rope or hist_rotated else apply_rope(cached_k, cos_h, sin_h)
+    a = attention(apply_rope(q, cos_n, sin_n), k_hist, cached_v, k_rot, v, history_len, block_q=block_q,
+                  hist_seq_major=hist_rotated)
     x = x + a.reshape(T, H * Dh) @ lp["wo"]
     x = x + mlp(lp, rms_norm(x, lp["mlp_norm"], config.rms_eps))
     return x, (k_rot if naive_rope else k), v
