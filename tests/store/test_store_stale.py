@@ -157,6 +157,28 @@ def test_a_served_load_keeps_its_rows_after_its_blocks_are_freed_and_reused(tmp_
     st.close()
 
 
+def _first_save_waits_for(st, sid, x, hold):
+    """Commit ``x`` as session ``sid``'s first turn on a thread while ``hold`` keeps the work that holds the
+    host tier's last room parked: the save must wait (not fail) until the hold is released, then succeed."""
+    out = {}
+
+    def save():
+        try:
+            out["turn"] = turn(st, sid, x, 0).result()
+        except BaseException as e:  # noqa: BLE001 - reported by the assertion below
+            out["error"] = e
+
+    t = threading.Thread(target=save, daemon=True)
+    t.start()
+    t.join(0.5)
+    try:
+        assert t.is_alive() and not out, out  # waiting for the held work, not failed
+    finally:
+        hold.release()  # also when the assertion fails: a held worker would keep the process from exiting
+    t.join()
+    assert "error" not in out, out.get("error")
+
+
 def test_a_save_waits_for_a_promotion_that_holds_the_last_host_room(tmp_path):
     """The host tier holds one session's blocks. A prefetch of session "a" (on disk only) reserves that
     room and is held before its read; session "b"'s first save needs the same room. The promotion is
@@ -174,23 +196,7 @@ def test_a_save_waits_for_a_promotion_that_holds_the_last_host_room(tmp_path):
     h = st.hooks.hold("promote.reserved", sid="a")
     fut = st.prefetch("a")
     h.wait_reached()  # the promotion holds the whole host tier; "a" is pinned
-    out = {}
-
-    def save_b():
-        try:
-            out["turn"] = turn(st, "b", b, 0).result()
-        except BaseException as e:  # noqa: BLE001 - reported by the assertion below
-            out["error"] = e
-
-    t = threading.Thread(target=save_b, daemon=True)
-    t.start()
-    t.join(0.5)
-    try:
-        assert t.is_alive() and not out, out  # waiting for the promotion, not failed
-    finally:
-        h.release()  # also when the assertion fails: a held worker would keep the process from exiting
-    t.join()
-    assert "error" not in out, out.get("error")
+    _first_save_waits_for(st, "b", b, h)
     assert fut.result() is True  # "a" was installed, then evicted from the host tier to make room for "b"
     check(st, "b", b, turn_no=1)
     check(st, "a", a, turn_no=1)
@@ -212,24 +218,8 @@ def test_a_save_waits_for_a_demotion_that_holds_the_last_host_room(tmp_path):
     d = threading.Thread(target=st.evict, args=("a", "device"), daemon=True)
     d.start()
     h.wait_reached()  # the copy holds the whole host tier
-    out = {}
-
-    def save_b():
-        try:
-            out["turn"] = turn(st, "b", b, 0).result()
-        except BaseException as e:  # noqa: BLE001 - reported by the assertion below
-            out["error"] = e
-
-    t = threading.Thread(target=save_b, daemon=True)
-    t.start()
-    t.join(0.5)
-    try:
-        assert t.is_alive() and not out, out  # waiting for the copy, not failed
-    finally:
-        h.release()
+    _first_save_waits_for(st, "b", b, h)
     d.join()
-    t.join()
-    assert "error" not in out, out.get("error")
     check(st, "b", b, turn_no=1)
     check(st, "a", a, turn_no=1)
     quiet(st)
