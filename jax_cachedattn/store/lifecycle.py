@@ -24,17 +24,6 @@ from .memory import Memory
 from .session import Session, Turn
 
 
-@contextlib.contextmanager
-def _finishing(core: Core, fut: cf.Future):
-    """Resolve ``fut`` and forget it (``core.copies``) when the block ends, however it ends."""
-    try:
-        yield
-    finally:
-        with core.lock:
-            core.copies.discard(fut)
-        fut.set_result(None)
-
-
 def done_future(value=None) -> cf.Future:
     f: cf.Future = cf.Future()
     f.set_result(value)
@@ -85,11 +74,9 @@ class Lifecycle:
                     f for o in core.sessions.values() if o is not owner
                     for f in [o.last_task] + [t.done for t in o.log] if f is not None and not f.done()] + [
                     f for o in core.sessions.values() for f in [o.reclaim] if f is not None and not f.done()] + [
-                    o.promoting.done for o in core.sessions.values()
-                    if o is not owner and o.promoting is not None and not o.promoting.done.done()] + [
-                    f for f in core.copies if not f.done()]
-            # deletions under way free disk bytes; finished work makes sessions evictable; a promotion in
-            # flight (a prefetch) holds its host room and pins its session until its read ends
+                    f for f in core.holding if not f.done()]
+            # deletions under way free disk bytes; finished work makes sessions evictable; a promotion's read
+            # or a demotion's copy holds host room (a promotion pins its session) until it ends
             for f in waits:
                 try:
                     f.result()
@@ -296,10 +283,7 @@ class Lifecycle:
             if demote:  # a copy device -> host, outside the lock, when the host tier has room
                 res = self.take("host", core.L * (nb - f) * self.core.block_bytes, s, False)
                 if res is not None:
-                    copying: cf.Future = cf.Future()  # a save that finds the host tier full waits for it
-                    with core.lock:
-                        core.copies.add(copying)
-                    with _finishing(core, copying), res:
+                    with core.holding_room(res):  # a save that finds the host tier full waits for it
                         host = [jax.device_put(bl, core.host_sharding) for bl in blocks]
                         core.hooks.point("evict.demote", sid)
                         with core.lock:

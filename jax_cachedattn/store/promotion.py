@@ -72,7 +72,7 @@ class Promoter:
         try:
             core.hooks.point("promote.read", s.sid)
             nbytes = core.L * (p.nb - p.f) * core.block_bytes
-            with self._reserve("host", nbytes, s) as res:
+            with self._reserve("host", nbytes, s) as res, core.holding_room(res):
                 core.hooks.point("promote.reserved", s.sid)
 
                 def publish(layer: int, blocks: list) -> None:
