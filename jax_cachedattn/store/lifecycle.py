@@ -287,10 +287,10 @@ class Lifecycle:
                         host = [jax.device_put(bl, core.host_sharding) for bl in blocks]
                         core.hooks.point("evict.demote", sid)
                         with core.lock:
-                            if s.host is None and not s.gone and not s.busy() and s.stamp() != stamp \
-                                    and s.epoch == stamp[0] and mem.span(s) == (f, nb) and s.stamp()[4] != stamp[4]:
+                            idle, now = s.host is None and not s.gone and not s.busy(), s.stamp()
+                            if idle and now[0] == stamp[0] and now[4] != stamp[4] and mem.span(s) == (f, nb):
                                 core.stats.add("stale_copies")  # saves changed its rows inside the same blocks
-                            if s.host is None and not s.gone and s.stamp() == stamp and not s.busy():
+                            if idle and now == stamp:
                                 mem.ensure_table(s, "host")
                                 for layer, bl in enumerate(host):
                                     for i, blk in enumerate(bl):
