@@ -13,7 +13,7 @@ did that at every step until measured (docs/engine.md).
 
 The pure-``jnp`` path is a loop over page index with an online softmax, each step reading one page
 per sequence: on XLA:CPU this beat gathering every page into a dense ``[S, M*B, K, Dh]`` first (the
-gather materialises the whole history; see README, "Paged attention"). It is checked against the
+gather materialises the whole history; see docs/engine.md). It is checked against the
 ``ref_ragged_paged_attention`` that the jax wheel ships (tests/test_paged_attention.py).
 """
 
