@@ -94,6 +94,6 @@ def append(engine, session_id: str, message, InputError: type[Exception] = Value
     plan, pf, dt = a.plan, a.prefill, time.perf_counter() - t0
     return TurnResult(session=sid, reply="", reply_tokens=[], history_tokens=len(plan.hist_ids),
                       prompt_tokens=len(plan.new_ids), generated_tokens=0, truncated_tokens=plan.n_drop,
-                      dropped_tokens=plan.tail_drop, ttft_s=dt, total_s=dt, source=plan.source,
+                      dropped_tokens=plan.tail_drop, ttft_s=dt, total_s=dt, source="host" if plan.pool_preloaded else plan.source,
                       reused_tokens=plan.cached_len, read_ahead=pf.ahead, preload=pf.mode,
                       preloaded_layers=pf.preloaded, commit=commit)
