@@ -89,7 +89,7 @@ def test_queued_host_history_is_written_into_pages_while_slots_decode(model, tmp
     """One layer per round (pool_preload_rows below one layer's rows): the probe's two layers are
     written in two rounds, each while both other slots decode ("q" takes two dispatches); it starts as a device hit on those
     pages, reports where its KV came from (host) and how (pool), and equals the batch-1 host hit. A
-    second round of the same shapes (other lengths, same buckets) compiles nothing."""
+    second round of the same shapes (a longer history in the same bucket) compiles nothing."""
     cfg, params = model
     eng, store = _engine(cfg, params, tmp_path / "b", pool_preload_rows=100)
     _with_history(eng, cfg, "p", 300, 3)
@@ -101,10 +101,11 @@ def test_queued_host_history_is_written_into_pages_while_slots_decode(model, tmp
     assert (p.source, p.preload, p.preloaded_layers, p.reused_tokens) == ("host", "pool", cfg.num_layers, p.history_tokens)
     assert eng.pool.stats["preloads"] == 1 and eng.pool.stats["preload_hits"] == 1
     assert eng.pool.stats["preloads_dropped"] == 0
-    # Round 2: the same shapes again (new sessions beside; the probe's longer history in the same bucket).
+    # Round 2: the same shapes again (new sessions beside; the probe's longer history in the same bucket;
+    # the same prompt lengths: return_logits slices each prompt's logits outside the programs).
     eng.evict("p", "device")
     with counting_compiles() as h:
-        again = eng.run_batch(_jobs(cfg, 60, p_len=28, tag="2", q_new=4))
+        again = eng.run_batch(_jobs(cfg, 60, tag="2", q_new=4))
     assert again[-1].preload == "pool" and eng.pool.stats["preload_hits"] == 2
     assert h.n == 0, dict(h.count)
     eng.close()

@@ -142,6 +142,15 @@ class PoolPreload:
         if self._w is not None:
             self._write(budget)
 
+    def write_all(self, sid: str) -> bool:
+        """Preload ``sid``'s host history now, every layer (the warm-up compiles the program this way);
+        False when it is not in host memory or the pool has no room."""
+        info = self.e.store.lookup(sid) if self.e.store is not None else None
+        if self._w is not None or info is None or info.tier != "host" or not info.num_tokens or not self._open(info):
+            return False
+        self._write(None)
+        return self.e.pool.holds(sid, info.turn, info.num_tokens)
+
     def finish(self, sid: str) -> None:
         """Before ``sid``'s job starts: write the layers its preload has left (none when none is in progress)."""
         if self._w is not None and self._w.sid == sid:
