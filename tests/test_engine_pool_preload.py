@@ -240,3 +240,21 @@ def test_failed_preloaded_turn_leaves_session_usable(model, tmp_path, monkeypatc
     for i, lg in enumerate(r.decode_logits):
         np.testing.assert_allclose(lg, ref[len(full) - 1 + i], atol=TOL, rtol=0)
     eng.close()
+
+
+def test_warmup_compiles_the_preload_and_what_the_preloaded_job_runs(model, tmp_path):
+    """``keep_pages=False``: no device hit but a preloaded one. After ``Engine.warmup`` for one prompt and
+    one history bucket, a batch whose queued job is preloaded into the pool compiles nothing."""
+    cfg, params = model
+    eng, store = _engine(cfg, params, tmp_path / "b", keep_pages=False, return_logits=False)
+    with counting_compiles() as h:
+        eng.warmup(prompt_lengths=(20,), history_lengths=(300,))
+        warm = dict(h.count)
+        for layer in range(cfg.num_layers):  # a 310-token history (bucket 512), committed as a turn commits it
+            kv = np.random.RandomState(layer).randn(2, 310, cfg.num_kv_heads, cfg.head_dim).astype(np.float32)
+            store.save_layer("p", layer, kv, start=0)
+        store.commit_turn("p", random_ids(cfg, 310, 1)).result()
+        got = eng.run_batch(_jobs(cfg, 40))
+    assert got[-1].preload == "pool" and eng.pool.stats["preload_hits"] == 1
+    assert dict(h.count) == warm, {k: h.count[k] - warm.get(k, 0) for k in h.count if h.count[k] != warm.get(k, 0)}
+    eng.close()
