@@ -1,8 +1,9 @@
 """Continuous batching on SmolLM2 fp32: decode tokens/s and finished turns/min with 1..16 sessions at
 once, beside transformers' batched ``generate`` (left-padded, same weights, same machine, same run),
-the device pool's KV bytes against tokens held x bytes per token, and the TTFT of a turn whose history
-is in host memory against one whose history is in the device pool, each started while 8 other slots
-decode (``--ttft-history``).
+the device pool's KV bytes against tokens held x bytes per token, and the TTFT of a queued turn whose
+history is idle in host memory against one whose history is in the device pool, each waiting while 8
+other slots decode (``--ttft-history``; ``--ttft-busy-probe`` adds the earlier arrangement, the probe's
+session busy in a slot until its turn).
 
 Each session first gets a history (a first turn of a ragged length, also the compile warm-up); the
 measured round is one more turn of every session at once (history from the device pool). Messages
@@ -169,11 +170,62 @@ def matmul_ceiling(cfg, params, rows: list[int], reps: int) -> dict:
 
 
 def ttft_beside_decode(cfg, params, hist: int, prompt: int, decode_new: int, reps: int, steps: int) -> dict:
-    """TTFT of a turn started while 8 other slots decode, its ``hist``-token history in the device pool
+    """TTFT of a turn that waits in the queue while 8 other slots decode, its ``hist``-token history in the
+    device pool or idle in host memory (saved by an earlier turn, its pages given back: ``Engine.evict(p,
+    "device")``), as a waiting job's history is in real use. Each repetition, on a fresh engine of 9
+    slots: session p's first turn (the history, 1 token), then 8 jobs decoding ``decode_new`` tokens,
+    a short job of another session (4 tokens, done after the first dispatch) and p's turn (the
+    probe) queued behind it: the probe waits for the short job's slot, so the loop can bring its
+    history forward (engine/pool_preload.py) while the 9 slots decode. TTFT is measured the same way
+    for both: from the moment the probe leaves the queue (its prefill starts) to its first token
+    (``TurnResult.ttft_s``); ``*_from_queue_s`` adds the time it waited (``queue_s``). The modes
+    alternate repetition by repetition; the first repetition of each compiles and is not counted."""
+    from jax_cachedattn.engine import Engine, EngineConfig
+    from jax_cachedattn.store import KVLayout, StoreConfig, TieredStore
+
+    r = np.random.RandomState(1)
+    lay = KVLayout(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, cfg.dtype, "bench-ttft")
+    out: dict = {"device": [], "host": []}
+    queued: dict = {"device": [], "host": []}
+    preloads = []
+    for rep in range(reps + 1):
+        for where in ("device", "host"):
+            store = TieredStore(StoreConfig(kvstore={"driver": "memory"}, host_bytes=4 << 30, token_block=64), lay)
+            eng = Engine(cfg, params, store, None, EngineConfig(max_new_tokens=decode_new, max_slots=9, decode_steps=steps,
+                                                                pool_tokens=16384))
+            ids = lambda n: r.randint(0, cfg.vocab_size, n).astype(np.int32)  # noqa: E731
+            eng.turn("p", ids(hist), max_new_tokens=1)
+            eng.flush()
+            if where == "host":
+                eng.evict("p", "device")  # idle in host memory, its pages given back
+            jobs = ([(f"d{i}", ids(prompt), decode_new) for i in range(8)] + [("q", ids(prompt), steps)]
+                    + [("p", ids(prompt), 2)])
+            res = eng.run_batch(jobs)
+            eng.close()
+            probe = res[-1]
+            assert probe.source == where, (probe.source, where)
+            if where == "host":
+                preloads.append(probe.preload)
+            if rep:
+                out[where].append(probe.ttft_s)
+                queued[where].append(probe.queue_s + probe.ttft_s)
+    dev, host = float(np.median(out["device"])), float(np.median(out["host"]))
+    qd, qh = float(np.median(queued["device"])), float(np.median(queued["host"]))
+    return {"history": hist, "prompt": prompt, "decoding_slots": 8, "device_ttft_s": dev, "host_ttft_s": host,
+            "host_over_device": host / dev, "device_from_queue_s": qd, "host_from_queue_s": qh,
+            "host_over_device_from_queue": qh / qd, "host_preload": preloads, "reps": reps,
+            "device_all": out["device"], "host_all": out["host"]}
+
+
+def ttft_busy_probe(cfg, params, hist: int, prompt: int, decode_new: int, reps: int, steps: int) -> dict:
+    """The earlier arrangement (``--ttft-busy-probe``): TTFT of a turn started while 8 other slots decode, its
+    ``hist``-token history in the device pool
     (``keep_pages=True``) or in host memory (``keep_pages=False``: every history is loaded from the
     store). Each repetition: session p's first turn (the history, 1 token) and 8 decoding jobs start
     together; p's turn ends after the first dispatch, so p's second turn (the probe) is prefilled in a
-    later round, beside the 8 slots still decoding. The modes alternate repetition by repetition;
+    later round, beside the 8 slots still decoding. The probe's session is busy in a slot until just
+    before its turn, so nothing can be brought forward for it (its history in host memory is copied
+    and written into its pages by its own prefill). The modes alternate repetition by repetition;
     the first repetition of each compiles and is not counted."""
     from jax_cachedattn.engine import Engine, EngineConfig
     from jax_cachedattn.store import KVLayout, StoreConfig, TieredStore
@@ -288,6 +340,8 @@ def main() -> int:
     ap.add_argument("--ttft-history", type=int, default=1024, help="history tokens of the TTFT probe (0: skip it)")
     ap.add_argument("--ttft-reps", type=int, default=3, help="timed repetitions of the TTFT probe per source")
     ap.add_argument("--ttft-decode", type=int, default=32, help="tokens each of the 8 slots decodes beside the probe")
+    ap.add_argument("--ttft-busy-probe", action="store_true",
+                    help="also run the earlier TTFT arrangement: the probe's session busy in a slot until just before its turn")
     ap.add_argument("--chunk-prompt", type=int, default=0,
                     help="new tokens of a prompt prefilled beside 8 decoding slots, with and without chunked prefill (0: skip)")
     ap.add_argument("--chunk-reps", type=int, default=1, help="timed repetitions of the chunked-prefill probe per mode")
@@ -339,6 +393,11 @@ def main() -> int:
             print(json.dumps(ttft), flush=True)
         except Exception as e:  # the throughput rows above still get written
             print(f"TTFT probe failed: {e!r}", file=sys.stderr, flush=True)
+    busy = None
+    if args.ttft_history and args.ttft_busy_probe:
+        busy = ttft_busy_probe(m.config, m.params, args.ttft_history, args.prompt, args.ttft_decode, args.ttft_reps,
+                               args.decode_steps)
+        print(json.dumps(busy), flush=True)
     chunk = None
     if args.chunk_prompt:
         chunk = chunked_beside_decode(m.config, m.params, args.chunk_prompt, args.prompt, args.ttft_decode, args.chunk_reps,
@@ -357,8 +416,13 @@ def main() -> int:
               f"{h['decode_tok_s'] if h else float('nan'):.1f} | {o['decode_tok_s'] / h['decode_tok_s'] if h else float('nan'):.2f} | "
               f"{o['turns_per_min']:.1f} | {h['turns_per_min'] if h else float('nan'):.1f} | {o['device_kv_over_held']:.2f} |")
     if ttft:
-        print(f"\nTTFT with 8 slots decoding beside it, {ttft['history']}-token history: device {ttft['device_ttft_s'] * 1e3:.0f} ms,"
-              f" host {ttft['host_ttft_s'] * 1e3:.0f} ms, host/device {ttft['host_over_device']:.3f} (median of {ttft['reps']})")
+        print(f"\nTTFT of a queued turn with 8 slots decoding beside it, {ttft['history']}-token history: device "
+              f"{ttft['device_ttft_s'] * 1e3:.0f} ms, host {ttft['host_ttft_s'] * 1e3:.0f} ms (preload: "
+              f"{','.join(ttft['host_preload'])}), host/device {ttft['host_over_device']:.3f} (median of {ttft['reps']}); "
+              f"from its arrival in the queue: {ttft['host_over_device_from_queue']:.3f}")
+    if busy:
+        print(f"TTFT, probe busy in a slot until its turn (earlier arrangement): device {busy['device_ttft_s'] * 1e3:.0f} ms,"
+              f" host {busy['host_ttft_s'] * 1e3:.0f} ms, host/device {busy['host_over_device']:.3f} (median of {busy['reps']})")
     if chunk:
         c, o = chunk["chunked"], chunk["one_program"]
         print(f"\n{chunk['long_prompt']}-token prompt beside 8 decoding slots (chunks of {chunk['budget']}): "
@@ -366,7 +430,7 @@ def main() -> int:
               f"{c['max_stall_s']:.2f} / {o['max_stall_s']:.2f} s; decode tok/s {c['decode_tok_s']:.1f} / {o['decode_tok_s']:.1f}")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
-                                          "args": vars(args), "rows": rows, "ttft": ttft, "load": load, "ceiling": ceiling,
+                                          "args": vars(args), "rows": rows, "ttft": ttft, "ttft_busy_probe": busy, "load": load, "ceiling": ceiling,
                                           "chunked_prefill": chunk}, indent=1))
     return 0
 

@@ -132,8 +132,8 @@ def test_no_compile_when_the_read_ahead_picks_a_count_between_default_and_all(tm
 
     def job(on_event):
         # keep_pages=False: every later turn's history comes from host memory, so the queue's next job
-        # is preloaded into the read buffer.
-        eng = tiny_engine(str(tmp_path / "store"), max_slots=2, keep_pages=False, num_layers=6)
+        # is preloaded into the read buffer (the preload into pool pages off: it would take its place).
+        eng = tiny_engine(str(tmp_path / "store"), max_slots=2, keep_pages=False, num_layers=6, pool_preload_rows=0)
         try:
             counts = eng.read_ahead.counts()
             assert counts == (2, 3, 6)

@@ -404,9 +404,10 @@ def test_next_job_preloaded_while_current_decodes(tiny):
     cfg, params = tiny
     store = _store(cfg)
     # One slot and no pages kept after a turn: every job loads its history from the host tier, and the
-    # next queued job's first layers are loaded while the current one decodes.
+    # next queued job's first layers are loaded into the read buffer while the current one decodes (the
+    # preload into pool pages off: it would take the read buffer's place; tests/test_engine_pool_preload.py).
     eng = Engine(cfg, params, store, None, EngineConfig(max_new_tokens=6, read_ahead=2, return_logits=True,
-                                                        max_slots=1, keep_pages=False))
+                                                        max_slots=1, keep_pages=False, pool_preload_rows=0))
     a, b = _messages(cfg, 2, seed=23)
     eng.turn("A", a)
     eng.turn("B", b)

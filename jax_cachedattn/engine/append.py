@@ -8,6 +8,7 @@ commit. Nothing is sampled, no decode slot is taken.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Mapping
 
@@ -69,6 +70,8 @@ def append(engine, session_id: str, message, InputError: type[Exception] = Value
     plan = make_plan(sid, info, new_ids, 1, chat=False, max_context=mc.max_context, ratio=ec.truncation_ratio,
                      boundary_id=e._boundary_id, use_cache=ec.use_cache, on_device=on_dev and ec.use_cache,
                      sink=ec.truncation_sink, keep=keep)
+    if plan.source == "device" and e.pool.entry(sid).preloaded:  # pages a queued job's preload left (pool_preload.py)
+        plan = dataclasses.replace(plan, pool_preloaded=True)
     t0 = time.perf_counter()
     store, pool = e.store, e.pool
     # The turn path's own reservation (promises of slots in flight respected) and chunked prefill, no slot.
@@ -94,6 +97,6 @@ def append(engine, session_id: str, message, InputError: type[Exception] = Value
     plan, pf, dt = a.plan, a.prefill, time.perf_counter() - t0
     return TurnResult(session=sid, reply="", reply_tokens=[], history_tokens=len(plan.hist_ids),
                       prompt_tokens=len(plan.new_ids), generated_tokens=0, truncated_tokens=plan.n_drop,
-                      dropped_tokens=plan.tail_drop, ttft_s=dt, total_s=dt, source=plan.source,
-                      reused_tokens=plan.cached_len, read_ahead=pf.ahead, preload=pf.mode,
-                      preloaded_layers=pf.preloaded, commit=commit)
+                      dropped_tokens=plan.tail_drop, ttft_s=dt, total_s=dt, source="host" if plan.pool_preloaded else plan.source,
+                      reused_tokens=plan.cached_len, read_ahead=pf.ahead, preload="pool" if plan.pool_preloaded else pf.mode,
+                      preloaded_layers=e.model_config.num_layers if plan.pool_preloaded else pf.preloaded, commit=commit)

@@ -5,7 +5,8 @@ what comes next (eviction order, disk -> host prefetch), start jobs in free slot
 decode, prefills until the round's ``EngineConfig.prefill_budget`` new tokens are spent, at least one
 chunk, so a burst of short jobs fills the slots at once and a long prefill runs one chunk of
 ``prefill_budget`` tokens per round between decode steps; every free slot at once when nothing
-decodes), dispatch ``decode_steps`` steps of every active slot, and
+decodes), bring the host-memory histories of jobs still waiting into free pool pages (a bounded part
+per round, engine/pool_preload.py), dispatch ``decode_steps`` steps of every active slot, and
 finish the slots that are done (their turns commit and their results are yielded). Jobs of one
 session never share the decode slots: the second waits for the first and runs against its history.
 """
@@ -22,6 +23,7 @@ import numpy as np
 
 from jax_cachedattn.engine import slots as SL
 from jax_cachedattn.engine.pool import PoolFull
+from jax_cachedattn.engine.pool_preload import PoolPreload
 from jax_cachedattn.store import KVLost, UnknownSession
 
 
@@ -34,6 +36,7 @@ class Loop:
         self._preloaded: set[str] = set()
         self._starting: str | None = None  # the session of the job being started (given up on failure)
         self._chunking = None  # engine._Starting: a job whose prefill is part done (one chunk per round)
+        self.pool_preload = PoolPreload(engine)  # queued jobs' host histories written into pool pages
 
     # ---- the queue ------------------------------------------------------------------------------
     def _fill(self) -> None:
@@ -93,6 +96,7 @@ class Loop:
                 if job is None:
                     return
                 i, sid, msg, t0, max_new, name = job
+                self.pool_preload.finish(sid)  # a preload part done: its last layers now, then a device hit
                 plan = e._plan(sid, msg, max_new)
                 if name is not None:
                     plan = dataclasses.replace(plan, sample_name=name)
@@ -116,11 +120,28 @@ class Loop:
             if decoding and spent >= e.config.prefill_budget:
                 return  # the decoding slots wait for at most this round's budget of prefill
 
+    def _waiting(self) -> list[tuple]:
+        """``(sid, message, max_new)`` of the pending jobs that could start next (their sessions neither
+        decoding, nor starting, nor queued earlier), in queue order, at most ``max_slots``."""
+        busy = {a.plan.sid for a in self.e._slots.values()}
+        if self._chunking is not None:
+            busy.add(self._chunking.plan.sid)
+        out = []
+        for job in self.pending:
+            if job[1] not in busy:
+                out.append((job[1], job[2], job[4]))
+            busy.add(job[1])
+        return out[: self.e.config.max_slots]
+
     def _preload_next(self) -> None:
+        """While slots decode: the waiting jobs' host histories into pool pages (bounded, engine/pool_preload.py);
+        the read buffer's first layers for the next job the pool preload does not cover (``Engine.preload``)."""
+        self.pool_preload.step(self._waiting())
         job = self._ready()
         sid = job[1] if job is not None else self.next_hint
         starting = self._chunking.plan.sid if self._chunking is not None else None
         if (sid is not None and sid != starting and sid not in self._preloaded
+                and self.e.pool.entry(sid) is None
                 and all(a.plan.sid != sid for a in self.e._slots.values())):
             self._preloaded.add(sid)
             try:
@@ -170,6 +191,7 @@ class Loop:
                 self._preload_next()
                 yield from self._step()
         except BaseException:
+            self.pool_preload.cancel()
             if self._chunking is not None:
                 e._give_back(self._chunking)
                 self._chunking = None

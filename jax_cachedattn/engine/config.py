@@ -70,6 +70,11 @@ class EngineConfig:
       sessions' pages stay as the device cache until the pool needs them.
     keep_pages: keep a finished turn's pages in the pool as the session's device copy (the device
       tier); False gives them back at once (every later turn loads its history from the store).
+    pool_preload_rows: while slots decode, the loop writes the host-memory histories of jobs waiting in
+      the queue into free pool pages ahead of their turn (engine/pool_preload.py), so their prefill
+      finds a device hit; at most this many history rows (summed over layers: a round writes
+      ``max(1, pool_preload_rows // history tokens)`` whole layers) between two decode dispatches.
+      0 turns it off.
     """
 
     max_new_tokens: int = 64
@@ -94,6 +99,7 @@ class EngineConfig:
     page_size: int | None = 16
     pool_tokens: int | None = None
     keep_pages: bool = True
+    pool_preload_rows: int = 16384
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
@@ -128,6 +134,8 @@ class EngineConfig:
             raise ValueError(f"page_size must be None or an int >= 1, got {self.page_size!r}")
         if self.pool_tokens is not None and self.pool_tokens < 1:
             raise ValueError(f"pool_tokens must be None or >= 1, got {self.pool_tokens}")
+        if not isinstance(self.pool_preload_rows, int) or self.pool_preload_rows < 0:
+            raise ValueError(f"pool_preload_rows must be an int >= 0, got {self.pool_preload_rows!r}")
         if self.save_every < 1:
             raise ValueError(f"save_every must be >= 1, got {self.save_every}")
 
@@ -155,9 +163,13 @@ class TurnResult:
     read_ahead: int = 0
     """Layers kept in flight ahead of compute during this turn's prefill."""
     preload: str = "none"
-    """How the history was brought to the device: ``layerwise``, ``in_program``, ``upfront`` or ``none``."""
+    """How the history was brought to the device: ``layerwise``, ``in_program``, ``upfront``, ``none``, or
+    ``pool``: written from host memory into the job's pool pages while it waited in the queue
+    (engine/pool_preload.py; ``source`` is then ``host``, where the KV came from, and the prefill ran
+    as a device hit)."""
     preloaded_layers: int = 0
-    """Layers found already loaded in the read buffer (preloaded while the previous job decoded)."""
+    """Layers found already loaded: in the read buffer (preloaded while the previous job decoded), or
+    every layer when ``preload == "pool"``."""
     prompt_logits: np.ndarray | None = None
     decode_logits: list[np.ndarray] | None = None
     commit: Any = None

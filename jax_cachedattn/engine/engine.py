@@ -156,10 +156,13 @@ class Engine:
             new_ids = self._prompt_ids(message, first_turn=info is None)
         on_dev = info is not None and self.pool.holds(sid, info.turn, info.num_tokens)
         ec = self.config
-        return make_plan(sid, info, new_ids, max_new, chat=whole or isinstance(message, str),
+        plan = make_plan(sid, info, new_ids, max_new, chat=whole or isinstance(message, str),
                          max_context=self.model_config.max_context, ratio=ec.truncation_ratio,
                          boundary_id=self._boundary_id, use_cache=ec.use_cache, on_device=on_dev and ec.use_cache,
                          sink=ec.truncation_sink, keep=keep)
+        if plan.source == "device" and self.pool.entry(sid).preloaded:
+            plan = dataclasses.replace(plan, pool_preloaded=True)
+        return plan
 
     # ---- the read buffer ----------------------------------------------------------------------------
     def preload(self, sid: str, layers: int | None = None) -> bool:
@@ -350,8 +353,11 @@ class Engine:
             session=plan.sid, reply=reply, reply_tokens=reply_ids, history_tokens=len(plan.hist_ids),
             prompt_tokens=len(plan.new_ids), generated_tokens=len(gen), truncated_tokens=plan.n_drop,
             dropped_tokens=plan.tail_drop,
-            ttft_s=a.ttft, total_s=time.perf_counter() - a.t0, queue_s=a.t0 - a.arrival, source=plan.source, reused_tokens=plan.cached_len,
-            read_ahead=pf.ahead, preload=pf.mode, preloaded_layers=pf.preloaded, prompt_logits=a.prompt_logits,
+            ttft_s=a.ttft, total_s=time.perf_counter() - a.t0, queue_s=a.t0 - a.arrival,
+            source="host" if plan.pool_preloaded else plan.source, reused_tokens=plan.cached_len, read_ahead=pf.ahead,
+            preload="pool" if plan.pool_preloaded else pf.mode,
+            preloaded_layers=self.model_config.num_layers if plan.pool_preloaded else pf.preloaded,
+            prompt_logits=a.prompt_logits,
             decode_logits=a.decode_logits, commit=commit)
 
     def _abort(self, a: _Active) -> None:

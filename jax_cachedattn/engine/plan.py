@@ -40,6 +40,7 @@ class TurnPlan:
     sample_name: str | None = None  # names the turn's sampling key (default: the session id)
     cut: Cut = NO_CUT
     tail_drop: int = 0
+    pool_preloaded: bool = False  # source "device" because the history was preloaded from host (pool_preload.py)
 
     @property
     def reused(self) -> int:

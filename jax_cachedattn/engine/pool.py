@@ -36,6 +36,8 @@ class CachedPages:
     pages: list[int]
     turn: int
     num_tokens: int
+    ready: bool = True  # False while a preload is still writing its layers
+    preloaded: bool = False  # written ahead of the session's turn from host memory (engine/pool_preload.py)
 
 
 class PagePool:
@@ -101,8 +103,10 @@ class PagePool:
                            f"{self.free_pages() - len(self._free)} held by cached sessions")
         while len(self._free) < n:
             victim = next(s for s in self._cached if s != keep)
-            self.release(self._cached.pop(victim).pages)
+            c = self._cached.pop(victim)
+            self.release(c.pages)
             self.stats["evictions"] += 1
+            self.stats["preloads_dropped"] += c.preloaded
         out = [self._free.pop() for _ in range(n)]
         return out
 
@@ -125,21 +129,38 @@ class PagePool:
         c = self._cached.pop(sid, None)
         if c is None:
             return None
-        if (c.turn, c.num_tokens) != (turn, num_tokens):
+        if (c.turn, c.num_tokens) != (turn, num_tokens) or not c.ready:
             self.release(c.pages)
             self.stats["stale"] += 1
+            self.stats["preloads_dropped"] += c.preloaded
             return None
         self.stats["hits"] += 1
+        self.stats["preload_hits"] += c.preloaded
         return c.pages
 
     def holds(self, sid: str, turn: int, num_tokens: int) -> bool:
         c = self._cached.get(sid)
-        return c is not None and (c.turn, c.num_tokens) == (turn, num_tokens)
+        return c is not None and c.ready and (c.turn, c.num_tokens) == (turn, num_tokens)
+
+    def entry(self, sid: str) -> CachedPages | None:
+        """``sid``'s cached copy (ready or being preloaded), or None."""
+        return self._cached.get(sid)
+
+    def preloading(self, sid: str, pages: list[int], turn: int, num_tokens: int) -> CachedPages:
+        """Register ``pages`` (exactly those ``num_tokens`` fill) as ``sid``'s copy for the store state
+        ``(turn, num_tokens)``, being written: not ``ready`` (``holds`` says no) until the writer sets ``ready``, evictable from
+        now on. Returns the entry (the writer checks it is still the session's before each write)."""
+        self.drop(sid)
+        if len(pages) != self.pages_for(num_tokens):
+            raise ValueError(f"{len(pages)} pages for {num_tokens} tokens")
+        c = self._cached[sid] = CachedPages(list(pages), turn, num_tokens, ready=False, preloaded=True)
+        return c
 
     def drop(self, sid: str) -> None:
         c = self._cached.pop(sid, None)
         if c is not None:
             self.release(c.pages)
+            self.stats["preloads_dropped"] += c.preloaded
 
     def cached_tokens(self) -> int:
         return sum(c.num_tokens for c in self._cached.values())

@@ -141,6 +141,22 @@ def write_pages(pool, hists, news, table, hist_len, n_new, write_hist: bool, con
     return tuple(out)
 
 
+@functools.partial(jax.jit, static_argnames=("cap", "config", "rotate"), donate_argnames=("kv",))
+def write_history(kv, blocks, off, table, hist_len, cap: int, config: ModelConfig = None, rotate: bool = False):
+    """One layer's history into a slot's pages (block table ``[M]``): its store blocks (``[2, B, K, Dh]``,
+    ``pinned_host`` or device, padded to the count of bucket ``cap``: ``prefill.padded_blocks``) moved
+    to the device and assembled here as the in-program prefill assembles a host hit's history
+    (``off``: the row of the first kept token), then rows ``[0, hist_len)`` written as
+    :func:`write_pages` writes them (keys rotated when ``rotate``): a queued job's history preloaded
+    into the pool (engine/pool_preload.py). One program per ``cap`` bucket, whatever the layer or the
+    history's length. DONATES ``kv`` (that layer's ``[2, P, B, K, Dh]``)."""
+    TRACE_COUNTS["write_history"] += 1
+    lb = tuple(jax.device_put(b, jax.memory.Space.Device) for b in blocks)
+    hist = assemble_blocks(lb, off, hist_len, cap)
+    i = jnp.arange(cap, dtype=jnp.int32)
+    return _scatter_rows(kv, hist, i, i < hist_len, table, config, rotate)
+
+
 @functools.partial(jax.jit, static_argnames=("size",))
 def read_rows(pool, table, start, size: int):
     """Rows ``[start, start + size)`` of a slot, per layer ``[2, size, K, Dh]`` (rows past the

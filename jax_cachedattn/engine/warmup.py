@@ -12,8 +12,10 @@ before it, ``kind`` how they came:
   the device); its first layers may already be on the device (the read buffer: ``Engine.preload``
   of the queue's next job), another program per count of them: the warm-up runs none and every
   count the read-ahead can pick (``ReadAhead.counts``: its default, half the layers, every layer);
-* ``device``: a history in the device pool (a device hit), and every chunk after a job's first
-  (its rows are in the job's pages);
+* ``device``: a history in the device pool (a device hit: a finished turn's pages, or a queued job's
+  host history written into pages ahead of its turn, engine/pool_preload.py, whose program
+  ``write_history`` the warm-up compiles with each ``host`` history bucket), and every chunk after a
+  job's first (its rows are in the job's pages);
 * ``disk``: a history read from the disk tier (the prefill split into several programs).
 
 :func:`programs_for` lists the programs that turns of known lengths may run (a batch job knows every
@@ -40,6 +42,7 @@ import numpy as np
 
 from jax_cachedattn.engine import programs as P
 from jax_cachedattn.engine import slots as SL
+from jax_cachedattn.engine.pool_preload import PoolPreload
 from jax_cachedattn.engine.prefill import prompt_bucket_length
 from jax_cachedattn.model import bucket_length
 from jax_cachedattn.store import TieredStore
@@ -80,7 +83,9 @@ def programs_for(engine, shapes: Iterable[TurnShape], sources: Sequence[str] = (
     ``device`` only where the engine keeps finished turns' pages."""
     ec = engine.config
     budget = ec.prefill_budget if ec.chunked_prefill else None
-    first = [s for s in sources if s != "device" or ec.keep_pages]
+    # A history in the pool: a finished turn's pages (keep_pages), or a queued job's history preloaded from
+    # host memory into pages while other slots decode (pool_preload_rows; engine/pool_preload.py).
+    first = [s for s in sources if s != "device" or ec.keep_pages or ec.pool_preload_rows]
     out: set[Program] = set()
     for sh in set(shapes):
         (hlo, hhi), (plo, phi) = sh.history, sh.prompt
@@ -188,6 +193,9 @@ def warmup_programs(engine, programs: Iterable[Program], preload_counts: Sequenc
                     engine.pool.retain(sid, engine.pool.alloc(engine.pool.pages_for(h)), info.turn, info.num_tokens)
                 elif k:
                     engine.preload(sid, layers=k)
+                elif kind == "host" and ec.pool_preload_rows:  # the preload into pool pages: one program per S
+                    PoolPreload(engine).write_all(sid)
+                    engine.pool.drop(sid)
             sids.append(sid)
             res = engine.turn(sid, np.ones(n, np.int32), max_new_tokens=new)
             if res.source != kind or res.preloaded_layers != k:
