@@ -153,8 +153,9 @@ def warmup_programs(engine, programs: Iterable[Program], preload_counts: Sequenc
     # The first turn generates enough tokens for a save during decode and a last, shorter one at the end.
     # The decode loop's programs do not depend on the prefill's shapes (the tail below runs the decode step
     # at every batch size and the saves' row reads at every size), so the other scratch turns decode
-    # nothing: the first of each prompt bucket samples its first token (``logits_at`` is compiled per
-    # bucket) and the rest only prefill and commit (``Engine.append``: the turn's own plan, prefill and
+    # nothing: the first of each kind and prompt bucket samples its first token (``logits_at`` is compiled
+    # per bucket, and again where the prefill's output is committed to the device, as a history makes it)
+    # and the rest only prefill and commit (``Engine.append``: the turn's own plan, prefill and
     # page writes, no sampling, no decode dispatch). A restarted job pays this warm-up before its first turn.
     new = min(ec.save_every + ec.decode_steps + 1, ec.max_new_tokens)
     decoded, sampled = False, set()
@@ -195,12 +196,12 @@ def warmup_programs(engine, programs: Iterable[Program], preload_counts: Sequenc
                 elif k:
                     engine.preload(sid, layers=k)
             sids.append(sid)
-            if decoded and T in sampled:
+            if decoded and (kind, T) in sampled:
                 res = engine.append(sid, np.ones(n, np.int32))
             else:
                 res = engine.turn(sid, np.ones(n, np.int32), max_new_tokens=1 if decoded else new)
             decoded = True
-            sampled.add(T)
+            sampled.add((kind, T))
             if res.source != kind or res.preloaded_layers != k:
                 raise AssertionError(f"warm-up turn for {(kind, S, T)} with {k} layers preloaded ran from "
                                      f"{res.source} with {res.preloaded_layers}")
