@@ -53,6 +53,7 @@ and the user turn's index (``sample_name``), so a resumed or re-sharded run samp
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import secrets
 import time
@@ -135,12 +136,15 @@ def run_batch_job(engine: Engine, input_path: str | Path, output_path: str | Pat
         summary.warmup_turns, summary.warmup_by_kind, summary.warmup_tail_s = w["turns"], w["by_kind"], w["tail_s"]
         (on_event or (lambda e: None))({"event": "warmed", **w})
     t0 = time.perf_counter()
+    loop0 = collections.Counter(engine.loop_time)
     runner = Runner(engine, out, options, summary, on_event or (lambda e: None), say)
     with progress_bar(progress, total, summary.turns_done_before) as advance:
         runner.advance = advance
         runner.run(plans())
+    t_flush = time.perf_counter()
     engine.flush()
     summary.wall_s = time.perf_counter() - t0
+    summary.loop = _loop_account(engine.loop_time - loop0, runner.spent, summary.wall_s, time.perf_counter() - t_flush)
     out.write_summary(summary.to_json())
     out.close()
     return summary
@@ -160,6 +164,19 @@ def _warmup(engine: Engine, plans, done: dict, o: BatchOptions) -> dict:
     w = warmup_programs(engine, progs)
     return {"programs": len(progs), "turns": w["turns"], "seconds": round(w["seconds"], 3), "uncovered": uncovered,
             "by_kind": w["by_kind"], "tail_s": w["tail_s"]}
+
+
+def _loop_account(loop: collections.Counter, runner: collections.Counter, wall: float, flush: float) -> dict:
+    """Where the job's wall went (seconds): the engine loop's parts (``Engine.loop_time``: prefill, decode
+    dispatches, saves and commit calls, the read buffer), the feed (the runner's work between jobs: prompts,
+    store lookups, opening conversations) with the lines written in it and the waits for a commit, and the
+    final flush; ``other_s`` is the rest (results handed back, the loop's bookkeeping)."""
+    write, wait = runner["write_s"], runner["commit_wait_s"]
+    out = {"prefill_s": loop["prefill_s"], "decode_s": loop["decode_s"], "decode_rounds": int(loop["decode_rounds"]),
+           "finish_s": loop["finish_s"], "preload_s": loop["preload_s"], "write_s": write,
+           "commit_wait_s": wait, "feed_s": max(0.0, loop["feed_s"] - write - wait), "flush_s": flush}
+    out["other_s"] = wall - sum(v for k, v in out.items() if k != "decode_rounds")
+    return {k: (round(v, 3) if isinstance(v, float) else v) for k, v in out.items()}
 
 
 def _stderr(line: str) -> None:

@@ -50,6 +50,7 @@ class BatchSummary:
     warmup_turns: int = 0           # scratch turns the warm-up ran (a host program: one per preload count)
     warmup_by_kind: dict[str, list] = dataclasses.field(default_factory=dict)   # {kind: [turns, seconds]}
     warmup_tail_s: float = 0.0      # the warm-up's decode step at every batch size and the saves' row reads
+    loop: dict[str, Any] = dataclasses.field(default_factory=dict)   # where wall_s went (batch._loop_account)
 
     @property
     def skipped(self) -> bool:
@@ -73,6 +74,7 @@ class BatchSummary:
             "warmup_s": round(self.warmup_s, 3), "warmup_programs": self.warmup_programs,
             "turns_not_warmed": self.turns_not_warmed, "warmup_turns": self.warmup_turns,
             "warmup_by_kind": self.warmup_by_kind, "warmup_tail_s": round(self.warmup_tail_s, 3),
+            "loop": self.loop,
         }}
 
 

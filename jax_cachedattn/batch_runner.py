@@ -7,6 +7,7 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import dataclasses
+import time
 from collections.abc import Callable, Iterator
 
 import numpy as np
@@ -59,6 +60,7 @@ class Runner:
         self.waiting: collections.deque[tuple] = collections.deque()   # (conv, unit, result): commit not durable yet
         self.jobs: list[tuple[_Conv, Unit, str]] = []                   # this serve call's jobs, by index
         self.source: Iterator | None = None
+        self.spent: collections.Counter = collections.Counter()   # write_s (lines: write + fsync), commit_wait_s
 
     def run(self, plans: Iterator[tuple[Conversation, list[Unit]]]) -> None:
         self.source = iter(plans)
@@ -107,7 +109,9 @@ class Runner:
                 continue
             block = False
             if res.commit is not None:
+                t = time.perf_counter()
                 res.commit.result()   # raises DiskFull / TurnFailed: the job stops, resumable
+                self.spent["commit_wait_s"] += time.perf_counter() - t
             self._write(c, u, res)
 
     def _open(self, conv: Conversation, units: list[Unit]) -> None:
@@ -211,11 +215,13 @@ class Runner:
 
     # ---- lines and the end of a conversation -------------------------------------------------------
     def _write(self, c: _Conv, u: Unit, res) -> None:
+        t = time.perf_counter()
         self.out.write_turn({"conversation": c.conv.id, "turn": u.turn, "reply": res.reply,
                              "prompt_tokens": res.prompt_tokens, "history_tokens": res.history_tokens,
                              "generated_tokens": res.generated_tokens, "reused_tokens": res.reused_tokens,
                              "ttft_s": round(res.ttft_s, 6), "total_s": round(res.total_s, 6),
                              "source": res.source, "truncated_tokens": res.truncated_tokens})
+        self.spent["write_s"] += time.perf_counter() - t
         s = self.s
         s.turns_written += 1
         s.history_tokens += res.history_tokens

@@ -1,6 +1,8 @@
 """A batch job's warm-up compiles every program its turns run: neither an uninterrupted nor a resumed run
 compiles anything after it (tiny model)."""
 
+import json
+import random
 import sys
 from pathlib import Path
 
@@ -13,7 +15,7 @@ from _compiles import counting_compiles  # noqa: E402
 from test_batch_job import _kill_input, _lines, _run  # noqa: E402
 
 from jax_cachedattn import batch_io  # noqa: E402
-from jax_cachedattn.batch import BatchOptions  # noqa: E402
+from jax_cachedattn.batch import BatchOptions, run_batch_job  # noqa: E402
 from jax_cachedattn.batch_plan import plan_units, turn_shapes  # noqa: E402
 from jax_cachedattn.conversations import Conversation, read_conversations  # noqa: E402
 from jax_cachedattn.engine.warmup import TurnShape, programs_for  # noqa: E402
@@ -154,3 +156,75 @@ def test_no_compile_when_the_read_ahead_picks_a_count_between_default_and_all(tm
     results = [e["result"] for e in events if e["event"] == "written"]
     assert any(r.source == "host" and r.preloaded_layers == 3 for r in results), \
         sorted({(r.source, r.preloaded_layers) for r in results})
+
+
+def test_warmup_decodes_once_and_samples_once_per_prompt_bucket(tmp_path):
+    """Only the warm-up's first scratch turn decodes; the first turn of each other (kind, prompt bucket)
+    samples its first token (``logits_at`` is compiled per bucket and per committed input) and the rest
+    prefill and commit only
+    (``Engine.append``). Prompts of several buckets (step 16): a job over them compiles nothing after
+    the warm-up, and the warm-up ran a handful of decode dispatches, not some per scratch turn."""
+    r = random.Random(1)
+    words = "alpha beta gamma delta data cache token".split()
+    recs = []
+    for c in range(3):   # a first turn of ~50 bytes, follow-ups of ~5, ~20 and ~40: several prompt buckets
+        turns = [("user", " ".join(r.choice(words) for _ in range(8)))]
+        for n in (1, 3, 7):
+            turns.append(("user", " ".join(r.choice(words) for _ in range(n))))
+        recs.append({"id": f"b{c}", "messages": [{"role": ro, "content": co} for ro, co in turns]})
+    inp = tmp_path / "in.jsonl"
+    inp.write_text("".join(json.dumps(x) + "\n" for x in recs), encoding="utf-8")
+    rounds = {}
+
+    def job(on_event):
+        eng = tiny_engine(str(tmp_path / "store"), max_slots=2, prompt_bucket=16)
+
+        def event(e):
+            if e["event"] == "warmed":
+                rounds["warm"] = eng.loop_time["decode_rounds"]
+            on_event(e)
+
+        try:
+            return run_batch_job(eng, inp, tmp_path / "out.jsonl", BatchOptions(max_new_tokens=6), progress=False,
+                                 on_event=event, report=lambda _: None)
+        finally:
+            eng.close()
+
+    s, h = _counting(job)
+    assert h.at_warm is not None and h.at_warm > 0 and h.n == h.at_warm, (h.at_warm, h.n)
+    assert s.turns_written == 12 and not s.skipped and s.turns_not_warmed == 0
+    buckets = {(kind, T) for kind, S, T in _programs_of(tmp_path, inp)}
+    assert len({T for _, T in buckets}) >= 3 and s.warmup_turns > len(buckets) + 2, (buckets, s.warmup_turns)
+    # One full turn (6 tokens, 4 steps a dispatch: 2 dispatches) and one dispatch per other (kind, bucket)'s
+    # first turn; a warm-up that decoded in every scratch turn would run at least one per turn.
+    assert rounds["warm"] <= 2 + len(buckets) - 1 < s.warmup_turns, (rounds, buckets, s.warmup_turns)
+
+
+def _programs_of(tmp_path, inp):
+    eng = tiny_engine(str(tmp_path / "plan-store"), max_slots=2, prompt_bucket=16)
+    try:
+        shapes = set()
+        for conv in read_conversations(inp):
+            got, _ = turn_shapes(eng.tokenizer, plan_units(conv, "generated"), 6, eng.model_config.max_context)
+            shapes.update(got)
+        return programs_for(eng, shapes, ("host", "device"))
+    finally:
+        eng.close()
+
+
+def test_loop_account_adds_up_to_the_wall(tmp_path):
+    """The summary's ``loop`` splits the job's wall into parts that do not overlap: their sum is the wall
+    (``other_s`` is the rest, never negative beyond rounding), every turn's line was timed and the decode
+    dispatches are at least what the longest conversation's replies need."""
+    inp = _kill_input(tmp_path, n=3)
+    s, events = _run(tmp_path, inp, tmp_path / "out.jsonl", BatchOptions(max_new_tokens=6, warmup=False))
+    loop = s.to_json()["summary"]["loop"]
+    parts = ("prefill_s", "decode_s", "finish_s", "preload_s", "write_s", "commit_wait_s", "feed_s", "flush_s")
+    assert all(loop[k] >= 0 for k in parts), loop
+    assert loop["other_s"] >= -0.01 and abs(sum(loop[k] for k in parts) + loop["other_s"] - s.wall_s) < 0.01, loop
+    assert loop["write_s"] > 0 and loop["decode_s"] > 0 and loop["prefill_s"] > 0
+    gen = {}
+    for e in events:
+        if e["event"] == "written":
+            gen[e["conversation"]] = gen.get(e["conversation"], 0) + e["result"].generated_tokens
+    assert loop["decode_rounds"] * 4 >= max(gen.values()) - 3 * 1, (loop, gen)   # 3 turns' first tokens come from prefill

@@ -154,11 +154,15 @@ class Loop:
         for a in e._slots.values():  # pages for the rows this dispatch may write
             e._grow(a)
         active = SL.decode_bucket(max(e._slots) + 1, ec.max_slots)  # the busy slots' rows only
+        t0 = time.perf_counter()
         st, pages, em, lg = SL.generate(e.params, e.layers, e.model_config, e.state, e.pool.pages, e._stop_ids,
                                         ec.decode_steps, ec.return_logits, ec.rope_mode == "naive", active=active)
         e.state, e.pool.pages = st, pages
         em, phase, lengths = np.asarray(em), np.asarray(st.phase), np.asarray(st.lengths)
         lg = np.asarray(lg) if ec.return_logits else None
+        t1 = time.perf_counter()
+        e.loop_time["decode_s"] += t1 - t0
+        e.loop_time["decode_rounds"] += 1
         for slot, a in sorted(e._slots.items()):
             col = em[:, slot]
             mask = col >= 0
@@ -168,27 +172,39 @@ class Loop:
             a.length = int(lengths[slot])
             if phase[slot] == SL.DONE:
                 del e._slots[slot]
+                t = time.perf_counter()
                 try:
                     res = e._finish(a)
                 except BaseException:
                     e._abort(a)
                     raise
+                e.loop_time["finish_s"] += time.perf_counter() - t
                 yield a.index, res
             elif a.length - a.saved >= ec.save_every:
+                t = time.perf_counter()
                 e._save(a, a.length)
+                e.loop_time["finish_s"] += time.perf_counter() - t
 
     def run(self) -> Iterator[tuple[int, Any]]:
         e = self.e
+        spent = e.loop_time   # seconds by part of the round, summed over rounds (Engine.loop_time)
+        clock = time.perf_counter
         try:
             while True:
+                t0 = clock()
                 self._fill()
+                t1 = clock()
                 self._hints()
                 self._start_jobs()
+                t2 = clock()
+                spent["feed_s"] += t1 - t0
+                spent["prefill_s"] += t2 - t1
                 if not e._slots:
                     if self._done_reading and not self.pending:
                         return
                     continue
                 self._preload_next()
+                spent["preload_s"] += clock() - t2
                 yield from self._step()
         except BaseException:
             self.pool_preload.cancel()

@@ -9,6 +9,7 @@ where model and store meet.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import time
 import zlib
@@ -118,6 +119,12 @@ class Engine:
         self.read_buffer = ReadBuffer()
         self._ctx = Context(mc, self.params, self.layers, store, ec, self.read_ahead, self.read_buffer)
         self._slots: dict[int, _Active] = {}
+        # Where the continuous-batching loop's time goes, summed over its rounds (engine/batching.py):
+        # feed_s (pulling jobs from the caller's iterable: the caller's own work), prefill_s (starting
+        # jobs: planning, loads, prefill, first token), preload_s (the read buffer), decode_s (the decode
+        # dispatches, waited for), finish_s (saves during decode, a finished turn's save and commit call),
+        # decode_rounds. Time the caller spends on a yielded result is in none of them.
+        self.loop_time: collections.Counter = collections.Counter()
 
     # ---- inputs and planning ---------------------------------------------------------------------
     def _prompt_ids(self, message, first_turn: bool) -> np.ndarray:

@@ -155,8 +155,15 @@ def warmup_programs(engine, programs: Iterable[Program], preload_counts: Sequenc
     t0, turns, skipped, sids = time.perf_counter(), 0, 0, []
     by_kind: dict[str, list] = {}
     tag = uuid.uuid4().hex[:12]  # never the id of a session of the engine's pool
-    # Every turn generates enough tokens for a save during decode and a last, shorter one at the end.
+    # The first turn generates enough tokens for a save during decode and a last, shorter one at the end.
+    # The decode loop's programs do not depend on the prefill's shapes (the tail below runs the decode step
+    # at every batch size and the saves' row reads at every size), so the other scratch turns decode
+    # nothing: the first of each kind and prompt bucket samples its first token (``logits_at`` is compiled
+    # per bucket, and again where the prefill's output is committed to the device, as a history makes it)
+    # and the rest only prefill and commit (``Engine.append``: the turn's own plan, prefill and
+    # page writes, no sampling, no decode dispatch). A restarted job pays this warm-up before its first turn.
     new = min(ec.save_every + ec.decode_steps + 1, ec.max_new_tokens)
+    decoded, sampled = False, set()
     budget = ec.prefill_budget if ec.chunked_prefill else None
     # A history in host memory may have its first layers in the read buffer already (Engine.preload, the
     # queue's next job): those layers enter the in-program prefill as device arrays, another program per
@@ -197,7 +204,12 @@ def warmup_programs(engine, programs: Iterable[Program], preload_counts: Sequenc
                     PoolPreload(engine).write_all(sid)
                     engine.pool.drop(sid)
             sids.append(sid)
-            res = engine.turn(sid, np.ones(n, np.int32), max_new_tokens=new)
+            if decoded and (kind, T) in sampled:
+                res = engine.append(sid, np.ones(n, np.int32))
+            else:
+                res = engine.turn(sid, np.ones(n, np.int32), max_new_tokens=1 if decoded else new)
+            decoded = True
+            sampled.add((kind, T))
             if res.source != kind or res.preloaded_layers != k:
                 raise AssertionError(f"warm-up turn for {(kind, S, T)} with {k} layers preloaded ran from "
                                      f"{res.source} with {res.preloaded_layers}")
