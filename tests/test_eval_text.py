@@ -112,3 +112,28 @@ def test_per_window_pools_texts_not_copies_of_their_tokens():
     naive = sweep._compare(rows[:4], "TT+sink", "CA+sink")
     assert naive["diff"] == pytest.approx(c["diff"]) and naive["tokens"] == 2 * c["tokens"]
     assert "**Per window**" in sweep.markdown(sweep.summarize(rows))
+
+
+def test_text_bootstrap_resamples_conversations_not_blocks():
+    rng = np.random.default_rng(2)
+    tt = [rng.gamma(2.0, 1.0, 128) for _ in range(4)]
+    # each conversation shifted by its own constant: the spread is all between conversations
+    shifts = (0.10, -0.08, 0.04, -0.02)
+    ca = [t + s for t, s in zip(tt, shifts)]
+    lo, hi = sweep.text_ci(ca, tt)
+    blo, bhi = sweep.paired_ci(ca, tt, block=16)
+    assert hi - lo > 2 * (bhi - blo)  # 32 blocks of 4 conversations: far too many independent samples
+    assert np.expm1(min(shifts)) <= lo < hi <= np.expm1(max(shifts))  # a mean of the conversations' own figures
+    # the same shift in every conversation: no spread between them, the interval is the shift
+    assert sweep.text_ci([t + 0.03 for t in tt], tt) == pytest.approx((np.expm1(0.03), np.expm1(0.03)))
+    assert sweep.text_ci(ca[:1], tt[:1]) is None  # one conversation: no interval over conversations
+
+    def row(seq, t, shift):
+        return {"source": "chat", "seq": seq, "W": 2048, "cut": "turn", "ratio": 0.5, "sink": 4,
+                "nll": {"TT": t.tolist(), "CA": (t + 1.0).tolist(), "Full": (t * 0.9).tolist(),
+                        "TT+sink": t.tolist(), "CA+sink": (t + shift).tolist()}}
+
+    s = sweep.summarize([row(0, t, x) for t, x in zip(tt, shifts)])
+    c = s["by_window"][0]["by_sink"]["4"]
+    assert c["ci_text"] == pytest.approx((lo, hi))
+    assert "texts resampled" in sweep.markdown(s)

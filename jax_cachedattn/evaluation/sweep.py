@@ -5,7 +5,9 @@ the run's own ``--sink``: ``TT+sink`` / ``CA+sink``). Every figure is ``ppl(CA_k
 same scored tokens, with a 95 % paired bootstrap interval. Tokens of one text are correlated (a hard
 passage is hard for both methods for a while), so the interval resamples **blocks** of ``BLOCK``
 consecutive tokens, not single tokens (a token-level bootstrap is too narrow when the differences come
-in runs). Also: the difference per position after the truncation point, per sequence, and how much of
+in runs). With few texts even that understates the spread *between* texts (one conversation can sit
+several points away from another), so a second interval resamples whole texts (:func:`text_ci`): for the
+per-window pooling, whole conversations. Also: the difference per position after the truncation point, per sequence, and how much of
 it the few tokens with the largest differences carry (is a gap spread thin, or a handful of tokens?).
 """
 
@@ -34,6 +36,15 @@ def paired_ci(a: Iterable, b: Iterable, n_boot: int = 2000, seed: int = 0, block
     return float(lo), float(hi)
 
 
+def text_ci(a: Iterable, b: Iterable, n_boot: int = 2000, seed: int = 0) -> tuple[float, float] | None:
+    """95 % interval of ``ppl(a) / ppl(b) - 1`` resampling whole sequences (texts) rather than blocks of
+    tokens: the spread between texts, what a block bootstrap of few texts misses. None for fewer than 2."""
+    a, b = list(a), list(b)
+    if len(a) < 2:
+        return None
+    return paired_ci(a, b, n_boot=n_boot, seed=seed, block=max(len(x) for x in a))
+
+
 def pairs(row: dict) -> dict[int, tuple[str, str]]:
     """Sink size -> (TT method, CA method) of one result row."""
     out = {0: ("TT", "CA")}
@@ -56,7 +67,7 @@ def _compare(rs: list[dict], tt: str, ca: str) -> dict:
     order = np.argsort(-np.abs(d), kind="stable")
     top = np.abs(d)[order]
     return {"tt": p_tt, "ca": p_ca, "diff": p_ca / p_tt - 1, "ci": paired_ci(a, b, block=BLOCK),
-            "ci_token": paired_ci(a, b), "tokens": int(d.size),
+            "ci_token": paired_ci(a, b), "ci_text": text_ci(a, b), "tokens": int(d.size),
             "per_seq": [float(math.exp(np.mean(np.asarray(x) - np.asarray(y))) - 1) for x, y in zip(a, b)],
             # share of the summed |difference| carried by the 5 tokens with the largest ones
             "top5_share": float(top[:5].sum() / max(top.sum(), 1e-12)), "mean_abs": float(np.abs(d).mean()),
@@ -175,6 +186,10 @@ def _cell(c: dict) -> str:
     return f"{c['diff'] * 100:+.1f} [{c['ci'][0] * 100:+.1f}, {c['ci'][1] * 100:+.1f}]"
 
 
+def _interval(ci) -> str:
+    return "-" if ci is None else f"[{ci[0] * 100:+.1f}, {ci[1] * 100:+.1f}]"
+
+
 def markdown(s: dict) -> str:
     """Two tables: per group, and pooled; each cell ``CA_k / TT_k - 1`` in % with its block-bootstrap interval."""
     ks = s["sinks"]
@@ -198,12 +213,16 @@ def markdown(s: dict) -> str:
                      + " | ".join(_cell(b[str(k)]) for k in ks) + " |")
     if s.get("by_window"):
         lines += ["", "**Per window**, the engine's cuts at every ratio, pooled over texts (the cuts of one text score "
-                  "the same tokens: they are averaged per token first, so the interval is over the texts' tokens).", "",
-                  f"| source | W | texts | rows | tokens | {head} |", "|---|---|---|---|---|" + "---|" * len(ks)]
+                  "the same tokens: they are averaged per token first, so the interval is over the texts' tokens); "
+                  "each sink's second column resamples whole texts (conversations) instead of 16-token blocks, and "
+                  "the last column gives each text's own figure.", "",
+                  f"| source | W | texts | rows | tokens | " + " | ".join(f"sink {k} | texts resampled" for k in ks)
+                  + " | per text |", "|---|---|---|---|---|" + "---|" * (2 * len(ks) + 1)]
         for g in s["by_window"]:
             b = g["by_sink"]
             lines.append(f"| {g['source']} | {g['W']} | {g['texts']} | {g['rows']} | {b[str(ks[0])]['tokens']} | "
-                         + " | ".join(_cell(b[str(k)]) for k in ks) + " |")
+                         + " | ".join(f"{_cell(b[str(k)])} | {_interval(b[str(k)].get('ci_text'))}" for k in ks)
+                         + " | " + ", ".join(f"{x * 100:+.1f}" for x in b[str(ks[-1])]["per_seq"]) + " |")
     k = s.get("detail_sink", max(ks))
     lines += ["", f"**Where the gap sits** (sink {k}): the share of the summed |nll difference| that the 5 tokens with "
               "the largest differences carry, the comparison without them, each sequence's own figure, the mean "
