@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import itertools
 import time
 from collections.abc import Iterable, Iterator
 from typing import Any
@@ -52,16 +53,20 @@ class Loop:
             max_new = int(rest[0]) if rest and rest[0] is not None else self.max_new
             self.pending.append((i, sid, msg, time.perf_counter(), max_new, rest[1] if len(rest) > 1 else None))
 
-    def _ready(self) -> tuple | None:
-        """The first pending job whose session is neither decoding nor queued earlier."""
+    def _startable(self) -> Iterator[tuple]:
+        """The pending jobs that could start next, in queue order: their sessions neither decoding, nor
+        starting, nor queued earlier."""
         busy = {a.plan.sid for a in self.e._slots.values()}
         if self._chunking is not None:
             busy.add(self._chunking.plan.sid)
         for job in self.pending:
             if job[1] not in busy:
-                return job
+                yield job
             busy.add(job[1])
-        return None
+
+    def _ready(self) -> tuple | None:
+        """The first pending job whose session is neither decoding nor queued earlier."""
+        return next(self._startable(), None)
 
     def _hints(self) -> None:
         store = self.e.store
@@ -121,17 +126,9 @@ class Loop:
                 return  # the decoding slots wait for at most this round's budget of prefill
 
     def _waiting(self) -> list[tuple]:
-        """``(sid, message, max_new)`` of the pending jobs that could start next (their sessions neither
-        decoding, nor starting, nor queued earlier), in queue order, at most ``max_slots``."""
-        busy = {a.plan.sid for a in self.e._slots.values()}
-        if self._chunking is not None:
-            busy.add(self._chunking.plan.sid)
-        out = []
-        for job in self.pending:
-            if job[1] not in busy:
-                out.append((job[1], job[2], job[4]))
-            busy.add(job[1])
-        return out[: self.e.config.max_slots]
+        """``(sid, message, max_new)`` of the first ``max_slots`` startable jobs, in queue order."""
+        jobs = itertools.islice(self._startable(), self.e.config.max_slots)
+        return [(job[1], job[2], job[4]) for job in jobs]
 
     def _preload_next(self) -> None:
         """While slots decode: the waiting jobs' host histories into pool pages (bounded, engine/pool_preload.py);
